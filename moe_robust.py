@@ -1,0 +1,1436 @@
+"""moe_robust.py: robust sparse Mixture-of-Experts training in one readable file.
+
+What this file holds, in the order it is defined (nothing is used before it is defined):
+  0. setup         device, dtype and autocast chosen in one place; errors a user can read
+  1. data          CIFAR-10/100, TinyImageNet, any image folder, and a built-in `synthetic`
+                   set; uint8 tensors in memory, batched random-crop + flip on the device
+  2. MoE layer     sparse top-k routing (per image or per token), Switch balance loss,
+                   router z-loss, routing statistics, forcing an expert or a route
+  3. models        CIFAR ResNet-18 / MoE-ResNet18 (MoE residual branches), a small MoE-ViT
+  4. attacks       PGD (L-inf and L2, restarts, worst case kept per example)
+  5. training      standard, PGD-AT (Madry) and TRADES; SGD + cosine schedule; a held-out
+                   validation split picks the best-robust checkpoint; atomic checkpoints
+                   every epoch and --resume
+  6. CLI           `python moe_robust.py --help`; with no arguments a one-minute CPU demo
+
+Quick start (CPU, nothing downloaded):
+    pip install -r requirements.txt
+    python moe_robust.py                  # demo: standard vs PGD-AT MoE-ResNet18 on `synthetic`
+    python -m pytest -q test_moe_robust.py
+Measured (2 CPU cores, see README.md for the exact commands and all numbers):
+    demo, synthetic, MoE-ResNet18 width 0.125, E=4 k=1, PGD-10 eps 8/255:
+    standard 1.00 clean / 0.00 robust, PGD-AT 0.84 clean / 0.72 robust.
+
+Conventions: inputs are images in [0, 1]; every model normalises inside itself and its
+forward returns logits only; eps is in pixel units (8/255 means 8 grey levels).
+Papers are cited by short names; ../shared/METHODS.md in the project digests them:
+  Shazeer 2017 (sparsely-gated MoE), Switch 2021 (Fedus et al.), ST-MoE 2022 (z-loss),
+  V-MoE 2021 (Riquelme et al.), Madry 2018 (PGD-AT), TRADES 2019 (Zhang et al.),
+  AdvMoE 2023 (Zhang et al., ICCV), Robust Experts 2025 (Pavlitska et al.),
+  Dual model 2025 (Zhang, Xu, Hu, Wang, ICML), Puigcerver 2022 (adversarial robustness of MoE).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, NamedTuple, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ============================================================================================
+# 0. Setup: errors, device, precision
+# ============================================================================================
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for. The CLI prints it as one line and exits 2."""
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+@dataclass
+class Runtime:
+    """Device, autocast dtype and memory format: chosen once here, used everywhere."""
+
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]  # bf16 on CUDA, None (float32) on CPU
+    channels_last: bool
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+
+def make_runtime(device: str = "auto", amp: bool = True) -> Runtime:
+    """`auto` picks CUDA when present. bf16 autocast and channels_last only on CUDA."""
+    check(device in ("auto", "cpu", "cuda"), f"unknown --device {device!r}; allowed: auto, cpu, cuda")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    check(device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    dev = torch.device(device)
+    on_cuda = dev.type == "cuda"
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(dev, torch.bfloat16 if (on_cuda and amp) else None, on_cuda)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds torch (CPU and CUDA) and numpy. Called at the start of every epoch with a
+    seed derived from (run seed, epoch), so a resumed run repeats the uninterrupted one."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    def w(p):
+        with open(p, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, w)
+
+
+# ============================================================================================
+# 1. Data: uint8 tensors in memory, float [0, 1] batches on the device
+# ============================================================================================
+# Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,).
+# Batches are cast to float in [0, 1] on the device; augmentation runs there on whole
+# batches (random crop with zero padding + horizontal flip, the standard CIFAR recipe).
+
+DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder")
+
+# Per-channel mean/std used by the Normalize layer inside each model (pixel units stay [0,1]).
+NORM_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # for imagefolder
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+
+
+@dataclass
+class Dataset:
+    train_x: torch.Tensor  # (N, 3, H, W) uint8
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor  # (M, 3, H, W) uint8
+    test_y: torch.Tensor  # (M,) int64
+    num_classes: int
+    name: str
+
+    @property
+    def image_size(self) -> int:
+        return self.train_x.shape[-1]
+
+
+def make_synthetic(n_train: int = 6000, n_test: int = 1000, seed: int = 0, size: int = 32,
+                   num_classes: int = 10, strong: float = 0.2, weak: float = 4 / 255,
+                   noise: float = 0.02) -> Dataset:
+    """A deterministic, learnable 10-class 32x32 image set that needs no download.
+
+    Built so that standard training is accurate but not robust, adversarial training is
+    robust, and the two trade clean for robust accuracy, for the reason Ilyas et al. (2019)
+    give: data holds robust and non-robust features, and standard training uses both.
+    Every image is a smooth colour layout (4x4x3 cells, upsampled) made of two parts:
+      * a strong layout (cell contrast up to `strong` = 0.2) shared by a pair of classes
+        (classes c and c + 5): a robust feature, it names the pair;
+      * a weak layout of the class itself (cell contrast up to `weak` = 4/255): it alone
+        tells the two classes of a pair apart, and an L-inf attack of eps = 8/255 can turn
+        it into the other class's weak layout (|w_c - w_c'| <= 2 * 4/255 per pixel).
+    plus smooth per-image noise (`noise` per cell) and 1/255 pixel noise, stored as uint8.
+    Standard training reads both parts (clean accuracy near 1, robust accuracy low); a
+    robust model can trust only the pair (robust accuracy near 0.5, clean lower). The
+    layouts are fixed (seed 1234); `seed` draws the examples, the test set from its own stream.
+    """
+    check(num_classes % 2 == 0 and num_classes >= 2, f"synthetic needs an even number of classes, got {num_classes}")
+    base = torch.Generator().manual_seed(1234)
+    pairs = num_classes // 2
+    strong_layouts = strong * (torch.rand(pairs, 3, 4, 4, generator=base) * 2 - 1)  # (C/2, 3, 4, 4)
+    weak_layouts = weak * (torch.randint(0, 2, (num_classes, 3, 4, 4), generator=base).float() * 2 - 1)  # (C, 3, 4, 4)
+    cells = 0.5 + strong_layouts[torch.arange(num_classes) % pairs] + weak_layouts  # (C, 3, 4, 4)
+
+    def draw(n: int, g: torch.Generator):
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        low = cells[y] + noise * torch.randn(n, 3, 4, 4, generator=g)  # (n, 3, 4, 4)
+        x = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+        x = x + torch.randn(n, 3, size, size, generator=g) / 255
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    tx, ty = draw(n_train, torch.Generator().manual_seed(seed * 2 + 1))
+    vx, vy = draw(n_test, torch.Generator().manual_seed(seed * 2 + 2))
+    return Dataset(tx, ty, vx, vy, num_classes, "synthetic")
+
+
+def _cifar_batches(root: Path, name: str) -> Optional[Path]:
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    return folder if folder.is_dir() else None
+
+
+def load_cifar(name: str, data_dir: str) -> Dataset:
+    """CIFAR-10/100 from the standard python-pickle layout under `data_dir`.
+
+    Missing files are downloaded through torchvision (to `data_dir`); offline, the error
+    says where to put them. Files are read here rather than by torchvision's dataset class
+    so that only the layout matters (tests build tiny fake copies of it)."""
+    root = Path(data_dir)
+    folder = _cifar_batches(root, name)
+    if folder is None:
+        archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
+        try:
+            import torchvision  # only needed for the download
+
+            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            root.mkdir(parents=True, exist_ok=True)
+            cls(str(root), train=True, download=True)
+        except Exception as e:  # offline, or no write access
+            raise UserError(f"{name} not found in {root}/ and the download failed ({type(e).__name__}); "
+                            f"put {archive} from https://www.cs.toronto.edu/~kriz/ extracted into {root}/") from None
+        folder = _cifar_batches(root, name)
+        check(folder is not None, f"{name}: download finished but no batches found in {root}/")
+
+    def read(files):
+        xs, ys = [], []
+        for fn in files:
+            try:
+                with open(folder / fn, "rb") as f:
+                    d = pickle.load(f, encoding="latin1")
+            except Exception as e:
+                raise UserError(f"{name}: cannot read {folder / fn} ({type(e).__name__}); re-extract the archive") from None
+            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d["labels"] if "labels" in d else d["fine_labels"], dtype=np.int64))
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    if name == "cifar10":
+        tx, ty = read([f"data_batch_{i}" for i in range(1, 6)])
+        vx, vy = read(["test_batch"])
+    else:
+        tx, ty = read(["train"])
+        vx, vy = read(["test"])
+    return Dataset(tx, ty, vx, vy, 10 if name == "cifar10" else 100, name)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+
+def _read_images(paths: list[Path], size: int) -> torch.Tensor:
+    """Read images as RGB, resize the shorter side to `size` and centre-crop: (N, 3, size, size) uint8."""
+    from PIL import Image  # Pillow comes with torchvision
+
+    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                w, h = im.size
+                s = size / min(w, h)
+                im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+                w, h = im.size
+                left, top = (w - size) // 2, (h - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+                out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+        except Exception as e:
+            raise UserError(f"cannot read image {p} ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def load_tinyimagenet(data_dir: str, size: int = 64) -> Dataset:
+    """TinyImageNet-200 from its raw layout: train/<wnid>/images/*.JPEG and
+    val/images/*.JPEG with val/val_annotations.txt (file, wnid, box). Val is the test set."""
+    root = Path(data_dir)
+    if not (root / "train").is_dir() and (root / "tiny-imagenet-200").is_dir():
+        root = root / "tiny-imagenet-200"
+    ann = root / "val" / "val_annotations.txt"
+    check((root / "train").is_dir() and ann.is_file(),
+          f"tinyimagenet not found in {data_dir}/: expected train/<wnid>/images/ and val/val_annotations.txt "
+          "(unzip tiny-imagenet-200.zip from http://cs231n.stanford.edu/tiny-imagenet-200.zip there)")
+    wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    index = {w: i for i, w in enumerate(wnids)}
+    paths, labels = [], []
+    for w in wnids:
+        folder = root / "train" / w / "images"
+        imgs = _list_images(folder if folder.is_dir() else root / "train" / w)
+        paths += imgs
+        labels += [index[w]] * len(imgs)
+    vpaths, vlabels = [], []
+    for line in ann.read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2:
+            check(parts[1] in index, f"tinyimagenet: {ann} names class {parts[1]!r} that train/ lacks")
+            vpaths.append(root / "val" / "images" / parts[0])
+            vlabels.append(index[parts[1]])
+    check(len(paths) > 0 and len(vpaths) > 0, f"tinyimagenet: no images found under {root}/")
+    return Dataset(_read_images(paths, size), torch.tensor(labels), _read_images(vpaths, size),
+                   torch.tensor(vlabels), len(wnids), "tinyimagenet")
+
+
+def load_imagefolder(data_dir: str, size: int = 32) -> Dataset:
+    """Any `data_dir` with train/ and test/ (or val/) holding one sub-folder per class.
+    Images of any size are resized (shorter side) and centre-cropped to `size`."""
+    root = Path(data_dir)
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    check((root / "train").is_dir() and test_dir is not None,
+          f"imagefolder: {data_dir}/ must hold train/ and test/ (or val/) with one sub-folder per class")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    check(len(classes) >= 2, f"imagefolder: {root / 'train'}/ has {len(classes)} class folders; need at least 2")
+
+    def split(folder: Path):
+        paths, labels = [], []
+        for c in sorted(p.name for p in folder.iterdir() if p.is_dir()):
+            check(c in classes, f"imagefolder: class {c!r} in {folder}/ is not in train/")
+            imgs = _list_images(folder / c)
+            paths += imgs
+            labels += [classes.index(c)] * len(imgs)
+        check(len(paths) > 0, f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}/")
+        return _read_images(paths, size), torch.tensor(labels)
+
+    tx, ty = split(root / "train")
+    vx, vy = split(test_dir)
+    return Dataset(tx, ty, vx, vy, len(classes), "imagefolder")
+
+
+def load_dataset(name: str, data_dir: str = "data", image_size: Optional[int] = None, seed: int = 0,
+                 train_limit: Optional[int] = None, test_limit: Optional[int] = None) -> Dataset:
+    """Load by name; `train_limit`/`test_limit` keep only the first N examples."""
+    check(name in DATASETS, f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    check(image_size is None or image_size >= 8, f"--image-size {image_size} too small; need >= 8")
+    if name == "synthetic":
+        n_train = train_limit if train_limit else 6000
+        n_test = test_limit if test_limit else 1000
+        data = make_synthetic(n_train, n_test, seed=0, size=image_size or 32)
+    else:
+        check(name in ("cifar10", "cifar100") or Path(data_dir).is_dir(),
+              f"--data-dir {data_dir!r} does not exist or is not a directory (needed for {name})")
+        if name in ("cifar10", "cifar100"):
+            check(image_size in (None, 32), f"{name} images are 32x32; --image-size {image_size} not allowed")
+            data = load_cifar(name, data_dir)
+        elif name == "tinyimagenet":
+            data = load_tinyimagenet(data_dir, image_size or 64)
+        else:
+            data = load_imagefolder(data_dir, image_size or 32)
+    if train_limit:
+        data.train_x, data.train_y = data.train_x[:train_limit], data.train_y[:train_limit]
+    if test_limit:
+        data.test_x, data.test_y = data.test_x[:test_limit], data.test_y[:test_limit]
+    return data
+
+
+def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, seed: int):
+    """Hold out `n_val` training examples (a fixed random subset) for model selection.
+    The test set is never used to choose a checkpoint (robust overfitting, Rice et al. 2020)."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    val, train = perm[:n_val], perm[n_val:]
+    return x[train], y[train], x[val], y[val]
+
+
+def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding `pad`) + horizontal flip of a float batch, on its device.
+    x: (B, C, H, W) -> (B, C, H, W). Uses the global torch RNG (seeded per epoch)."""
+    B, C, H, W = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (B,), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (B,), device=x.device)
+    rows = (torch.arange(H, device=x.device)[None] + dy[:, None])  # (B, H)
+    cols = (torch.arange(W, device=x.device)[None] + dx[:, None])  # (B, W)
+    b = torch.arange(B, device=x.device)[:, None, None, None]
+    c = torch.arange(C, device=x.device)[None, :, None, None]
+    out = padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+    flip = torch.rand(B, device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], out.flip(3), out)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
+            shuffle: bool = False, train_augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (float images in [0,1], labels) on `device`. Shuffling uses the global RNG."""
+    order = torch.randperm(len(x)) if shuffle else torch.arange(len(x))
+    for i in range(0, len(x), batch_size):
+        idx = order[i:i + batch_size]
+        xb = x[idx].to(device, non_blocking=True).float().div_(255)
+        if train_augment:
+            xb = augment(xb, pad=max(1, xb.shape[-1] // 8))
+        yield xb, y[idx].to(device, non_blocking=True)
+
+
+# ============================================================================================
+# 2. The sparse top-k MoE layer
+# ============================================================================================
+# Letters used in shape comments:
+#   B batch, T tokens per image, N rows routed (N = B per image, N = B*T per token),
+#   E experts, K experts kept per row (top-k), D router input width, C/H/W channels/height/width.
+#
+# Routing (Shazeer 2017; Switch 2021 eq. 1-2): logits r = W h + b, p = softmax(r), keep the
+# K largest. Gates carry the task gradient to the router for every K: K = 1 uses g = p_i
+# (Switch); K > 1 renormalises over the kept experts. (A straight-through one-hot, as in the
+# AdvMoE and dual-model official codes, gives the router no gradient from the task loss.)
+# There is no capacity limit and no token dropping, so evaluation routing is deterministic
+# and independent of the rest of the batch.
+
+
+class Routing(NamedTuple):
+    """What one MoE layer decided for its last batch (detached, for analysis)."""
+
+    logits: torch.Tensor  # (N, E) router logits, float32
+    probs: torch.Tensor  # (N, E) softmax of the logits
+    indices: torch.Tensor  # (N, K') experts used per row, best first (K' = K, 1 when forced, E when soft)
+    gates: torch.Tensor  # (N, K') their gate weights
+    ranking: torch.Tensor  # (N, E) all experts by router probability, best first
+
+
+class Route(NamedTuple):
+    """A route to force on one MoE layer: which experts each row uses and with which gates."""
+
+    indices: torch.Tensor  # (N, K') long
+    gates: torch.Tensor  # (N, K') float
+
+
+class AuxLoss(NamedTuple):
+    balance: torch.Tensor  # Switch load-balancing loss: 1 when balanced, E when collapsed
+    z: torch.Tensor  # ST-MoE router z-loss: mean(logsumexp(r)^2)
+
+
+class MoE(nn.Module):
+    """Sparse top-k mixture of experts around any expert modules.
+
+    tokens=False: x is a feature map (B, C, H, W); the router sees its global average pool
+                  (per-image routing, as in the CNN-MoE papers) and each expert gets whole maps.
+    tokens=True:  x is (B, T, D); every token is routed on its own (V-MoE, per-token routing).
+    Sparse compute: rows are grouped by expert and each expert runs only on its own rows.
+    Controls for analysis (all off by default), in order of precedence:
+      soft          all experts, gated by the full softmax (a differentiable surrogate of the router)
+      forced_route  a `Route` given from outside (e.g. the clean routes, for RA-E)
+      forced_rank   each row uses its r-th ranked expert with gate 1 (r = 1: the runner-up path)
+      forced_expert every row uses expert i with gate 1, so the layer computes expert i exactly
+    """
+
+    def __init__(self, experts: list[nn.Module], dim: int, k: int = 1, tokens: bool = False,
+                 noisy: bool = False):
+        super().__init__()
+        E = len(experts)
+        check(E >= 1, "an MoE layer needs at least one expert")
+        check(1 <= k <= E, f"top-k {k} not allowed with {E} experts; need 1 <= k <= {E}")
+        self.experts = nn.ModuleList(experts)
+        self.router = nn.Linear(dim, E)
+        self.noise = nn.Linear(dim, E) if noisy else None  # Shazeer's noisy top-k, training only
+        if self.noise is not None:
+            nn.init.zeros_(self.noise.weight)
+            nn.init.zeros_(self.noise.bias)
+        self.k, self.tokens = k, tokens
+        self.soft = False
+        self.forced_route: Optional[Route] = None
+        self.forced_rank: Optional[int] = None
+        self.forced_expert: Optional[int] = None
+        self.routing: Optional[Routing] = None
+        self.aux: Optional[AuxLoss] = None
+        self.counts = torch.zeros(E, dtype=torch.long)  # rows sent to each expert since reset
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def route(self, h: torch.Tensor):
+        """h: (N, D) -> indices (N, K'), gates (N, K'); records routing and aux losses."""
+        E = self.num_experts
+        logits = self.router(h).float()  # (N, E)
+        if self.noise is not None and self.training:
+            logits = logits + torch.randn_like(logits) * F.softplus(self.noise(h).float())
+        probs = logits.softmax(-1)  # (N, E)
+        ranking = probs.detach().argsort(-1, descending=True)  # (N, E)
+        if self.soft:
+            indices = torch.arange(E, device=h.device).expand(len(h), E)
+            gates = probs
+        elif self.forced_route is not None:
+            indices, gates = self.forced_route
+            check(indices.shape[0] == len(h), f"forced route has {indices.shape[0]} rows, batch has {len(h)}")
+        elif self.forced_rank is not None:
+            indices = ranking[:, self.forced_rank:self.forced_rank + 1]
+            gates = torch.ones_like(indices, dtype=probs.dtype)
+        elif self.forced_expert is not None:
+            indices = torch.full((len(h), 1), self.forced_expert, device=h.device, dtype=torch.long)
+            gates = torch.ones(len(h), 1, device=h.device)
+        else:
+            top, indices = probs.topk(self.k, dim=-1)  # (N, K)
+            gates = top if self.k == 1 else top / top.sum(-1, keepdim=True)
+        # Switch eq. 4: E * sum_i f_i P_i with f_i the fraction whose top-1 is i (no gradient)
+        # and P_i the mean router probability of i. ST-MoE z-loss: mean(logsumexp(r)^2).
+        frac = torch.bincount(ranking[:, 0], minlength=E).float() / len(h)  # (E,)
+        self.aux = AuxLoss(E * (frac * probs.mean(0)).sum(), logits.logsumexp(-1).pow(2).mean())
+        self.routing = Routing(logits.detach(), probs.detach(), indices.detach(), gates.detach(), ranking)
+        return indices, gates
+
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Sparse compute. x: (N, ...) -> sum_k gates[n, k] * expert_{indices[n, k]}(x[n])."""
+        N, K = indices.shape
+        flat = indices.reshape(-1)  # (N*K,) expert of each (row, slot)
+        order = flat.argsort(stable=True)  # slots grouped by expert
+        rows = order // K  # (N*K,) input row of each sorted slot
+        slot_gates = gates.reshape(-1)[order]  # (N*K,)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync
+        self.counts += torch.tensor(counts)
+        out, start = None, 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            r = rows[start:start + c]
+            y = self.experts[e](x[r])  # (c, ...) only this expert's rows
+            g = slot_gates[start:start + c].to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+            out = y.new_zeros((N,) + y.shape[1:]) if out is None else out
+            out = out.index_add(0, r, y * g)
+            start += c
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens:
+            B, T, D = x.shape
+            rows = x.reshape(B * T, D)  # (N, D), N = B*T
+            indices, gates = self.route(rows)
+            return self.dispatch(rows, indices, gates).reshape(B, T, -1)  # (B, T, D')
+        indices, gates = self.route(x.mean(dim=(2, 3)))  # router input (B, C), N = B
+        return self.dispatch(x, indices, gates)  # (B, C', H', W')
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """All MoE layers of a model, in forward order (module registration order)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def moe_aux_loss(model: nn.Module, balance_coef: float = 1e-2, z_coef: float = 1e-3) -> torch.Tensor:
+    """Sum of balance_coef * L_bal + z_coef * L_z over every MoE layer of the last forward."""
+    total = torch.zeros(())
+    for m in moe_layers(model):
+        if m.aux is not None:
+            total = total.to(m.aux.balance.device) + balance_coef * m.aux.balance + z_coef * m.aux.z
+    return total
+
+
+def last_routing(model: nn.Module) -> list[Routing]:
+    """The routing of every MoE layer for the model's last forward call."""
+    return [m.routing for m in moe_layers(model)]
+
+
+def reset_routing_stats(model: nn.Module) -> None:
+    for m in moe_layers(model):
+        m.counts.zero_()
+
+
+def expert_counts(model: nn.Module) -> list[list[int]]:
+    """Rows sent to each expert of each MoE layer since the last reset."""
+    return [m.counts.tolist() for m in moe_layers(model)]
+
+
+@contextlib.contextmanager
+def _set_on_moe(model: nn.Module, name: str, values):
+    layers = moe_layers(model)
+    values = values if isinstance(values, list) else [values] * len(layers)
+    check(len(values) == len(layers), f"{len(values)} values given for {len(layers)} MoE layers")
+    old = [getattr(m, name) for m in layers]
+    try:
+        for m, v in zip(layers, values):
+            setattr(m, name, v)
+        yield model
+    finally:
+        for m, v in zip(layers, old):
+            setattr(m, name, v)
+
+
+def forced_expert(model: nn.Module, i: int):
+    """Context: every MoE layer uses expert i with gate 1 (the network f_i of the papers)."""
+    for m in moe_layers(model):
+        check(0 <= i < m.num_experts, f"expert {i} not allowed; this layer has {m.num_experts} experts")
+    return _set_on_moe(model, "forced_expert", i)
+
+
+def forced_routes(model: nn.Module, routes: list[Route]):
+    """Context: MoE layer l uses routes[l] (indices and gates) for every row."""
+    return _set_on_moe(model, "forced_route", list(routes))
+
+
+def forced_rank(model: nn.Module, r: int):
+    """Context: every MoE layer sends each row to its r-th ranked expert with gate 1."""
+    return _set_on_moe(model, "forced_rank", r)
+
+
+def soft_routing(model: nn.Module):
+    """Context: every MoE layer runs all experts, gated by the full softmax."""
+    return _set_on_moe(model, "soft", True)
+
+
+def current_routes(model: nn.Module, x: torch.Tensor, fixed_gates: Optional[float] = None) -> list[Route]:
+    """The routes the model takes on x (eval mode, no gradient); gates as used, or all `fixed_gates`."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.train(was)
+    return [Route(r.indices, r.gates if fixed_gates is None else torch.full_like(r.gates, fixed_gates))
+            for r in last_routing(model)]
+
+
+# ============================================================================================
+# 3. Models: CIFAR ResNet-18, MoE-ResNet18, MoE-ViT
+# ============================================================================================
+ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "moe-resnet18"  # one of ARCHS; resnet18 is moe-resnet18 with no MoE block
+    num_classes: int = 10
+    image_size: int = 32  # 32 (CIFAR) or 64 (TinyImageNet); the ViT's patch grid depends on it
+    norm: str = "cifar10"  # key of NORM_STATS: the mean/std the model normalises with
+    width: float = 1.0  # multiplier of every channel width (0.125 for quick CPU runs)
+    experts: int = 4  # E. Robust Experts: 4 experts; AdvMoE: 2
+    top_k: int = 1  # K. CNN-MoE papers use top-1; V-MoE top-2
+    # Which BasicBlocks become MoE layers: comma-separated names like "layer4.1", or "all".
+    # Default from Robust Experts 2025: one block of the last stage (deeper helps robustness).
+    # AdvMoE-style: moe_blocks="all", experts=2, expert_ratio=0.5.
+    moe_blocks: str = "layer4.1"
+    expert_ratio: float = 1.0  # each expert's inner width = ratio * planes (AdvMoE r = 0.5)
+    noisy_gating: bool = False  # Shazeer noisy top-k (training only)
+    vit_dim: int = 192  # ViT embedding width before `width` scaling
+    vit_depth: int = 6  # transformer blocks; MoE MLP in every other one (V-MoE)
+    vit_heads: int = 3
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, inside the model so attacks work in pixel units."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def residual_branch(inp: int, mid: int, out: int, stride: int) -> nn.Sequential:
+    """conv3x3-BN-ReLU-conv3x3-BN: the residual branch of a BasicBlock (He et al. 2016)."""
+    return nn.Sequential(
+        nn.Conv2d(inp, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+        nn.Conv2d(mid, out, 3, 1, 1, bias=False), nn.BatchNorm2d(out))
+
+
+class BasicBlock(nn.Module):
+    """relu(branch(x) + shortcut(x)). With experts > 0 the branch is an MoE of E branches,
+    routed per image on the pooled block input, and the shortcut is shared: the MoE replaces
+    the residual function, as MoE replaces the MLP inside a transformer's residual block.
+    (Robust Experts copies the whole block, skip included; with layer4.1's identity skip the
+    two differ only in whether the skip is scaled by the gate.)"""
+
+    def __init__(self, inp: int, planes: int, stride: int, experts: int = 0, k: int = 1,
+                 expert_ratio: float = 1.0, noisy: bool = False):
+        super().__init__()
+        if experts:
+            mid = max(1, round(expert_ratio * planes))
+            self.branch = MoE([residual_branch(inp, mid, planes, stride) for _ in range(experts)],
+                              dim=inp, k=k, noisy=noisy)
+        else:
+            self.branch = residual_branch(inp, planes, planes, stride)
+        self.shortcut = nn.Identity()
+        if stride != 1 or inp != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(inp, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        return F.relu(self.branch(x) + self.shortcut(x))
+
+
+BLOCK_NAMES = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))
+
+
+def parse_moe_blocks(spec: str) -> set:
+    """'all' or a comma list of ResNet-18 block names -> the set of names."""
+    wanted = set(BLOCK_NAMES) if spec == "all" else {b.strip() for b in spec.split(",") if b.strip()}
+    bad = sorted(wanted - set(BLOCK_NAMES))
+    check(not bad, f"unknown --moe-blocks {','.join(bad)}; allowed: all or a comma list of {', '.join(BLOCK_NAMES)}")
+    return wanted
+
+
+class ResNet18(nn.Module):
+    """CIFAR ResNet-18: 3x3 stem, no max-pool, stages of 64/128/256/512 x width channels.
+    Blocks are named layer{1..4}.{0,1}; those in `moe_blocks` become MoE blocks."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        mean, std = NORM_STATS[cfg.norm]
+        self.normalize = Normalize(mean, std)
+        c = [max(1, round(w * cfg.width)) for w in (64, 128, 256, 512)]
+        wanted = set() if cfg.arch == "resnet18" else parse_moe_blocks(cfg.moe_blocks)
+        self.stem = nn.Sequential(nn.Conv2d(3, c[0], 3, 1, 1, bias=False), nn.BatchNorm2d(c[0]), nn.ReLU(inplace=True))
+        inp, stages = c[0], []
+        for i, (planes, stride) in enumerate(zip(c, (1, 2, 2, 2)), start=1):
+            blocks = []
+            for j, s in enumerate((stride, 1)):
+                e = cfg.experts if f"layer{i}.{j}" in wanted else 0
+                blocks.append(BasicBlock(inp, planes, s, e, cfg.top_k, cfg.expert_ratio, cfg.noisy_gating))
+                inp = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(c[3], cfg.num_classes)
+
+    def features(self, x):  # (B, 3, H, W) in [0, 1] -> (B, 8*c0)
+        x = self.stem(self.normalize(x))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+    def forward(self, x):  # -> logits (B, classes)
+        return self.fc(self.features(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (B, T, D)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, T, D/h)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, h, T, D/h)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+def mlp(dim: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+class ViTBlock(nn.Module):
+    """Pre-LN transformer block; the MLP is an MoE of MLPs (per-token routing) when experts > 0."""
+
+    def __init__(self, dim: int, heads: int, experts: int = 0, k: int = 1, noisy: bool = False):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.mlp = (MoE([mlp(dim, 4 * dim) for _ in range(experts)], dim, k, tokens=True, noisy=noisy)
+                    if experts else mlp(dim, 4 * dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class MoEViT(nn.Module):
+    """A small ViT for 32x32 or 64x64 inputs: an 8x8 grid of patches (patch = size / 8) plus
+    a class token, MoE MLPs in every other block (V-MoE: the odd-numbered blocks)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        check(cfg.image_size % 8 == 0, f"moe-vit needs an image size divisible by 8, got {cfg.image_size}")
+        mean, std = NORM_STATS[cfg.norm]
+        self.normalize = Normalize(mean, std)
+        h = cfg.vit_heads
+        dim = max(8 * h, round(cfg.vit_dim * cfg.width / h) * h)
+        p = cfg.image_size // 8
+        self.patch = nn.Conv2d(3, dim, p, p)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 65, dim) * 0.02)
+        self.blocks = nn.Sequential(*[ViTBlock(dim, h, cfg.experts if i % 2 == 1 else 0, cfg.top_k, cfg.noisy_gating)
+                                      for i in range(cfg.vit_depth)])
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, cfg.num_classes)
+
+    def forward(self, x):  # (B, 3, H, W) -> logits (B, classes)
+        t = self.patch(self.normalize(x)).flatten(2).transpose(1, 2)  # (B, 64, D)
+        t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1) + self.pos  # (B, T=65, D)
+        return self.head(self.ln(self.blocks(t))[:, 0])
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    check(cfg.arch in ARCHS, f"unknown --arch {cfg.arch!r}; allowed: {', '.join(ARCHS)}")
+    check(cfg.width > 0, f"--width {cfg.width} must be > 0")
+    check(cfg.experts >= 1, f"--experts {cfg.experts} must be >= 1")
+    check(1 <= cfg.top_k <= cfg.experts, f"--top-k {cfg.top_k} not allowed with --experts {cfg.experts}; need 1 <= k <= E")
+    check(0 < cfg.expert_ratio <= 4, f"--expert-ratio {cfg.expert_ratio} must be in (0, 4]")
+    check(cfg.norm in NORM_STATS, f"unknown normalisation {cfg.norm!r}; allowed: {', '.join(NORM_STATS)}")
+    return MoEViT(cfg) if cfg.arch == "moe-vit" else ResNet18(cfg)
+
+
+def count_params(model: nn.Module) -> dict:
+    """Total parameters, and active ones per example (an MoE layer counts K of its E experts)."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for m in moe_layers(model):
+        per_expert = sum(p.numel() for p in m.experts[0].parameters())
+        inactive += (m.num_experts - m.k) * per_expert
+    return {"total": total, "active": total - inactive}
+
+
+# ============================================================================================
+# 4. Attacks: PGD (Madry et al. 2018)
+# ============================================================================================
+# x_0 = x + U(-eps, eps); x_{t+1} = clip_[0,1](Proj_eps(x_t + alpha * sign(grad_x loss))).
+# The model is put in eval mode (BatchNorm frozen, routing deterministic) and its mode is
+# restored afterwards; gradients are taken with respect to the input only (autograd.grad),
+# so no parameter gradient is left behind; the loss is computed in float32 under autocast.
+
+NORMS = ("linf", "l2")
+
+
+def autocast_for(device: torch.device, enabled: bool = True):
+    """bf16 autocast on CUDA, nothing on CPU: the one rule every forward here follows."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module):
+    """Put models in eval mode, restoring each one's previous mode on exit."""
+    was = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, w in zip(models, was):
+            m.train(w)
+
+
+def _per_example_norm(t: torch.Tensor, p: str) -> torch.Tensor:  # (B, ...) -> (B, 1, 1, 1)
+    flat = t.flatten(1)
+    n = flat.abs().amax(1) if p == "linf" else flat.norm(dim=1)
+    return n.view(-1, *([1] * (t.dim() - 1)))
+
+
+def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project a perturbation onto the eps-ball of the given norm."""
+    if norm == "linf":
+        return delta.clamp(-eps, eps)
+    return delta * (eps / _per_example_norm(delta, "l2").clamp_min(1e-12)).clamp(max=1.0)
+
+
+def ce_per_example(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, alpha: Optional[float] = None,
+        steps: int = 10, norm: str = "linf", restarts: int = 1, random_start: bool = True,
+        loss_fn: Callable = ce_per_example, keep_best: bool = True, amp: bool = True) -> torch.Tensor:
+    """Projected gradient ascent on `loss_fn(model(x'), y)` over ||x' - x|| <= eps, x' in [0,1].
+
+    alpha: step size; None means eps / 4 (2/255 at eps = 8/255, Madry's CIFAR setting).
+    restarts: independent random starts; per example the worst case over all of them is kept.
+    keep_best: evaluation mode: of every iterate (the clean point included) keep, per
+      example, a misclassified one if any, else the one of highest loss; with a fixed seed
+      more steps can then never help the model. False: return the last iterate (training,
+      as in Madry's PGD-AT). `y` may be labels or, with a custom loss_fn, soft targets.
+    Returns x_adv (B, C, H, W), detached."""
+    check(norm in NORMS, f"unknown attack norm {norm!r}; allowed: {', '.join(NORMS)}")
+    check(eps >= 0, f"eps {eps} must be >= 0")
+    check(steps >= 0 and restarts >= 1, f"need steps >= 0 and restarts >= 1, got {steps}, {restarts}")
+    alpha = eps / 4 if alpha is None else alpha
+    x = x.detach()
+    labels = y.dtype == torch.long
+    best_x, best_score = x.clone(), torch.full((len(x),), -float("inf"), device=x.device)
+
+    def consider(xa, logits):  # keep per example the worst case seen so far
+        nonlocal best_x, best_score
+        score = loss_fn(logits.float(), y).detach()
+        if labels:
+            score = score + 1e6 * (logits.argmax(1) != y).float()
+        better = score > best_score
+        best_x = torch.where(better.view(-1, 1, 1, 1), xa.detach(), best_x)
+        best_score = torch.where(better, score, best_score)
+
+    with eval_mode(model):
+        if keep_best:
+            with torch.no_grad(), autocast_for(x.device, amp):
+                consider(x, model(x))
+        for _ in range(restarts):
+            delta = torch.zeros_like(x)
+            if random_start and eps > 0:
+                if norm == "linf":
+                    delta = torch.empty_like(x).uniform_(-eps, eps)
+                else:
+                    d = torch.randn_like(x)
+                    delta = d / _per_example_norm(d, "l2") * eps * torch.rand(len(x), 1, 1, 1, device=x.device)
+            delta = (x + delta).clamp(0, 1) - x
+            for _ in range(steps):
+                xa = (x + delta).requires_grad_(True)
+                with autocast_for(x.device, amp):
+                    logits = model(xa)
+                loss = loss_fn(logits.float(), y)
+                if keep_best:
+                    consider(xa, logits)
+                (grad,) = torch.autograd.grad(loss.sum(), xa)
+                if norm == "linf":
+                    step = alpha * grad.sign()
+                else:
+                    step = alpha * grad / _per_example_norm(grad, "l2").clamp_min(1e-12)
+                delta = project(delta + step, eps, norm)
+                delta = (x + delta).clamp(0, 1) - x  # stay a valid image
+            xa = (x + delta).detach()
+            if not keep_best:
+                return xa
+            with torch.no_grad(), autocast_for(x.device, amp):
+                consider(xa, model(xa))
+    return best_x
+
+
+@dataclass
+class AttackConfig:
+    """An L-inf or L2 PGD attack; `describe()` names it in reports."""
+
+    eps: float = 8 / 255
+    alpha: Optional[float] = None  # None: eps / 4
+    steps: int = 20
+    restarts: int = 1
+    norm: str = "linf"
+
+    def describe(self) -> str:
+        e = f"{self.eps * 255:g}/255" if self.norm == "linf" else f"{self.eps:g}"
+        return f"PGD-{self.steps} {self.norm} eps={e} restarts={self.restarts}"
+
+    def __call__(self, model, x, y, **kw):
+        return pgd(model, x, y, self.eps, self.alpha, self.steps, self.norm, self.restarts, **kw)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, amp: bool = True) -> torch.Tensor:
+    with eval_mode(model), autocast_for(x.device, amp):
+        return model(x).argmax(1)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Optional[AttackConfig],
+             device: torch.device, batch_size: int = 256) -> dict:
+    """Clean accuracy and, with an attack, robust accuracy (fractions in [0, 1]).
+    x is uint8 (N, 3, H, W) on any device; an example counts as robust only if the
+    prediction is right on the clean image and on the attack's worst case."""
+    clean = robust = 0
+    for xb, yb in batches(x, y, batch_size, device):
+        ok = predict(model, xb) == yb
+        clean += ok.sum().item()
+        if attack is not None:
+            xa = attack(model, xb, yb)
+            robust += (ok & (predict(model, xa) == yb)).sum().item()
+    n = max(1, len(x))
+    out = {"clean_acc": clean / n}
+    if attack is not None:
+        out.update(robust_acc=robust / n, attack=attack.describe())
+    return out
+
+
+# ============================================================================================
+# 5. Training: standard, PGD-AT, TRADES; the loop with validation, checkpoints and resume
+# ============================================================================================
+METHODS = ("standard", "at", "trades")
+
+
+@dataclass
+class Config:
+    """Everything a run needs; the CLI fills it, checkpoints store it (see `--help`)."""
+
+    method: str = "at"  # one of METHODS
+    dataset: str = "synthetic"  # one of DATASETS
+    data_dir: str = "data"
+    image_size: Optional[int] = None  # None: the dataset's own (32; 64 for tinyimagenet)
+    arch: str = "moe-resnet18"  # one of ARCHS
+    width: float = 1.0
+    experts: int = 4
+    top_k: int = 1
+    moe_blocks: str = "layer4.1"
+    expert_ratio: float = 1.0
+    noisy_gating: bool = False
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1  # SGD, momentum 0.9, cosine decay to 0 over all steps (Madry/Rice recipe, shortened)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    balance_coef: float = 1e-2  # Switch balance loss coefficient
+    z_coef: float = 1e-3  # router z-loss coefficient (ST-MoE)
+    beta: float = 6.0  # TRADES trade-off
+    eps: float = 8 / 255  # attack radius (pixel units; L2 radius with --norm l2)
+    alpha: Optional[float] = None  # PGD step; None: eps / 4
+    norm: str = "linf"
+    train_steps: int = 10  # PGD steps while training (Madry: 10)
+    val_steps: int = 10  # PGD steps on the validation split each epoch
+    eval_steps: int = 20  # PGD steps for the final test evaluation
+    eval_restarts: int = 1
+    val_size: Optional[int] = None  # held-out training examples; None: 10% capped at 1000
+    augment: bool = True  # random crop + flip
+    train_limit: Optional[int] = None
+    test_limit: Optional[int] = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA
+    compile: bool = False  # torch.compile the model
+    out: str = "runs/default"
+
+    def model_config(self, num_classes: int, image_size: int) -> ModelConfig:
+        norm = self.dataset if self.dataset in NORM_STATS else "imagenet"
+        return ModelConfig(self.arch, num_classes, image_size, norm, self.width, self.experts, self.top_k,
+                           self.moe_blocks, self.expert_ratio, self.noisy_gating)
+
+    def attack(self, steps: int, restarts: int = 1) -> AttackConfig:
+        return AttackConfig(self.eps, self.alpha, steps, restarts, self.norm)
+
+    def validate(self) -> None:
+        """Check every setting before anything is read or written."""
+        check(self.method in METHODS, f"unknown --method {self.method!r}; allowed: {', '.join(METHODS)}")
+        check(self.dataset in DATASETS, f"unknown --dataset {self.dataset!r}; allowed: {', '.join(DATASETS)}")
+        check(self.arch in ARCHS, f"unknown --arch {self.arch!r}; allowed: {', '.join(ARCHS)}")
+        check(self.norm in NORMS, f"unknown --norm {self.norm!r}; allowed: {', '.join(NORMS)}")
+        check(self.eps >= 0, f"--eps {self.eps} is negative; allowed: eps >= 0 (pixel units, e.g. 0.0314 = 8/255)")
+        check(self.alpha is None or self.alpha > 0, f"--alpha {self.alpha} must be > 0")
+        check(self.width > 0, f"--width {self.width} must be > 0")
+        check(self.experts >= 1, f"--experts {self.experts} must be >= 1")
+        check(1 <= self.top_k <= self.experts, f"--top-k {self.top_k} not allowed with --experts {self.experts}; need 1 <= k <= E")
+        for name in ("epochs", "batch_size", "train_steps", "val_steps", "eval_steps", "eval_restarts"):
+            low = 0 if name.endswith("steps") else 1
+            check(getattr(self, name) >= low, f"--{name.replace('_', '-')} {getattr(self, name)} must be >= {low}")
+        for name in ("lr", "momentum", "weight_decay", "balance_coef", "z_coef", "beta"):
+            check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 0")
+        for name in ("train_limit", "test_limit", "val_size"):
+            v = getattr(self, name)
+            check(v is None or v >= 1, f"--{name.replace('_', '-')} {v} must be >= 1")
+        check(self.device in ("auto", "cpu", "cuda"), f"unknown --device {self.device!r}; allowed: auto, cpu, cuda")
+        parse_moe_blocks(self.moe_blocks)
+        check(0 < self.expert_ratio <= 4, f"--expert-ratio {self.expert_ratio} must be in (0, 4]")
+
+
+def sgd(params, cfg: Config, lr: Optional[float] = None) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+
+
+def cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine decay from the base learning rate to 0 over `total_steps` optimiser steps."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+
+
+def trades_kl(logits_adv: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
+    """Per-example KL(p_clean || softmax(logits_adv)), float32. TRADES eq. 5's inner term."""
+    return F.kl_div(F.log_softmax(logits_adv.float(), 1), p_clean, reduction="none").sum(1)
+
+
+def trades_attack(model: nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """TRADES' inner maximisation: PGD on KL(p(x) || p(x')), started at x + 0.001 N(0, I)."""
+    with torch.no_grad(), eval_mode(model), autocast_for(x.device, cfg.amp):
+        p_clean = model(x).float().softmax(1)
+    x0 = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    xa = pgd(model, x0, p_clean, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, random_start=False,
+             loss_fn=trades_kl, keep_best=False, amp=cfg.amp)
+    return project(xa - x, cfg.eps, cfg.norm).add(x).clamp(0, 1)
+
+
+class Method:
+    """A training method: owns its model(s), optimiser(s) and schedule; `step` trains on
+    one batch and returns numbers to log. Subclasses override `loss` (or `step`)."""
+
+    def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
+        self.model, self.cfg = model, cfg
+        self.opt = sgd(model.parameters(), cfg)
+        self.sched = cosine(self.opt, total_steps)
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with autocast_for(x.device, self.cfg.amp):
+            return model(x).float()
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor):
+        """-> (loss to minimise, logits for the training accuracy)"""
+        raise NotImplementedError
+
+    def aux(self, model: nn.Module) -> torch.Tensor:
+        return moe_aux_loss(model, self.cfg.balance_coef, self.cfg.z_coef)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        self.model.train()
+        loss, logits = self.loss(x, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+
+    def eval_model(self) -> nn.Module:
+        """The model that validation and test evaluate."""
+        return self.model
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+
+
+class Standard(Method):
+    """Empirical risk minimisation: CE(F(x), y) + MoE auxiliary losses."""
+
+    def loss(self, x, y):
+        logits = self.forward(self.model, x)
+        return F.cross_entropy(logits, y) + self.aux(self.model), logits
+
+
+class PGDAT(Method):
+    """Madry et al. 2018: min_theta CE(F(x_adv), y), x_adv = PGD-`train_steps` on the current
+    model (last iterate), + MoE auxiliary losses of the adversarial forward."""
+
+    def loss(self, x, y):
+        xa = pgd(self.model, x, y, self.cfg.eps, self.cfg.alpha, self.cfg.train_steps, self.cfg.norm,
+                 keep_best=False, amp=self.cfg.amp)
+        logits = self.forward(self.model, xa)
+        return F.cross_entropy(logits, y) + self.aux(self.model), logits
+
+
+class TRADES(Method):
+    """Zhang et al. 2019: CE(F(x), y) + beta * KL(p(x) || p(x_adv)), x_adv maximising the KL."""
+
+    def loss(self, x, y):
+        xa = trades_attack(self.model, x, self.cfg)
+        logits = self.forward(self.model, x)
+        aux = self.aux(self.model)
+        kl = trades_kl(self.forward(self.model, xa), logits.softmax(1)).mean()
+        return F.cross_entropy(logits, y) + self.cfg.beta * kl + aux, logits
+
+
+METHOD_CLASSES: dict[str, type] = {"standard": Standard, "at": PGDAT, "trades": TRADES}
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+CHECKPOINT_VERSION = 1
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, then rename: an interruption never leaves a broken file."""
+    atomic_write(path, lambda p: torch.save(state, p))
+
+
+def load_checkpoint(path: str) -> dict:
+    p = Path(path)
+    check(p.is_file(), f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path!r} is corrupt or not a moe-robust checkpoint ({type(e).__name__})") from None
+    check(isinstance(state, dict) and state.get("version") == CHECKPOINT_VERSION and "config" in state,
+          f"checkpoint {path!r} is not a moe-robust checkpoint (version {CHECKPOINT_VERSION})")
+    return state
+
+
+def config_from_dict(d: dict) -> Config:
+    known = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in d.items() if k in known})
+
+
+def build_for(cfg: Config, data: Dataset, runtime: Runtime) -> nn.Module:
+    return runtime.prepare(build_model(cfg.model_config(data.num_classes, data.image_size)))
+
+
+def make_method(cfg: Config, data: Dataset, runtime: Runtime, total_steps: int) -> Method:
+    return METHOD_CLASSES[cfg.method](build_for(cfg, data, runtime), cfg, total_steps)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
+    """Train with `cfg.method`, validate each epoch, keep the best checkpoint, test it.
+
+    Files in cfg.out: last.pt (everything, every epoch), best.pt (best validation epoch),
+    metrics.json (config, per-epoch history, final test numbers). With resume=True the run
+    continues from last.pt and repeats, on CPU, what the uninterrupted run would have done:
+    every epoch reseeds the RNG from (seed, epoch)."""
+    out = Path(cfg.out)
+    last = out / "last.pt"
+    if resume:
+        state = load_checkpoint(str(last))
+        saved = config_from_dict(state["config"])
+        saved.out, saved.device = cfg.out, cfg.device
+        cfg = saved
+    else:
+        check(overwrite or not last.exists(), f"--out {cfg.out} already holds a checkpoint; pass --resume to continue it, "
+                                              "--overwrite to start afresh, or choose another --out")
+        state = None
+    cfg.validate()
+    runtime = make_runtime(cfg.device, cfg.amp)
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.train_limit, cfg.test_limit)
+    n_val = cfg.val_size or min(1000, max(1, len(data.train_x) // 10))
+    check(n_val < len(data.train_x), f"--val-size {n_val} leaves no training data ({len(data.train_x)} examples)")
+    tx, ty, vx, vy = split_validation(data.train_x, data.train_y, n_val, cfg.seed)
+    steps_per_epoch = math.ceil(len(tx) / cfg.batch_size)
+    seed_everything(cfg.seed)  # the initial weights
+    method = make_method(cfg, data, runtime, cfg.epochs * steps_per_epoch)
+    model_cfg = cfg.model_config(data.num_classes, data.image_size)
+    history, best, start = [], {"epoch": -1, "score": -1.0}, 0
+    if state is not None:
+        method.load_state_dict(state["method"])
+        history, best, start = state["history"], state["best"], state["epoch"] + 1
+        log(f"resumed {last} at epoch {start}/{cfg.epochs}")
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.compile:
+        method.model.compile()  # in place: state_dict keys stay plain
+    forward_model = method.eval_model()
+    selection = "val_clean_acc" if cfg.method == "standard" else "val_robust_acc"
+    metrics = {"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
+               "params": count_params(forward_model), "selection": selection, "history": history}
+    log(f"{cfg.method} | {cfg.arch} on {cfg.dataset} ({len(tx)} train / {n_val} val / {len(data.test_x)} test) | "
+        f"{metrics['params']['total'] / 1e6:.2f}M params ({metrics['params']['active'] / 1e6:.2f}M active) | {runtime.device}")
+    for epoch in range(start, cfg.epochs):
+        seed_everything(cfg.seed * 100003 + epoch)
+        t0, sums, n = time.time(), {}, 0
+        for xb, yb in batches(tx, ty, cfg.batch_size, runtime.device, shuffle=True, train_augment=cfg.augment):
+            logs = method.step(xb, yb)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v * len(xb)
+            n += len(xb)
+        if runtime.device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.time() - t0
+        val = evaluate(method.eval_model(), vx, vy, cfg.attack(cfg.val_steps), runtime.device)
+        row = {"epoch": epoch + 1, **{f"train_{k}": v / n for k, v in sums.items()},
+               "val_clean_acc": val["clean_acc"], "val_robust_acc": val["robust_acc"],
+               "lr": method.opt.param_groups[0]["lr"], "time_s": round(time.time() - t0, 2),
+               "images_per_s": round(n / train_time, 1), "routing": expert_counts(method.eval_model())}
+        reset_routing_stats(method.eval_model())
+        history.append(row)
+        if row[selection] > best["score"]:
+            best = {"epoch": epoch + 1, "score": row[selection]}
+            save_checkpoint(out / "best.pt", {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg),
+                                              "epoch": epoch, "model": method.eval_model().state_dict(),
+                                              "num_classes": data.num_classes, "image_size": data.image_size})
+        save_checkpoint(last, {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg), "epoch": epoch,
+                               "method": method.state_dict(), "history": history, "best": best,
+                               "num_classes": data.num_classes, "image_size": data.image_size})
+        metrics["best_epoch"] = best["epoch"]
+        write_json(out / "metrics.json", metrics)
+        log(f"epoch {epoch + 1:3d}/{cfg.epochs} | loss {row['train_loss']:.3f} acc {row['train_acc']:.3f} | "
+            f"val clean {row['val_clean_acc']:.3f} robust {row['val_robust_acc']:.3f} | "
+            f"{row['time_s']:.1f}s {row['images_per_s']:.0f} img/s")
+    # final test of the best validation checkpoint, with the (stronger) evaluation attack
+    best_state = load_checkpoint(str(out / "best.pt"))
+    model = method.eval_model()
+    model.load_state_dict(best_state["model"])
+    attack = cfg.attack(cfg.eval_steps, cfg.eval_restarts)
+    metrics["test"] = evaluate(model, data.test_x, data.test_y, attack, runtime.device)
+    metrics["test"]["epoch"] = best_state["epoch"] + 1
+    write_json(out / "metrics.json", metrics)
+    log(f"test (best val epoch {metrics['test']['epoch']}): clean {metrics['test']['clean_acc']:.3f} | "
+        f"robust {metrics['test']['robust_acc']:.3f} ({attack.describe()})")
+    return metrics
+
+
+def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module, Config, dict]:
+    """Rebuild the evaluated model of a checkpoint (best.pt or last.pt): (model, config, state)."""
+    state = load_checkpoint(path)
+    cfg = config_from_dict(state["config"])
+    runtime = runtime or make_runtime("auto")
+    model = build_model(cfg.model_config(state["num_classes"], state["image_size"]))
+    try:
+        model.load_state_dict(state["model"] if "model" in state else state["method"]["model"])
+    except Exception as e:
+        raise UserError(f"checkpoint {path!r} does not fit its own config ({type(e).__name__})") from None
+    return runtime.prepare(model), cfg, state
+
+
+# ============================================================================================
+# 6. Benchmark, demo and command line
+# ============================================================================================
+
+
+def benchmark_moe(device: str = "auto", batch: int = 256, channels: int = 64, size: int = 8,
+                  repeats: int = 5) -> dict:
+    """Forward time per example of one MoE layer of conv residual branches, (B, C, 8, 8):
+    sparse top-1 with E = 2 and E = 8, against running all 8 experts (soft routing).
+    Sparse dispatch should make E = 8 cost about what E = 2 costs, far less than all 8."""
+    rt = make_runtime(device)
+    x = torch.rand(batch, channels, size, size, device=rt.device)
+    results = {}
+    for name, E, soft in (("E=2 top-1", 2, False), ("E=8 top-1", 8, False), ("E=8 all experts", 8, True)):
+        torch.manual_seed(0)
+        layer = MoE([residual_branch(channels, channels, channels, 1) for _ in range(E)], channels, k=1).to(rt.device).eval()
+        layer.soft = soft
+        with torch.no_grad(), rt.autocast():
+            for _ in range(2):
+                layer(x)
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(repeats):
+                layer(x)
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+        results[name] = (time.perf_counter() - t) / repeats / batch * 1e6  # microseconds per example
+    for name, us in results.items():
+        log(f"{name:18s} {us:8.1f} us/example")
+    return results
+
+
+def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
+    """Standard training vs PGD-AT of a small MoE-ResNet18 on `synthetic`, about a minute on 2 CPU cores."""
+    common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4,
+                  batch_size=64, lr=0.05, train_limit=2400, test_limit=500, train_steps=5, val_steps=5,
+                  eval_steps=10, device=device)
+    results = {}
+    for method in ("standard", "at"):
+        log(f"\n== demo: {method} ==")
+        m = train(Config(method=method, out=f"{out}/{method}", **common), overwrite=True)
+        results[method] = m["test"]
+    log(f"\n{'method':10s} {'clean':>6s} {'robust':>7s}   ({results['at']['attack']}, synthetic test set)")
+    for method, r in results.items():
+        log(f"{method:10s} {r['clean_acc']:6.3f} {r['robust_acc']:7.3f}")
+    return results
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        sys.stderr.write(f"error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def _eps(s: str) -> float:
+    """'8/255' or '0.031' -> float."""
+    try:
+        if "/" in s:
+            a, b = s.split("/")
+            return float(a) / float(b)
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number or a fraction like 8/255") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    p = _Parser(prog="moe_robust.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                description="Robust sparse Mixture-of-Experts training. With no arguments: a one-minute CPU demo "
+                            "(standard vs PGD-AT on the built-in synthetic data).")
+    a = p.add_argument_group("what to run")
+    a.add_argument("--method", choices=METHODS, default=d.method, help="training method")
+    a.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint (best.pt or last.pt) on the test set")
+    a.add_argument("--benchmark", action="store_true", help="time the sparse MoE layer (E=2, E=8, all experts)")
+    a.add_argument("--demo", action="store_true", help="run the demo (what no arguments does)")
+    a = p.add_argument_group("data")
+    a.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="data set")
+    a.add_argument("--data-dir", default=d.data_dir, help="where data sets live (CIFAR is downloaded here)")
+    a.add_argument("--image-size", type=int, default=None, help="image side for tinyimagenet/imagefolder (default 64/32)")
+    a.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only the first N training examples")
+    a.add_argument("--test-limit", type=int, default=None, metavar="N", help="use only the first N test examples")
+    a.add_argument("--val-size", type=int, default=None, metavar="N", help="held-out validation examples (default 10%%, at most 1000)")
+    a.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop + flip")
+    a = p.add_argument_group("model")
+    a.add_argument("--arch", choices=ARCHS, default=d.arch, help="architecture")
+    a.add_argument("--width", type=float, default=d.width, help="multiplier of every channel width (0.125 for CPU)")
+    a.add_argument("--experts", type=int, default=d.experts, help="experts E per MoE layer")
+    a.add_argument("--top-k", type=int, default=d.top_k, help="experts K used per image/token")
+    a.add_argument("--moe-blocks", default=d.moe_blocks, help="ResNet blocks that become MoE: 'all' or e.g. layer3.1,layer4.1")
+    a.add_argument("--expert-ratio", type=float, default=d.expert_ratio, help="expert inner width / block width (AdvMoE: 0.5)")
+    a.add_argument("--noisy-gating", action="store_true", help="Shazeer noisy top-k routing while training")
+    a = p.add_argument_group("optimisation")
+    a.add_argument("--epochs", type=int, default=d.epochs)
+    a.add_argument("--batch-size", type=int, default=d.batch_size)
+    a.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (cosine decay to 0)")
+    a.add_argument("--momentum", type=float, default=d.momentum)
+    a.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    a.add_argument("--balance-coef", type=float, default=d.balance_coef, help="Switch balance loss weight")
+    a.add_argument("--z-coef", type=float, default=d.z_coef, help="router z-loss weight")
+    a.add_argument("--beta", type=float, default=d.beta, help="TRADES weight of the KL term")
+    a.add_argument("--seed", type=int, default=d.seed)
+    a = p.add_argument_group("attack")
+    a.add_argument("--eps", type=_eps, default=d.eps, help="radius in pixel units, e.g. 8/255 (L2: e.g. 0.5)")
+    a.add_argument("--alpha", type=_eps, default=None, help="PGD step size (default eps/4)")
+    a.add_argument("--norm", choices=NORMS, default=d.norm, help="threat model")
+    a.add_argument("--train-steps", type=int, default=d.train_steps, help="PGD steps while training")
+    a.add_argument("--val-steps", type=int, default=d.val_steps, help="PGD steps on the validation split each epoch")
+    a.add_argument("--eval-steps", type=int, default=d.eval_steps, help="PGD steps of the final test evaluation")
+    a.add_argument("--eval-restarts", type=int, default=d.eval_restarts, help="PGD restarts of the final test evaluation")
+    a = p.add_argument_group("run")
+    a.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    a.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
+    a.add_argument("--compile", action="store_true", help="torch.compile the model")
+    a.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<arch>-<method>)")
+    a.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    a.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in vars(args).items() if k in names and v is not None})
+    cfg.image_size, cfg.train_limit, cfg.test_limit, cfg.val_size, cfg.alpha = (
+        args.image_size, args.train_limit, args.test_limit, args.val_size, args.alpha)
+    cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
+    return cfg
+
+
+def evaluate_checkpoint(path: str, cfg_overrides: Config, out: Optional[str]) -> dict:
+    """Test-set evaluation of a saved checkpoint with the attack settings given on the CLI."""
+    state_cfg = config_from_dict(load_checkpoint(path)["config"])
+    rt = make_runtime(cfg_overrides.device, cfg_overrides.amp)
+    model, cfg, _ = load_model(path, rt)
+    data = load_dataset(cfg.dataset, cfg_overrides.data_dir if cfg_overrides.data_dir != "data" else cfg.data_dir,
+                        cfg.image_size, cfg.seed, None, cfg_overrides.test_limit)
+    attack = cfg_overrides.attack(cfg_overrides.eval_steps, cfg_overrides.eval_restarts)
+    result = {"checkpoint": path, "config": dataclasses.asdict(state_cfg),
+              "test": evaluate(model, data.test_x, data.test_y, attack, rt.device)}
+    dest = Path(out) if out else Path(path).parent
+    dest.mkdir(parents=True, exist_ok=True)
+    write_json(dest / "eval.json", result)
+    log(f"{path}: clean {result['test']['clean_acc']:.3f} | robust {result['test']['robust_acc']:.3f} ({attack.describe()})"
+        f" -> {dest / 'eval.json'}")
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag already reported in one line
+        return int(e.code or 0)
+    try:
+        cfg = config_from_args(args)
+        cfg.validate()
+        if not argv or args.demo:
+            run_demo(args.out or "runs/demo", args.device)
+        elif args.benchmark:
+            benchmark_moe(args.device)
+        elif args.eval:
+            evaluate_checkpoint(args.eval, cfg, args.out)
+        else:
+            train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; the last finished epoch is saved: continue with --resume --out <dir>\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""Tests for moe_robust: invariants and known answers, CPU only, no download.
+
+Run: python -m pytest -q test_moe_robust.py
+"""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import moe_robust as mr
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+HERE = Path(__file__).resolve().parent
+TINY = dict(dataset="synthetic", arch="moe-resnet18", width=0.0625, experts=2, top_k=1, epochs=2, batch_size=64,
+            lr=0.05, train_limit=400, test_limit=100, val_size=64, train_steps=2, val_steps=2, eval_steps=3,
+            device="cpu")
+
+
+# ---------------------------------------------------------------------------- MoE layer
+def dense_reference(layer: mr.MoE, x: torch.Tensor) -> torch.Tensor:
+    """Run every expert on every row and combine with the layer's gates scattered to (N, E)."""
+    rows = x.reshape(-1, x.shape[-1]) if layer.tokens else x
+    r = layer.routing
+    gate_matrix = torch.zeros(len(rows), layer.num_experts).scatter(1, r.indices, r.gates)  # (N, E)
+    outs = torch.stack([e(rows) for e in layer.experts], 1)  # (N, E, ...)
+    y = (gate_matrix.view(*gate_matrix.shape, *([1] * (outs.dim() - 2))) * outs).sum(1)
+    return y.reshape(x.shape[0], x.shape[1], -1) if layer.tokens else y
+
+
+def conv_moe(E=4, k=1, C=8):
+    return mr.MoE([mr.residual_branch(C, C, C, 1) for _ in range(E)], C, k=k).eval()
+
+
+def token_moe(E=4, k=1, D=16):
+    return mr.MoE([mr.mlp(D, 32) for _ in range(E)], D, k=k, tokens=True).eval()
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("kind", ["image", "token"])
+def test_sparse_moe_equals_dense_reference(k, kind):
+    torch.manual_seed(0)
+    layer = conv_moe(k=k) if kind == "image" else token_moe(k=k)
+    x = torch.randn(6, 8, 5, 5) if kind == "image" else torch.randn(3, 7, 16)
+    y = layer(x)
+    assert torch.allclose(y, dense_reference(layer, x), atol=1e-5)
+    # more than one expert used, so the grouping really happened
+    assert len(torch.unique(layer.routing.indices)) > 1
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_exactly_k_nonzero_gates_and_router_gets_gradient(k):
+    torch.manual_seed(1)
+    layer = token_moe(E=4, k=k).train()
+    x = torch.randn(4, 5, 16)
+    layer(x).square().sum().backward()
+    r = layer.routing
+    gate_matrix = torch.zeros(20, 4).scatter(1, r.indices, r.gates)
+    assert ((gate_matrix != 0).sum(1) == k).all()
+    if k > 1:
+        assert torch.allclose(gate_matrix.sum(1), torch.ones(20))
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+
+
+def test_forcing_expert_equals_running_it_and_forced_route_is_used():
+    torch.manual_seed(2)
+    layer = conv_moe(E=3)
+    x = torch.randn(5, 8, 4, 4)
+    for i in range(3):
+        with mr.forced_expert(layer, i):
+            assert torch.allclose(layer(x), layer.experts[i](x), atol=1e-6)
+    assert layer.forced_expert is None  # context restored
+    route = mr.Route(torch.tensor([[2], [0], [1], [2], [0]]), torch.full((5, 1), 0.5))
+    with mr.forced_routes(layer, [route]):
+        y = layer(x)
+    expected = torch.stack([0.5 * layer.experts[int(i)](x[n:n + 1])[0] for n, i in enumerate(route.indices[:, 0])])
+    assert torch.allclose(y, expected, atol=1e-6)
+
+
+def test_forced_expert_on_whole_model_equals_dense_copy_with_that_expert():
+    torch.manual_seed(3)
+    cfg = mr.ModelConfig(width=0.0625, experts=3, moe_blocks="layer3.1,layer4.1")
+    model = mr.build_model(cfg).eval()
+    x = torch.rand(4, 3, 32, 32)
+    dense = mr.build_model(mr.ModelConfig(arch="resnet18", width=0.0625)).eval()
+    for i in range(3):
+        state = {}
+        for name, v in model.state_dict().items():
+            if ".router." in name:
+                continue
+            state[name.replace(f"branch.experts.{i}.", "branch.")] = v
+        dense.load_state_dict({k: v for k, v in state.items() if "branch.experts." not in k})
+        with mr.forced_expert(model, i):
+            assert torch.allclose(model(x), dense(x), atol=1e-5)
+
+
+def test_balance_loss_known_values_and_stats():
+    E = 4
+    layer = token_moe(E=E)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.bias.copy_(torch.tensor([5.0, 0, 0, 0]))  # everything goes to expert 0
+    layer(torch.randn(2, 8, 16))
+    p0 = torch.softmax(torch.tensor([5.0, 0, 0, 0]), 0)[0]
+    assert torch.isclose(layer.aux.balance, E * p0, atol=1e-5)  # -> E when fully collapsed
+    assert mr.expert_counts(layer) == [[16, 0, 0, 0]]
+    # a perfectly balanced router: uniform probabilities, top-1 spread evenly -> 1
+    probs = torch.full((8, E), 1 / E)
+    frac = torch.bincount(torch.arange(8) % E, minlength=E).float() / 8
+    assert torch.isclose(E * (frac * probs.mean(0)).sum(), torch.tensor(1.0))
+    mr.reset_routing_stats(layer)
+    assert mr.expert_counts(layer) == [[0, 0, 0, 0]]
+    assert mr.moe_aux_loss(layer, 1.0, 0.0).item() == pytest.approx(layer.aux.balance.item())
+
+
+def test_eval_routing_is_deterministic_and_batch_independent():
+    torch.manual_seed(4)
+    layer = mr.MoE([mr.mlp(16, 32) for _ in range(4)], 16, k=2, tokens=True, noisy=True).eval()
+    x = torch.randn(4, 6, 16)
+    full = layer(x)
+    assert torch.allclose(full[:1], layer(x[:1]), atol=1e-6)
+    assert torch.allclose(full, layer(x))
+
+
+def test_models_return_logits_and_count_params():
+    for arch, size in [("resnet18", 32), ("moe-resnet18", 32), ("moe-vit", 32), ("moe-vit", 64)]:
+        model = mr.build_model(mr.ModelConfig(arch=arch, width=0.125, image_size=size, num_classes=7))
+        out = model(torch.rand(2, 3, size, size))
+        assert isinstance(out, torch.Tensor) and out.shape == (2, 7)
+    moe = mr.build_model(mr.ModelConfig(width=0.125, experts=4, top_k=1))
+    dense = mr.build_model(mr.ModelConfig(arch="resnet18", width=0.125))
+    c = mr.count_params(moe)
+    assert c["total"] > c["active"] and abs(c["active"] - mr.count_params(dense)["total"]) < 1000  # + router only
+    assert len(mr.moe_layers(mr.build_model(mr.ModelConfig(width=0.125, moe_blocks="all", experts=2, expert_ratio=0.5)))) == 8
+    assert len(mr.moe_layers(mr.build_model(mr.ModelConfig(arch="moe-vit", width=0.125)))) == 3
+
+
+# ---------------------------------------------------------------------------- PGD
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small standard-trained MoE-ResNet18 on synthetic data (a fixed model for attack tests)."""
+    out = tmp_path_factory.mktemp("std")
+    cfg = mr.Config(method="standard", out=str(out), **{**TINY, "width": 0.125, "train_limit": 1500, "epochs": 3})
+    mr.train(cfg)
+    model, _, _ = mr.load_model(str(out / "best.pt"), mr.make_runtime("cpu"))
+    data = mr.load_dataset("synthetic", test_limit=128)
+    x, y = data.test_x.float() / 255, data.test_y
+    return model, x, y, out
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_pgd_stays_in_ball_and_image(trained, norm, eps):
+    model, x, y, _ = trained
+    xa = mr.pgd(model, x[:32], y[:32], eps=eps, steps=5, norm=norm, restarts=2)
+    d = (xa - x[:32]).flatten(1)
+    size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    assert (size <= eps + 1e-6).all()
+    assert xa.min() >= 0 and xa.max() <= 1
+
+
+def test_pgd_restores_mode_and_leaves_no_parameter_gradient(trained):
+    model, x, y, _ = trained
+    model.train()
+    mr.pgd(model, x[:8], y[:8], steps=2)
+    assert model.training
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+    mr.pgd(model, x[:8], y[:8], steps=2)
+    assert not model.training
+
+
+def robust_acc(model, x, y, **kw):
+    torch.manual_seed(0)
+    return mr.evaluate(model, (x * 255).round().byte(), y, mr.AttackConfig(**kw), torch.device("cpu"))
+
+
+def test_pgd_known_answers_and_monotonicity(trained):
+    model, x, y, _ = trained
+    zero = robust_acc(model, x, y, eps=0.0, steps=5)
+    assert zero["robust_acc"] == zero["clean_acc"] > 0.5
+    accs_steps = [robust_acc(model, x, y, eps=2 / 255, steps=s)["robust_acc"] for s in (1, 3, 10)]
+    assert accs_steps == sorted(accs_steps, reverse=True)
+    accs_eps = [robust_acc(model, x, y, eps=e / 255, steps=10)["robust_acc"] for e in (0, 1, 2, 4, 8)]
+    assert accs_eps == sorted(accs_eps, reverse=True)
+    assert accs_eps[-1] <= zero["clean_acc"]
+    assert accs_eps[-1] < zero["clean_acc"]  # a standard model is not robust at 8/255
+
+
+def test_pgd_matches_a_plain_reference_implementation(trained):
+    """Our PGD (best iterate kept) is at least as strong as the textbook last-iterate PGD."""
+    model, x, y, _ = trained
+    torch.manual_seed(0)
+    delta = torch.empty_like(x).uniform_(-4 / 255, 4 / 255)
+    xa = (x + delta).clamp(0, 1)
+    for _ in range(10):
+        xa.requires_grad_(True)
+        g, = torch.autograd.grad(nn.functional.cross_entropy(model(xa), y), xa)
+        xa = torch.min(torch.max(xa.detach() + 1 / 255 * g.sign(), x - 4 / 255), x + 4 / 255).clamp(0, 1)
+    with torch.no_grad():
+        ref = (model(xa).argmax(1) == y).float().mean().item()
+    ours = robust_acc(model, x, y, eps=4 / 255, steps=10)["robust_acc"]
+    assert ours <= ref + 1e-9
+
+
+# ---------------------------------------------------------------------------- training
+def test_training_writes_metrics_and_checkpoints(trained):
+    _, _, _, out = trained
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["history"]) == 3 and {"val_clean_acc", "val_robust_acc", "images_per_s", "time_s"} <= set(m["history"][0])
+    assert 0 <= m["test"]["robust_acc"] <= m["test"]["clean_acc"] <= 1
+    assert (out / "last.pt").is_file() and (out / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("method", ["at", "trades"])
+def test_adversarial_methods_run(tmp_path, method):
+    m = mr.train(mr.Config(method=method, out=str(tmp_path), **{**TINY, "epochs": 1}))
+    assert 0 <= m["test"]["robust_acc"] <= m["test"]["clean_acc"] <= 1
+
+
+def test_resume_after_interruption_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+    cfg = dict(TINY, method="at", epochs=3, train_limit=200, arch="moe-vit", width=0.25)
+    full = mr.train(mr.Config(out=str(tmp_path / "full"), **cfg))
+    real_save, calls = mr.save_checkpoint, []
+
+    def interrupted_save(path, state):  # the run dies right after epoch 2's checkpoint
+        real_save(path, state)
+        if path.name == "last.pt":
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+    monkeypatch.setattr(mr, "save_checkpoint", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        mr.train(mr.Config(out=str(tmp_path / "cut"), **cfg))
+    monkeypatch.setattr(mr, "save_checkpoint", real_save)
+    resumed = mr.train(mr.Config(out=str(tmp_path / "cut"), device="cpu"), resume=True)
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in h]
+    assert strip(resumed["history"]) == strip(full["history"])
+    assert resumed["test"] == full["test"]
+
+
+# ---------------------------------------------------------------------------- data
+def test_synthetic_is_deterministic_and_in_range():
+    a, b = mr.make_synthetic(64, 16), mr.make_synthetic(64, 16)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
+    assert a.train_x.dtype == torch.uint8 and a.train_x.shape == (64, 3, 32, 32)
+    assert set(a.train_y.tolist()) <= set(range(10))
+    assert not torch.equal(a.train_x[:16], a.test_x)
+
+
+def test_augment_shapes_and_values():
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 32, 32)
+    y = mr.augment(x)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert not torch.equal(x, y)
+
+
+def write_fake_cifar(root: Path, n=20):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "labels": rng.integers(0, 10, n).tolist()}, f)
+
+
+def write_images(folder: Path, n: int, size):
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(len(str(folder)))
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(folder / f"img{i}.JPEG")
+
+
+def test_cifar_layout_is_read(tmp_path):
+    write_fake_cifar(tmp_path)
+    d = mr.load_dataset("cifar10", str(tmp_path), test_limit=7)
+    assert d.train_x.shape == (100, 3, 32, 32) and d.test_x.shape == (7, 3, 32, 32) and d.num_classes == 10
+
+
+def test_tinyimagenet_layout_is_read(tmp_path):
+    for w in ("n01", "n02"):
+        write_images(tmp_path / "train" / w / "images", 3, (64, 64))
+    write_images(tmp_path / "val" / "images", 2, (64, 64))
+    (tmp_path / "val" / "val_annotations.txt").write_text("img0.JPEG\tn02\t0\t0\t1\t1\nimg1.JPEG\tn01\t0\t0\t1\t1\n")
+    d = mr.load_dataset("tinyimagenet", str(tmp_path))
+    assert d.train_x.shape == (6, 3, 64, 64) and d.test_y.tolist() == [1, 0] and d.num_classes == 2
+
+
+def test_imagefolder_any_size(tmp_path):
+    write_images(tmp_path / "train" / "cat", 2, (50, 40))
+    write_images(tmp_path / "train" / "dog", 2, (31, 77))
+    write_images(tmp_path / "val" / "dog", 1, (100, 100))
+    d = mr.load_dataset("imagefolder", str(tmp_path), image_size=24)
+    assert d.train_x.shape == (4, 3, 24, 24) and d.test_y.tolist() == [1] and d.num_classes == 2
+
+
+# ---------------------------------------------------------------------------- CLI and errors
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, str(HERE / "moe_robust.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "magic"], "'magic'"),
+    (["--dataset", "mnist"], "'mnist'"),
+    (["--arch", "vgg"], "'vgg'"),
+    (["--experts", "2", "--top-k", "3"], "--top-k 3"),
+    (["--eps", "-0.1"], "--eps -0.1"),
+    (["--eps", "abc"], "'abc'"),
+    (["--moe-blocks", "layer9.9"], "layer9.9"),
+    (["--dataset", "imagefolder", "--data-dir", "/no/such/dir"], "/no/such/dir"),
+])
+def test_bad_input_gives_one_line_error(args, needle, capsys):
+    assert mr.main(args + ["--device", "cpu", "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_corrupt_checkpoint_is_reported_and_not_damaged(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"not a checkpoint")
+    r = run_cli("--resume", "--out", str(out), "--device", "cpu")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "corrupt" in r.stderr
+    assert (out / "last.pt").read_bytes() == b"not a checkpoint"
+    r = run_cli("--eval", str(out / "last.pt"), "--device", "cpu")
+    assert r.returncode == 2 and "corrupt" in r.stderr
+
+
+def test_existing_run_is_not_overwritten(trained, capsys):
+    _, _, _, out = trained
+    before = (out / "last.pt").read_bytes()
+    assert mr.main(["--method", "standard", "--out", str(out), "--device", "cpu"]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_eval_only_of_a_checkpoint(trained):
+    _, _, _, out = trained
+    assert mr.main(["--eval", str(out / "best.pt"), "--eval-steps", "2", "--device", "cpu"]) == 0
+    res = json.loads((out / "eval.json").read_text())
+    assert 0 <= res["test"]["robust_acc"] <= res["test"]["clean_acc"] <= 1
+
+
+def test_import_has_no_side_effects():
+    code = ("import sys, torch; sys.argv = ['x', '--bogus']; import moe_robust; "
+            "assert not torch.cuda.is_initialized(); print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(HERE))
+    assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_help_lists_every_flag():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for flag in ("--method", "--dataset", "--data-dir", "--arch", "--experts", "--top-k", "--width", "--epochs",
+                 "--batch-size", "--lr", "--train-limit", "--test-limit", "--device", "--seed", "--out", "--resume",
+                 "--eps", "--alpha", "--norm", "--train-steps", "--eval-steps", "--eval-restarts"):
+        assert flag in r.stdout
