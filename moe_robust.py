@@ -453,6 +453,7 @@ class MoE(nn.Module):
         self.forced_rank: Optional[int] = None
         self.forced_expert: Optional[int] = None
         self.routing: Optional[Routing] = None
+        self.router_logits: Optional[torch.Tensor] = None
         self.aux: Optional[AuxLoss] = None
         self.counts = torch.zeros(E, dtype=torch.long)  # rows sent to each expert since reset
 
@@ -488,6 +489,7 @@ class MoE(nn.Module):
         frac = torch.bincount(ranking[:, 0], minlength=E).float() / len(h)  # (E,)
         self.aux = AuxLoss(E * (frac * probs.mean(0)).sum(), logits.logsumexp(-1).pow(2).mean())
         self.routing = Routing(logits.detach(), probs.detach(), indices.detach(), gates.detach(), ranking)
+        self.router_logits = logits  # with gradient, for attacks on the routing itself
         return indices, gates
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
@@ -788,6 +790,21 @@ def count_params(model: nn.Module) -> dict:
     return {"total": total, "active": total - inactive}
 
 
+class DualModel(nn.Module):
+    """The dual model (Zhang, Xu, Hu, Wang, ICML 2025): f_D(x) = (1 - a) f_S(x) + a f_R(x) on
+    logits, f_S a standard-trained and f_R a robust MoE; the smoothing parameter a in [0, 1]
+    trades clean accuracy (a -> 0) for robustness (a -> 1). The MoE layers of both members
+    are visible to moe_layers (f_S's first), so every routing control applies to both."""
+
+    def __init__(self, standard: nn.Module, robust: nn.Module, a: float = 0.5):
+        super().__init__()
+        check(0 <= a <= 1, f"dual-model a={a} not allowed; need 0 <= a <= 1")
+        self.standard, self.robust, self.a = standard, robust, a
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, classes)
+        return (1 - self.a) * self.standard(x) + self.a * self.robust(x)
+
+
 # ============================================================================================
 # 4. Attacks: PGD (Madry et al. 2018)
 # ============================================================================================
@@ -943,10 +960,100 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Optiona
     return out
 
 
+def apgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 50,
+            restarts: int = 1, rho: float = 0.75, amp: bool = True) -> torch.Tensor:
+    """APGD-CE (Croce & Hein 2020, Alg. 1), L-inf: PGD with momentum 0.75 and a per-example
+    step size that starts at 2 eps and halves at checkpoints when progress stalls (condition 1:
+    fewer than rho of the steps since the last checkpoint increased the loss; condition 2: the
+    step size and the best loss are unchanged since the last checkpoint), restarting from the
+    best point. No step size to tune, so it exposes defences that only fool fixed-step PGD.
+    Returns per example a misclassified iterate if one was found, else the highest-loss one."""
+    check(eps >= 0 and steps >= 1, f"APGD needs eps >= 0 and steps >= 1, got {eps}, {steps}")
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    checkpoints = sorted({math.ceil(q * steps) for q in p[1:] if q <= 1})
+    x = x.detach()
+    B = len(x)
+    view = lambda t: t.view(-1, 1, 1, 1)
+    proj = lambda z: torch.min(torch.max(z, x - eps), x + eps).clamp(0, 1)
+
+    def loss_grad(xa):
+        xa = xa.clone().requires_grad_(True)
+        with autocast_for(x.device, amp):
+            logits = model(xa).float()
+        loss = F.cross_entropy(logits, y, reduction="none")
+        (g,) = torch.autograd.grad(loss.sum(), xa)
+        return loss.detach(), g, (logits.argmax(1) != y)
+
+    best_x, best_score = x.clone(), torch.full((B,), -float("inf"), device=x.device)
+    with eval_mode(model):
+        for _ in range(restarts):
+            t = torch.rand_like(x) * 2 - 1
+            cur = proj(x + eps * t / view(t.flatten(1).abs().amax(1).clamp_min(1e-12)))
+            loss, grad, wrong = loss_grad(cur)
+            eta = torch.full((B,), 2 * eps, device=x.device)
+            f_max, x_max, g_max = loss.clone(), cur.clone(), grad.clone()
+            prev, ck_eta, ck_fmax, ck_step, increases = cur.clone(), eta.clone(), f_max.clone(), 0, torch.zeros(B, device=x.device)
+            for k in range(steps):
+                score = loss + 1e6 * wrong.float()
+                better = score > best_score
+                best_x, best_score = torch.where(view(better), cur, best_x), torch.where(better, score, best_score)
+                z = proj(cur + view(eta) * grad.sign())
+                a = 1.0 if k == 0 else 0.75  # no momentum on the first step
+                nxt = proj(cur + a * (z - cur) + (1 - a) * (cur - prev))
+                prev, cur = cur, nxt
+                new_loss, grad, wrong = loss_grad(cur)
+                increases += (new_loss > loss).float()
+                loss = new_loss
+                up = loss > f_max
+                f_max = torch.where(up, loss, f_max)
+                x_max, g_max = torch.where(view(up), cur, x_max), torch.where(view(up), grad, g_max)
+                if k + 1 in checkpoints:
+                    stalled = (increases < rho * (k + 1 - ck_step)) | ((eta == ck_eta) & (f_max == ck_fmax))
+                    ck_eta, ck_fmax, ck_step = eta.clone(), f_max.clone(), k + 1
+                    eta = torch.where(stalled, eta / 2, eta)
+                    cur = torch.where(view(stalled), x_max, cur)
+                    grad = torch.where(view(stalled), g_max, grad)
+                    increases.zero_()
+            score = loss + 1e6 * wrong.float()
+            better = score > best_score
+            best_x, best_score = torch.where(view(better), cur, best_x), torch.where(better, score, best_score)
+    return best_x.detach()
+
+
+class RouterDeviation(nn.Module):
+    """Per-example score of how far the routing of x has moved from given routes: the sum over
+    MoE layers of CE(router logits, clean top-1 expert), averaged over an image's tokens.
+    PGD on this score is the routing-only attack behind RA-R (a surrogate objective: the
+    hard route has no gradient, so the attack pushes the router away from the clean choice)."""
+
+    def __init__(self, model: nn.Module, clean_top1: list[torch.Tensor]):
+        super().__init__()
+        self.model, self.clean_top1 = model, clean_top1
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, 1)
+        self.model(x)
+        total = torch.zeros(len(x), device=x.device)
+        for m, target in zip(moe_layers(self.model), self.clean_top1):
+            ce = F.cross_entropy(m.router_logits, target, reduction="none")  # (N,)
+            total = total + ce.view(len(x), -1).mean(1)
+        return total[:, None]
+
+
+def router_attack(model: nn.Module, x: torch.Tensor, attack: AttackConfig, amp: bool = True) -> torch.Tensor:
+    """PGD that only tries to change the routes of x (see RouterDeviation)."""
+    clean_top1 = [r.indices[:, 0] for r in current_routes(model, x)]
+    score = RouterDeviation(model, clean_top1).train(model.training)  # so pgd restores the model's own mode
+    return pgd(score, x, torch.zeros(len(x), device=x.device), attack.eps, attack.alpha, attack.steps, attack.norm,
+               attack.restarts, loss_fn=lambda out, _: out[:, 0], amp=amp)
+
+
 # ============================================================================================
-# 5. Training: standard, PGD-AT, TRADES; the loop with validation, checkpoints and resume
+# 5. Training methods: standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE
 # ============================================================================================
-METHODS = ("standard", "at", "trades")
+METHODS = ("standard", "at", "trades", "advmoe", "rt-er", "dual", "jtdmoe")
+EVAL_SUITES = ("full", "pgd")
 
 
 @dataclass
@@ -980,6 +1087,18 @@ class Config:
     eval_steps: int = 20  # PGD steps for the final test evaluation
     eval_restarts: int = 1
     val_size: Optional[int] = None  # held-out training examples; None: 10% capped at 1000
+    eval_suite: str = "full"  # full: every attack and MoE analysis of section 6; pgd: PGD only
+    apgd_steps: int = 50  # APGD-CE iterations in the full suite
+    # AdvMoE (router-expert alternating training)
+    router_lr: Optional[float] = None  # router optimiser's learning rate; None: --lr
+    router_schedule: str = "cosine"  # cosine or constant
+    robust_loss: str = "at"  # robust loss of both AdvMoE steps: at (PGD-AT CE) or trades
+    # Dual model / JTDMoE
+    dual_a: float = 0.5  # the smoothing parameter a of f_D = (1 - a) f_S + a f_R (fixed in JTDMoE)
+    dual_sweep: str = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"  # values of a the dual method evaluates
+    standard_ckpt: Optional[str] = None  # dual: f_S from this checkpoint (else trained)
+    robust_ckpt: Optional[str] = None  # dual: f_R from this checkpoint (else trained)
+    robust_method: str = "rt-er"  # dual: how f_R is trained when no --robust-ckpt is given
     augment: bool = True  # random crop + flip
     train_limit: Optional[int] = None
     test_limit: Optional[int] = None
@@ -993,6 +1112,14 @@ class Config:
         norm = self.dataset if self.dataset in NORM_STATS else "imagenet"
         return ModelConfig(self.arch, num_classes, image_size, norm, self.width, self.experts, self.top_k,
                            self.moe_blocks, self.expert_ratio, self.noisy_gating)
+
+    def sweep_values(self) -> list[float]:
+        try:
+            values = [float(v) for v in self.dual_sweep.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(f"--dual-sweep {self.dual_sweep!r} must be a comma list of numbers in [0, 1]") from None
+        check(values and all(0 <= v <= 1 for v in values), f"--dual-sweep {self.dual_sweep!r} must be a comma list of numbers in [0, 1]")
+        return values
 
     def attack(self, steps: int, restarts: int = 1) -> AttackConfig:
         return AttackConfig(self.eps, self.alpha, steps, restarts, self.norm)
@@ -1017,6 +1144,19 @@ class Config:
             v = getattr(self, name)
             check(v is None or v >= 1, f"--{name.replace('_', '-')} {v} must be >= 1")
         check(self.device in ("auto", "cpu", "cuda"), f"unknown --device {self.device!r}; allowed: auto, cpu, cuda")
+        check(self.eval_suite in EVAL_SUITES, f"unknown --eval-suite {self.eval_suite!r}; allowed: {', '.join(EVAL_SUITES)}")
+        check(self.apgd_steps >= 1, f"--apgd-steps {self.apgd_steps} must be >= 1")
+        check(self.router_lr is None or self.router_lr >= 0, f"--router-lr {self.router_lr} must be >= 0")
+        check(self.router_schedule in ("cosine", "constant"), f"unknown --router-schedule {self.router_schedule!r}; allowed: cosine, constant")
+        check(self.robust_loss in ("at", "trades"), f"unknown --robust-loss {self.robust_loss!r}; allowed: at, trades")
+        check(0 <= self.dual_a <= 1, f"--dual-a {self.dual_a} not allowed; need 0 <= a <= 1")
+        check(self.robust_method in ("at", "trades", "advmoe", "rt-er"),
+              f"unknown --robust-method {self.robust_method!r}; allowed: at, trades, advmoe, rt-er")
+        self.sweep_values()
+        if self.method in ("advmoe", "rt-er", "jtdmoe") or (self.method == "dual" and self.robust_method in ("advmoe", "rt-er")):
+            check(self.arch != "resnet18", f"--method {self.method} needs an MoE (--arch moe-resnet18 or moe-vit), not resnet18")
+        if self.method == "rt-er" or (self.method == "dual" and self.robust_method == "rt-er"):
+            check(self.experts >= 2, f"--method rt-er needs a runner-up expert: --experts {self.experts} must be >= 2")
         parse_moe_blocks(self.moe_blocks)
         check(0 < self.expert_ratio <= 4, f"--expert-ratio {self.expert_ratio} must be in (0, 4]")
 
@@ -1054,6 +1194,7 @@ class Method:
         self.model, self.cfg = model, cfg
         self.opt = sgd(model.parameters(), cfg)
         self.sched = cosine(self.opt, total_steps)
+        self.opts, self.scheds = [self.opt], [self.sched]  # subclasses with several optimisers extend these
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with autocast_for(x.device, self.cfg.amp):
@@ -1080,12 +1221,15 @@ class Method:
         return self.model
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+        return {"model": self.model.state_dict(), "opts": [o.state_dict() for o in self.opts],
+                "scheds": [s.state_dict() for s in self.scheds]}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
+        for o, st in zip(self.opts, state["opts"]):
+            o.load_state_dict(st)
+        for s, st in zip(self.scheds, state["scheds"]):
+            s.load_state_dict(st)
 
 
 class Standard(Method):
@@ -1118,10 +1262,286 @@ class TRADES(Method):
         return F.cross_entropy(logits, y) + self.cfg.beta * kl + aux, logits
 
 
-METHOD_CLASSES: dict[str, type] = {"standard": Standard, "at": PGDAT, "trades": TRADES}
+def robust_loss(method: "Method", model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """The robust objective AdvMoE uses in both of its steps: PGD-AT CE or TRADES (--robust-loss).
+    -> (loss including the MoE auxiliary losses, logits)"""
+    cfg = method.cfg
+    if cfg.robust_loss == "trades":
+        xa = trades_attack(model, x, cfg)
+        logits = method.forward(model, x)
+        aux = method.aux(model)
+        kl = trades_kl(method.forward(model, xa), logits.softmax(1)).mean()
+        return F.cross_entropy(logits, y) + cfg.beta * kl + aux, logits
+    xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, keep_best=False, amp=cfg.amp)
+    logits = method.forward(model, xa)
+    return F.cross_entropy(logits, y) + method.aux(model), logits
 
 
-# --- checkpoints ---------------------------------------------------------------------------
+def router_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """theta_R: the parameters of every router (and noisy-gating layer)."""
+    return [p for m in moe_layers(model) for part in (m.router, m.noise) if part is not None for p in part.parameters()]
+
+
+class AdvMoE(Method):
+    """AdvMoE (Zhang et al., ICCV 2023, Alg. 1): router-expert alternating adversarial training.
+    theta_R = all routers, theta_E = everything else, each with its own optimiser. Per batch:
+      1. router step: x_adv = PGD against the current model; update theta_R only on the robust loss;
+      2. expert step: regenerate x_adv against the updated model; update theta_E only.
+    The paper's finding is that plain AT of an MoE-CNN fails because routers and experts cannot
+    adapt to each other; alternating lets each adapt to the other's latest state.
+    Where the official code differs: it trains ONE image-level router (a small ResNet shared
+    by all layers) to predict y mod E under TRADES, so the classification loss never reaches
+    the router (issues on that repository report the mismatch and NaN router scores that
+    collapse routing onto expert 0). Here every MoE layer has its own router and both steps
+    minimise the same robust classification loss, as the paper describes."""
+
+    def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
+        self.model, self.cfg = model, cfg
+        router = router_parameters(model)
+        check(len(router) > 0, "advmoe needs MoE layers (--arch moe-resnet18 or moe-vit)")
+        ids = {id(p) for p in router}
+        experts = [p for p in model.parameters() if id(p) not in ids]
+        self.opt = sgd(experts, cfg)
+        self.router_opt = sgd(router, cfg, lr=cfg.lr if cfg.router_lr is None else cfg.router_lr)
+        self.sched = cosine(self.opt, total_steps)
+        self.router_sched = (cosine(self.router_opt, total_steps) if cfg.router_schedule == "cosine"
+                             else torch.optim.lr_scheduler.LambdaLR(self.router_opt, lambda t: 1.0))
+        self.opts, self.scheds = [self.opt, self.router_opt], [self.sched, self.router_sched]
+
+    def _update(self, opt: torch.optim.Optimizer, x, y):
+        self.model.train()
+        loss, logits = robust_loss(self, self.model, x, y)
+        self.model.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()  # only this optimiser's parameters move
+        self.model.zero_grad(set_to_none=True)
+        return loss, logits
+
+    def router_step(self, x, y):
+        return self._update(self.router_opt, x, y)
+
+    def expert_step(self, x, y):
+        return self._update(self.opt, x, y)
+
+    def step(self, x, y):
+        r_loss, _ = self.router_step(x, y)
+        loss, logits = self.expert_step(x, y)  # x_adv regenerated against the updated routers
+        for s in self.scheds:
+            s.step()
+        return {"loss": loss.item(), "router_loss": r_loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+
+
+def runner_up_routes(model: nn.Module, x: torch.Tensor) -> list[Route]:
+    """The runner-up path on clean x: at every MoE layer the expert its router ranks second
+    (given the runner-up choices of the layers before), with gate 1. (N, 1) per layer."""
+    with forced_rank(model, 1):
+        return current_routes(model, x, fixed_gates=1.0)
+
+
+class RTER(Method):
+    """RT-ER (dual-model paper, Zhang, Xu, Hu, Wang 2025): PGD-AT of the whole MoE plus a TRADES
+    term on the runner-up expert j(n), the one the router ranks second for example n:
+        L = CE(F(x_adv), y) + (beta / B) sum_n KL(f_j(n)(x_n) || f_j(n)(x'_n)),  x'_n = PGD against f_j(n).
+    The top-1 expert is made robust by the first term; the runner-up is where an input lands
+    when a perturbation flips the route, so it is trained to be robust too. With several MoE
+    layers the runner-up path takes the second-ranked expert at every layer."""
+
+    def runner_up_term(self, x: torch.Tensor) -> torch.Tensor:
+        """(1/B) sum_n KL(f_j(n)(x_n) || f_j(n)(x'_n)) with the runner-up routes fixed from clean x."""
+        routes = runner_up_routes(self.model, x)
+        with forced_routes(self.model, routes):
+            x2 = trades_attack(self.model, x, self.cfg)  # PGD against f_j(n) alone (KL objective)
+            p_clean = self.forward(self.model, x).softmax(1)
+            return trades_kl(self.forward(self.model, x2), p_clean).mean()
+
+    def loss(self, x, y):
+        xa = pgd(self.model, x, y, self.cfg.eps, self.cfg.alpha, self.cfg.train_steps, self.cfg.norm,
+                 keep_best=False, amp=self.cfg.amp)
+        logits = self.forward(self.model, xa)
+        ce = F.cross_entropy(logits, y) + self.aux(self.model)
+        return ce + self.cfg.beta * self.runner_up_term(x), logits
+
+
+class JTDMoE(Method):
+    """JTDMoE (dual-model paper): joint training of f_S and f_R inside f_D = (1 - a) f_S + a f_R,
+    a fixed. Per batch:
+      (a) robust step on f_R (f_S frozen): CE(f_R(PGD(f_R, x)), y)
+              + (beta / B) sum_n sum_i KL(f_Ri(x_n) || f_Ri(PGD(f_Ri, x)_n)), every expert i made robust;
+      (b) standard step on f_S (f_R frozen, in eval mode so its BatchNorm statistics stay put):
+              CE(f_D(x), y) on clean x, so f_S learns to complement a * f_R."""
+
+    def __init__(self, model: "DualModel", cfg: Config, total_steps: int):
+        self.model, self.cfg = model, cfg
+        self.opt = sgd(model.robust.parameters(), cfg)
+        self.std_opt = sgd(model.standard.parameters(), cfg)
+        self.sched, self.std_sched = cosine(self.opt, total_steps), cosine(self.std_opt, total_steps)
+        self.opts, self.scheds = [self.opt, self.std_opt], [self.sched, self.std_sched]
+
+    def robust_step(self, x, y):
+        f_r = self.model.robust
+        f_r.train()
+        xa = pgd(f_r, x, y, self.cfg.eps, self.cfg.alpha, self.cfg.train_steps, self.cfg.norm, keep_best=False, amp=self.cfg.amp)
+        logits = self.forward(f_r, xa)
+        loss = F.cross_entropy(logits, y) + self.aux(f_r)
+        for i in range(moe_layers(f_r)[0].num_experts):
+            with forced_expert(f_r, i):
+                x2 = trades_attack(f_r, x, self.cfg)
+                p_clean = self.forward(f_r, x).softmax(1)
+                loss = loss + self.cfg.beta * trades_kl(self.forward(f_r, x2), p_clean).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.model.zero_grad(set_to_none=True)
+        return loss
+
+    def standard_step(self, x, y):
+        self.model.standard.train()
+        with eval_mode(self.model.robust):
+            logits = self.forward(self.model, x)
+            loss = F.cross_entropy(logits, y) + self.aux(self.model.standard)
+        self.std_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.std_opt.step()
+        self.model.zero_grad(set_to_none=True)
+        return loss, logits
+
+    def step(self, x, y):
+        r_loss = self.robust_step(x, y)
+        loss, logits = self.standard_step(x, y)
+        for s in self.scheds:
+            s.step()
+        return {"loss": loss.item(), "robust_loss": r_loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+
+
+METHOD_CLASSES: dict[str, type] = {"standard": Standard, "at": PGDAT, "trades": TRADES, "advmoe": AdvMoE,
+                                   "rt-er": RTER, "jtdmoe": JTDMoE}
+
+
+# ============================================================================================
+# 6. Evaluating an MoE honestly
+# ============================================================================================
+# SA: clean accuracy. RA: robust accuracy, per example the minimum over every attack run
+# (PGD; in the full suite also APGD-CE and PGD through a soft all-experts surrogate of the
+# router, because hard top-k routing hides gradients and PGD alone can overstate robustness).
+# RA-E: routes fixed at the clean routes, only the experts attacked. RA-R: only the routing
+# attacked: routes from the perturbed input, experts on the clean input (RouterDeviation).
+# Per-expert SA/RA: every f_i (all MoE layers forced to expert i) attacked anew.
+# Routing: expert usage, class x expert counts, and the fraction of routes that flip under
+# PGD and under the routing attack (Puigcerver 2022 report the overlap before/after attack).
+
+
+def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device,
+                  batch_size: int = 256, suite: Optional[str] = None, analysis: bool = True) -> dict:
+    """The evaluation report of a model on uint8 images x (N, 3, H, W) and labels y (N,).
+    suite 'pgd': PGD only; 'full': the robust minimum over PGD, APGD-CE (L-inf) and the
+    soft-router PGD, and (analysis=True) RA-E, RA-R, per-expert numbers and routing statistics."""
+    suite = suite or cfg.eval_suite
+    attack = cfg.attack(cfg.eval_steps, cfg.eval_restarts)
+    layers = moe_layers(model)
+    full = suite == "full"
+    moe = full and analysis and len(layers) > 0
+    names = [attack.describe()]
+    if full and cfg.norm == "linf":
+        names.append(f"APGD-CE-{cfg.apgd_steps}")
+    if full and layers:
+        names.append(f"soft-router {attack.describe()}")
+    n, sums = 0, {}
+    E = layers[0].num_experts if layers else 0
+    usage = [torch.zeros(m.num_experts, dtype=torch.long) for m in layers]
+    class_expert, flips_pgd, flips_router, rows = None, [0] * len(layers), [0] * len(layers), [0] * len(layers)
+
+    def add(key, ok):
+        sums[key] = sums.get(key, 0) + int(ok.sum().item())
+
+    for xb, yb in batches(x, y, batch_size, device):
+        B, n = len(xb), n + len(xb)
+        with torch.no_grad(), eval_mode(model), autocast_for(device, cfg.amp):
+            logits = model(xb)
+        ok = logits.argmax(1) == yb
+        routes = [Route(r.indices, r.gates) for r in last_routing(model)]
+        if class_expert is None:
+            class_expert = [torch.zeros(logits.shape[1], m.num_experts, dtype=torch.long) for m in layers]
+        for l, r in enumerate(routes):
+            top1 = r.indices[:, 0].cpu()
+            usage[l] += torch.bincount(top1, minlength=len(usage[l]))
+            cls = yb.cpu().repeat_interleave(len(top1) // B)  # per-token rows belong to their image's class
+            class_expert[l].index_put_((cls, top1), torch.ones_like(top1), accumulate=True)
+            rows[l] += len(top1)
+        add("clean", ok)
+        xa = attack(model, xb, yb, amp=cfg.amp)
+        ok_pgd = ok & (predict(model, xa, cfg.amp) == yb)
+        add("pgd", ok_pgd)
+        robust = ok_pgd.clone()
+        for l, r in enumerate(current_routes(model, xa)):
+            flips_pgd[l] += int((r.indices[:, 0] != routes[l].indices[:, 0]).sum())
+        if full and cfg.norm == "linf":
+            ok_apgd = ok & (predict(model, apgd_ce(model, xb, yb, cfg.eps, cfg.apgd_steps, amp=cfg.amp), cfg.amp) == yb)
+            add("apgd", ok_apgd)
+            robust &= ok_apgd
+        if full and layers:
+            with soft_routing(model):
+                xs = attack(model, xb, yb, amp=cfg.amp)
+            ok_soft = ok & (predict(model, xs, cfg.amp) == yb)
+            add("soft", ok_soft)
+            robust &= ok_soft
+        add("robust", robust)
+        if not moe:
+            continue
+        with forced_routes(model, routes):  # RA-E: the clean routes, experts attacked
+            xe = attack(model, xb, yb, amp=cfg.amp)
+            add("ra_e", ok & (predict(model, xe, cfg.amp) == yb))
+        xr = router_attack(model, xb, attack, cfg.amp)  # RA-R: routing attacked, experts see clean x
+        r_routes = current_routes(model, xr)
+        for l, r in enumerate(r_routes):
+            flips_router[l] += int((r.indices[:, 0] != routes[l].indices[:, 0]).sum())
+        with forced_routes(model, r_routes):
+            add("ra_r", ok & (predict(model, xb, cfg.amp) == yb))
+        for i in range(E):  # per-expert networks f_i, attacked anew
+            with forced_expert(model, i):
+                ok_i = predict(model, xb, cfg.amp) == yb
+                add(f"expert{i}_clean", ok_i)
+                add(f"expert{i}_robust", ok_i & (predict(model, attack(model, xb, yb, amp=cfg.amp), cfg.amp) == yb))
+    acc = lambda k: sums.get(k, 0) / max(1, n)
+    res = {"clean_acc": acc("clean"), "robust_acc": acc("robust"), "attack": "min over " + " | ".join(names),
+           "attacks": names, "robust_by_attack": {names[0]: acc("pgd")}}
+    if full and cfg.norm == "linf":
+        res["robust_by_attack"][f"APGD-CE-{cfg.apgd_steps}"] = acc("apgd")
+    if full and layers:
+        res["robust_by_attack"][f"soft-router {attack.describe()}"] = acc("soft")
+    if layers:
+        res["routing"] = {"usage": [u.tolist() for u in usage],
+                          "route_flip_pgd": [f / max(1, r) for f, r in zip(flips_pgd, rows)]}
+    if moe:
+        res.update(ra_e=acc("ra_e"), ra_r=acc("ra_r"),
+                   per_expert=[{"expert": i, "clean_acc": acc(f"expert{i}_clean"), "robust_acc": acc(f"expert{i}_robust")}
+                               for i in range(E)])
+        res["routing"].update(class_expert=[c.tolist() for c in class_expert],
+                              route_flip_router_attack=[f / max(1, r) for f, r in zip(flips_router, rows)])
+    return res
+
+
+def format_report(res: dict, title: str = "test") -> str:
+    """The evaluation report as readable lines."""
+    lines = [f"{title}: SA {res['clean_acc']:.3f} | RA {res['robust_acc']:.3f} ({res['attack']})"]
+    if len(res.get("robust_by_attack", {})) > 1:
+        lines.append("  RA by attack: " + ", ".join(f"{k}: {v:.3f}" for k, v in res["robust_by_attack"].items()))
+    if "ra_e" in res:
+        lines.append(f"  RA-E (clean routes, experts attacked) {res['ra_e']:.3f} | RA-R (only routing attacked) {res['ra_r']:.3f}")
+        lines.append("  per expert SA/RA: " + ", ".join(f"f{e['expert']} {e['clean_acc']:.3f}/{e['robust_acc']:.3f}"
+                                                     for e in res["per_expert"]))
+    if "routing" in res:
+        r = res["routing"]
+        lines.append("  expert usage per MoE layer: " + "; ".join("/".join(str(c) for c in u) for u in r["usage"]))
+        flips = ", ".join(f"{f:.2f}" for f in r["route_flip_pgd"])
+        extra = (", routing attack " + ", ".join(f"{f:.2f}" for f in r["route_flip_router_attack"])
+                 if "route_flip_router_attack" in r else "")
+        lines.append(f"  routes flipped per layer: PGD {flips}{extra}")
+    return "\n".join(lines)
+
+
+# ============================================================================================
+# 7. The training loop: checkpoints, validation, resume, the dual model
+# ============================================================================================
 CHECKPOINT_VERSION = 1
 
 
@@ -1147,8 +1567,16 @@ def config_from_dict(d: dict) -> Config:
     return Config(**{k: v for k, v in d.items() if k in known})
 
 
+def build_run_model(cfg: Config, num_classes: int, image_size: int) -> nn.Module:
+    """The model a run trains and evaluates: one network, or for jtdmoe a DualModel of two."""
+    mc = cfg.model_config(num_classes, image_size)
+    if cfg.method == "jtdmoe":
+        return DualModel(build_model(mc), build_model(mc), cfg.dual_a)
+    return build_model(mc)
+
+
 def build_for(cfg: Config, data: Dataset, runtime: Runtime) -> nn.Module:
-    return runtime.prepare(build_model(cfg.model_config(data.num_classes, data.image_size)))
+    return runtime.prepare(build_run_model(cfg, data.num_classes, data.image_size))
 
 
 def make_method(cfg: Config, data: Dataset, runtime: Runtime, total_steps: int) -> Method:
@@ -1165,7 +1593,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     Files in cfg.out: last.pt (everything, every epoch), best.pt (best validation epoch),
     metrics.json (config, per-epoch history, final test numbers). With resume=True the run
     continues from last.pt and repeats, on CPU, what the uninterrupted run would have done:
-    every epoch reseeds the RNG from (seed, epoch)."""
+    every epoch reseeds the RNG from (seed, epoch). method 'dual' goes to run_dual."""
+    if cfg.method == "dual":
+        return run_dual(cfg, resume, overwrite, data)
     out = Path(cfg.out)
     last = out / "last.pt"
     if resume:
@@ -1237,12 +1667,10 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     best_state = load_checkpoint(str(out / "best.pt"))
     model = method.eval_model()
     model.load_state_dict(best_state["model"])
-    attack = cfg.attack(cfg.eval_steps, cfg.eval_restarts)
-    metrics["test"] = evaluate(model, data.test_x, data.test_y, attack, runtime.device)
+    metrics["test"] = evaluate_full(model, data.test_x, data.test_y, cfg, runtime.device)
     metrics["test"]["epoch"] = best_state["epoch"] + 1
     write_json(out / "metrics.json", metrics)
-    log(f"test (best val epoch {metrics['test']['epoch']}): clean {metrics['test']['clean_acc']:.3f} | "
-        f"robust {metrics['test']['robust_acc']:.3f} ({attack.describe()})")
+    log(format_report(metrics["test"], f"test (best val epoch {metrics['test']['epoch']})"))
     return metrics
 
 
@@ -1251,7 +1679,7 @@ def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module,
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"])
     runtime = runtime or make_runtime("auto")
-    model = build_model(cfg.model_config(state["num_classes"], state["image_size"]))
+    model = build_run_model(cfg, state["num_classes"], state["image_size"])
     try:
         model.load_state_dict(state["model"] if "model" in state else state["method"]["model"])
     except Exception as e:
@@ -1259,8 +1687,48 @@ def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module,
     return runtime.prepare(model), cfg, state
 
 
+def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
+    """--method dual: f_S and f_R from --standard-ckpt / --robust-ckpt, or trained here into
+    OUT/standard (standard training) and OUT/robust (--robust-method, RT-ER by default); then
+    f_D = (1 - a) f_S + a f_R is evaluated for every a of --dual-sweep (clean and robust
+    accuracy, robust = minimum over the suite's attacks) and fully at a = --dual-a."""
+    cfg.validate()
+    out = Path(cfg.out)
+    check(overwrite or resume or not (out / "metrics.json").exists(),
+          f"--out {cfg.out} already holds a dual run; pass --overwrite to redo it or choose another --out")
+    runtime = make_runtime(cfg.device, cfg.amp)
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.train_limit, cfg.test_limit)
+    members = {}
+    for role, ckpt, method in (("standard", cfg.standard_ckpt, "standard"), ("robust", cfg.robust_ckpt, cfg.robust_method)):
+        if ckpt is None:
+            sub = dataclasses.replace(cfg, method=method, out=str(out / role))
+            log(f"\n== dual model: training f_{role[0].upper()} ({method}) into {sub.out} ==")
+            train(sub, resume=resume and (out / role / "last.pt").exists(), overwrite=overwrite, data=data)
+            ckpt = str(out / role / "best.pt")
+        model, _, state = load_model(ckpt, runtime)
+        check(state["num_classes"] == data.num_classes, f"{ckpt} has {state['num_classes']} classes, "
+                                                        f"{cfg.dataset} has {data.num_classes}")
+        members[role] = model
+    metrics = {"config": dataclasses.asdict(cfg), "dual_sweep": []}
+    log(f"\n== dual model sweep over a (f_D = (1 - a) f_S + a f_R) ==")
+    for a in cfg.sweep_values():
+        r = evaluate_full(DualModel(members["standard"], members["robust"], a), data.test_x, data.test_y, cfg,
+                          runtime.device, analysis=False)
+        metrics["dual_sweep"].append({"a": a, "clean_acc": r["clean_acc"], "robust_acc": r["robust_acc"],
+                                      "robust_by_attack": r["robust_by_attack"]})
+        log(f"a={a:4.2f}  SA {r['clean_acc']:.3f}  RA {r['robust_acc']:.3f}")
+    metrics["test"] = evaluate_full(DualModel(members["standard"], members["robust"], cfg.dual_a), data.test_x,
+                                    data.test_y, cfg, runtime.device)
+    metrics["test"]["a"] = cfg.dual_a
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", metrics)
+    log(format_report(metrics["test"], f"dual model at a={cfg.dual_a}"))
+    return metrics
+
+
 # ============================================================================================
-# 6. Benchmark, demo and command line
+# 8. Benchmark, demo and command line
 # ============================================================================================
 
 
@@ -1296,7 +1764,7 @@ def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
     """Standard training vs PGD-AT of a small MoE-ResNet18 on `synthetic`, about a minute on 2 CPU cores."""
     common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4,
                   batch_size=64, lr=0.05, train_limit=2400, test_limit=500, train_steps=5, val_steps=5,
-                  eval_steps=10, device=device)
+                  eval_steps=10, eval_suite="pgd", device=device)
     results = {}
     for method in ("standard", "at"):
         log(f"\n== demo: {method} ==")
@@ -1369,6 +1837,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--val-steps", type=int, default=d.val_steps, help="PGD steps on the validation split each epoch")
     a.add_argument("--eval-steps", type=int, default=d.eval_steps, help="PGD steps of the final test evaluation")
     a.add_argument("--eval-restarts", type=int, default=d.eval_restarts, help="PGD restarts of the final test evaluation")
+    a.add_argument("--eval-suite", choices=EVAL_SUITES, default=d.eval_suite,
+                   help="full: RA = min over PGD, APGD-CE and soft-router PGD, plus RA-E, RA-R, per-expert and routing "
+                        "statistics; pgd: PGD only")
+    a.add_argument("--apgd-steps", type=int, default=d.apgd_steps, help="APGD-CE iterations in the full suite")
+    a = p.add_argument_group("advmoe (router-expert alternating training)")
+    a.add_argument("--router-lr", type=float, default=None, help="router learning rate (default --lr)")
+    a.add_argument("--router-schedule", choices=("cosine", "constant"), default=d.router_schedule, help="router lr schedule")
+    a.add_argument("--robust-loss", choices=("at", "trades"), default=d.robust_loss, help="robust loss of both steps")
+    a = p.add_argument_group("dual model and jtdmoe")
+    a.add_argument("--dual-a", type=float, default=d.dual_a, help="smoothing parameter a of f_D = (1-a) f_S + a f_R")
+    a.add_argument("--dual-sweep", default=d.dual_sweep, help="values of a the dual method evaluates")
+    a.add_argument("--standard-ckpt", default=None, help="dual: f_S from this checkpoint (else trained)")
+    a.add_argument("--robust-ckpt", default=None, help="dual: f_R from this checkpoint (else trained)")
+    a.add_argument("--robust-method", choices=("at", "trades", "advmoe", "rt-er"), default=d.robust_method,
+                   help="dual: how f_R is trained without --robust-ckpt")
     a = p.add_argument_group("run")
     a.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
     a.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
@@ -1382,27 +1865,24 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
     cfg = Config(**{k: v for k, v in vars(args).items() if k in names and v is not None})
-    cfg.image_size, cfg.train_limit, cfg.test_limit, cfg.val_size, cfg.alpha = (
-        args.image_size, args.train_limit, args.test_limit, args.val_size, args.alpha)
+    for name in ("image_size", "train_limit", "test_limit", "val_size", "alpha", "router_lr", "standard_ckpt", "robust_ckpt"):
+        setattr(cfg, name, getattr(args, name))  # None is a meaningful value for these
     cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
     return cfg
 
 
-def evaluate_checkpoint(path: str, cfg_overrides: Config, out: Optional[str]) -> dict:
-    """Test-set evaluation of a saved checkpoint with the attack settings given on the CLI."""
-    state_cfg = config_from_dict(load_checkpoint(path)["config"])
-    rt = make_runtime(cfg_overrides.device, cfg_overrides.amp)
-    model, cfg, _ = load_model(path, rt)
-    data = load_dataset(cfg.dataset, cfg_overrides.data_dir if cfg_overrides.data_dir != "data" else cfg.data_dir,
-                        cfg.image_size, cfg.seed, None, cfg_overrides.test_limit)
-    attack = cfg_overrides.attack(cfg_overrides.eval_steps, cfg_overrides.eval_restarts)
-    result = {"checkpoint": path, "config": dataclasses.asdict(state_cfg),
-              "test": evaluate(model, data.test_x, data.test_y, attack, rt.device)}
+def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str]) -> dict:
+    """Test-set report of a saved checkpoint, with the attack and suite settings given on the CLI."""
+    rt = make_runtime(overrides.device, overrides.amp)
+    model, saved, _ = load_model(path, rt)
+    data_dir = overrides.data_dir if overrides.data_dir != "data" else saved.data_dir
+    data = load_dataset(saved.dataset, data_dir, saved.image_size, saved.seed, None, overrides.test_limit)
+    result = {"checkpoint": path, "config": dataclasses.asdict(saved),
+              "test": evaluate_full(model, data.test_x, data.test_y, overrides, rt.device)}
     dest = Path(out) if out else Path(path).parent
     dest.mkdir(parents=True, exist_ok=True)
     write_json(dest / "eval.json", result)
-    log(f"{path}: clean {result['test']['clean_acc']:.3f} | robust {result['test']['robust_acc']:.3f} ({attack.describe()})"
-        f" -> {dest / 'eval.json'}")
+    log(format_report(result["test"], path) + f"\n-> {dest / 'eval.json'}")
     return result
 
 

@@ -20,7 +20,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 HERE = Path(__file__).resolve().parent
 TINY = dict(dataset="synthetic", arch="moe-resnet18", width=0.0625, experts=2, top_k=1, epochs=2, batch_size=64,
             lr=0.05, train_limit=400, test_limit=100, val_size=64, train_steps=2, val_steps=2, eval_steps=3,
-            device="cpu")
+            eval_suite="pgd", device="cpu")
 
 
 # ---------------------------------------------------------------------------- MoE layer
@@ -346,7 +346,8 @@ def test_existing_run_is_not_overwritten(trained, capsys):
 
 def test_eval_only_of_a_checkpoint(trained):
     _, _, _, out = trained
-    assert mr.main(["--eval", str(out / "best.pt"), "--eval-steps", "2", "--device", "cpu"]) == 0
+    assert mr.main(["--eval", str(out / "best.pt"), "--eval-steps", "2", "--eval-suite", "pgd", "--test-limit", "50",
+                    "--device", "cpu"]) == 0
     res = json.loads((out / "eval.json").read_text())
     assert 0 <= res["test"]["robust_acc"] <= res["test"]["clean_acc"] <= 1
 
@@ -365,3 +366,183 @@ def test_help_lists_every_flag():
                  "--batch-size", "--lr", "--train-limit", "--test-limit", "--device", "--seed", "--out", "--resume",
                  "--eps", "--alpha", "--norm", "--train-steps", "--eval-steps", "--eval-restarts"):
         assert flag in r.stdout
+
+
+# ---------------------------------------------------------------------------- robust-MoE methods
+def small_moe(seed=0, E=3, k=1):
+    torch.manual_seed(seed)
+    return mr.build_model(mr.ModelConfig(width=0.0625, experts=E, top_k=k, moe_blocks="layer4.1"))
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, module):
+    return {k for k, v in module.state_dict().items() if not torch.equal(before[k], v)}
+
+
+def small_cfg(**kw):
+    return mr.Config(**{**TINY, "lr": 0.1, **kw})
+
+
+def test_advmoe_router_step_moves_only_routers_and_expert_step_the_rest():
+    model = small_moe()
+    method = mr.AdvMoE(model, small_cfg(method="advmoe"), total_steps=10)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    router_names = {n for n, _ in model.named_parameters() if ".router." in n}
+    params = lambda: {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = params()
+    method.router_step(x, y)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert moved and moved <= router_names
+    before = params()
+    method.expert_step(x, y)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert moved and not (moved & router_names)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_rt_er_uses_the_runner_up_expert():
+    model = small_moe(E=4).eval()
+    layer = mr.moe_layers(model)[0]
+    with torch.no_grad():  # a router whose ranking is known: 1 > 3 > 2 > 0 for every input
+        layer.router.weight.zero_()
+        layer.router.bias.copy_(torch.tensor([0.0, 3.0, 1.0, 2.0]))
+    x = torch.rand(6, 3, 32, 32)
+    routes = mr.runner_up_routes(model, x)
+    assert (routes[0].indices == 3).all() and (routes[0].gates == 1).all()
+    method = mr.RTER(model, small_cfg(method="rt-er", experts=4), total_steps=10)
+    model.train()
+    term = method.runner_up_term(x)
+    term.backward()
+    grads = [sum(p.grad.abs().sum().item() for p in e.parameters() if p.grad is not None) for e in layer.experts]
+    assert grads[3] > 0 and grads[0] == grads[1] == grads[2] == 0
+
+
+def test_dual_model_endpoints():
+    f_s, f_r = small_moe(1).eval(), small_moe(2).eval()
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(mr.DualModel(f_s, f_r, 0.0)(x), f_s(x))
+        assert torch.equal(mr.DualModel(f_s, f_r, 1.0)(x), f_r(x))
+        mid = mr.DualModel(f_s, f_r, 0.25)(x)
+        assert torch.allclose(mid, 0.75 * f_s(x) + 0.25 * f_r(x), atol=1e-6)
+
+
+def test_jtdmoe_steps_leave_the_other_member_unchanged():
+    dual = mr.DualModel(small_moe(1, E=2), small_moe(2, E=2), 0.5)
+    method = mr.JTDMoE(dual, small_cfg(method="jtdmoe", experts=2), total_steps=10)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    s_before, r_before = snapshot(dual.standard), snapshot(dual.robust)
+    method.robust_step(x, y)
+    assert not changed(s_before, dual.standard) and changed(r_before, dual.robust)
+    s_before, r_before = snapshot(dual.standard), snapshot(dual.robust)
+    method.standard_step(x, y)
+    assert not changed(r_before, dual.robust) and changed(s_before, dual.standard)
+
+
+def test_ra_e_keeps_clean_routes_during_the_attack():
+    model = small_moe(E=3).eval()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    routes = mr.current_routes(model, x)
+    seen = []
+    layer = mr.moe_layers(model)[0]
+    hook = layer.register_forward_hook(lambda m, i, o: seen.append(m.routing.indices.clone()))
+    with mr.forced_routes(model, routes):
+        mr.pgd(model, x, y, steps=3)
+    hook.remove()
+    assert len(seen) >= 3 and all(torch.equal(s, routes[0].indices) for s in seen)
+    # without the forcing, the same attack does move routes of this model (or at least could)
+    assert mr.current_routes(model, x)[0].indices.shape == routes[0].indices.shape
+
+
+def test_per_expert_evaluation_identical_experts_give_identical_numbers():
+    model = small_moe(E=3).eval()
+    layer = mr.moe_layers(model)[0]
+    for e in layer.experts[1:]:
+        e.load_state_dict(layer.experts[0].state_dict())
+    data = mr.make_synthetic(16, 48)
+    res = mr.evaluate_full(model, data.test_x, data.test_y, small_cfg(eval_steps=3, apgd_steps=3, eval_suite="full"), torch.device("cpu"))
+    per = [(e["clean_acc"], e["robust_acc"]) for e in res["per_expert"]]
+    assert len(per) == 3 and len(set(per)) == 1
+
+
+def test_full_report_robust_is_minimum_over_named_attacks():
+    model = small_moe(E=2).eval()
+    data = mr.make_synthetic(16, 48)
+    res = mr.evaluate_full(model, data.test_x, data.test_y, small_cfg(eval_steps=3, apgd_steps=4, eval_suite="full"), torch.device("cpu"))
+    assert len(res["attacks"]) == 3 and all(a in res["attack"] for a in res["attacks"])
+    assert res["robust_acc"] <= min(res["robust_by_attack"].values()) <= res["clean_acc"]
+    assert 0 <= res["ra_e"] <= res["clean_acc"] and 0 <= res["ra_r"] <= res["clean_acc"]
+    assert sum(res["routing"]["usage"][0]) == 48
+    assert np.array(res["routing"]["class_expert"][0]).sum() == 48
+    assert "RA-E" in mr.format_report(res)
+
+
+def test_apgd_stays_in_ball_and_is_at_least_as_strong_as_pgd(trained):
+    model, x, y, _ = trained
+    torch.manual_seed(0)
+    xa = mr.apgd_ce(model, x[:64], y[:64], eps=2 / 255, steps=20)
+    assert (xa - x[:64]).abs().max() <= 2 / 255 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+    with torch.no_grad():
+        apgd_acc = (model(xa).argmax(1) == y[:64]).float().mean().item()
+    pgd_acc = robust_acc(model, x[:64], y[:64], eps=2 / 255, steps=20)["robust_acc"]
+    assert apgd_acc <= pgd_acc + 0.05
+
+
+def test_router_attack_restores_mode_and_moves_routes():
+    model = small_moe(E=4).train()
+    layer = mr.moe_layers(model)[0]
+    with torch.no_grad():  # a router that depends on its input, not on its bias alone
+        layer.router.weight.normal_(0, 5.0)
+        layer.router.bias.zero_()
+    x = torch.rand(16, 3, 32, 32)
+    xr = mr.router_attack(model, x, mr.AttackConfig(eps=16 / 255, steps=10))
+    assert model.training
+    clean = mr.current_routes(model, x)[0].indices
+    adv = mr.current_routes(model, xr)[0].indices
+    assert (xr - x).abs().max() <= 16 / 255 + 1e-6
+    assert (clean != adv).any()
+
+
+@pytest.mark.parametrize("method", ["advmoe", "rt-er", "jtdmoe"])
+def test_robust_moe_methods_run_from_the_cli(tmp_path, method):
+    args = ["--method", method, "--width", "0.0625", "--experts", "2", "--epochs", "1", "--train-limit", "200",
+            "--test-limit", "32", "--val-size", "32", "--train-steps", "2", "--val-steps", "2", "--eval-steps", "2",
+            "--apgd-steps", "3", "--device", "cpu", "--out", str(tmp_path)]
+    assert mr.main(args) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert {"ra_e", "ra_r", "per_expert", "routing", "robust_by_attack"} <= set(m["test"])
+    # the checkpoint can be evaluated on its own (jtdmoe rebuilds its dual model)
+    assert mr.main(["--eval", str(tmp_path / "best.pt"), "--eval-suite", "pgd", "--eval-steps", "2", "--device", "cpu"]) == 0
+
+
+def test_dual_method_trains_both_members_and_sweeps(tmp_path):
+    args = ["--method", "dual", "--width", "0.0625", "--experts", "2", "--epochs", "1", "--train-limit", "200",
+            "--test-limit", "32", "--val-size", "32", "--train-steps", "2", "--val-steps", "2", "--eval-steps", "2",
+            "--eval-suite", "pgd", "--dual-sweep", "0,0.5,1", "--device", "cpu", "--out", str(tmp_path)]
+    assert mr.main(args) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert [r["a"] for r in m["dual_sweep"]] == [0.0, 0.5, 1.0]
+    std = json.loads((tmp_path / "standard" / "metrics.json").read_text())["test"]
+    assert m["dual_sweep"][0]["clean_acc"] == std["clean_acc"]  # a = 0 is f_S
+    # from checkpoints, without training
+    out2 = tmp_path / "again"
+    assert mr.main(["--method", "dual", "--standard-ckpt", str(tmp_path / "standard" / "best.pt"), "--robust-ckpt",
+                    str(tmp_path / "robust" / "best.pt"), "--test-limit", "32", "--eval-suite", "pgd", "--eval-steps", "2",
+                    "--dual-sweep", "0,1", "--device", "cpu", "--out", str(out2)]) == 0
+    assert json.loads((out2 / "metrics.json").read_text())["dual_sweep"][0]["clean_acc"] == std["clean_acc"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--method", "rt-er", "--experts", "1"], "--experts 1"),
+    (["--method", "advmoe", "--arch", "resnet18"], "resnet18"),
+    (["--dual-a", "1.5"], "--dual-a 1.5"),
+    (["--dual-sweep", "0,x"], "--dual-sweep"),
+    (["--robust-loss", "mse"], "'mse'"),
+])
+def test_bad_method_settings_give_one_line_error(args, needle, capsys):
+    assert mr.main(args + ["--device", "cpu", "--out", "/nonexistent/never-written"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err
