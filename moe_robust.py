@@ -1728,7 +1728,372 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
 
 
 # ============================================================================================
-# 8. Benchmark, demo and command line
+# 8. Lipschitz constants, route stability and certified radii (Puigcerver 2022; dual model)
+# ============================================================================================
+# Three estimates of how fast the logits F can change with the input, in a norm p (linf or
+# l2; the output is measured in the same norm):
+#   local_lipschitz          max ||F(x') - F(x)|| / ||x' - x|| over an eps-ball by gradient
+#                            ascent: a lower bound on the local constant;
+#   jacobian_spectral_norm   ||J_F(x)||_2 by power iteration with jvp and vjp;
+#   lipschitz_bound          a global upper bound: the product of per-layer operator norms
+#                            (conv/linear by power iteration or row sums, BatchNorm in eval as
+#                            max |gamma / sigma|, residual blocks as L_shortcut + L_branch).
+# An MoE layer F = sum_i g_i f_i with L_i-Lipschitz experts, r_i-Lipschitz gates and outputs
+# bounded by M_i is K-Lipschitz with K = sum_i (L_i + M_i r_i) (dual-model paper; soft gates).
+# With hard top-1 routing, inside the region where the route cannot change only the chosen
+# expert and its gate move: K = max_i (L_i + M_i r_i). A hard router is not Lipschitz across
+# route changes, so a certificate holds only inside the route-stable radius.
+
+
+def _per_row_norm(t: torch.Tensor, norm: str) -> torch.Tensor:  # (B, ...) -> (B,)
+    f = t.flatten(1).float()
+    return f.abs().amax(1) if norm == "linf" else f.norm(dim=1)
+
+
+def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
+                    steps: int = 20) -> torch.Tensor:
+    """Per-example lower bound on the local Lipschitz constant of x -> logits in the eps-ball,
+    input and output measured in `norm`. linf: for every output j and sign s, sign-gradient
+    ascent on s * (F_j(x + d) - F_j(x)) (the inf-norm of the change is the largest such term);
+    l2: normalised-gradient ascent on ||F(x + d) - F(x)||_2 (power iteration for a linear F).
+    The ratio is taken at every iterate; images are not clipped to [0, 1] (it is a property of
+    the function). Exact for F = Wx + b: max row L1 norm (linf), spectral norm (l2)."""
+    check(norm in NORMS, f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
+    x = x.detach()
+    best = torch.zeros(len(x), device=x.device)
+    with eval_mode(model):
+        with torch.no_grad():
+            f0 = model(x).float()
+        objectives = [(j, s) for j in range(f0.shape[1]) for s in (1.0, -1.0)] if norm == "linf" else [None]
+        for obj in objectives:
+            d = torch.randn_like(x)
+            d = eps * d / _per_row_norm(d, norm).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+            for _ in range(steps):
+                d.requires_grad_(True)
+                diff = model(x + d).float() - f0
+                best = torch.maximum(best, (_per_row_norm(diff, norm) / _per_row_norm(d, norm).clamp_min(1e-12)).detach())
+                target = diff[:, obj[0]] * obj[1] if norm == "linf" else diff.pow(2).sum(1)
+                (g,) = torch.autograd.grad(target.sum(), d)
+                with torch.no_grad():
+                    if norm == "linf":
+                        d = (d + eps * g.sign()).clamp(-eps, eps)
+                    else:  # step to the sphere of radius eps along the gradient
+                        d = eps * g / _per_row_norm(g, "l2").clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+            with torch.no_grad():
+                diff = model(x + d).float() - f0
+                best = torch.maximum(best, _per_row_norm(diff, norm) / _per_row_norm(d, norm).clamp_min(1e-12))
+    return best
+
+
+def margin_gradient_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "linf") -> torch.Tensor:
+    """Dual norm of the gradient of the margin F_y - max_{j != y} F_j at x: the local rate
+    at which an attack in `norm` can shrink the margin (L1 of the gradient for linf)."""
+    with eval_mode(model):
+        xr = x.detach().clone().requires_grad_(True)
+        out = model(xr).float()
+        other = out.masked_fill(F.one_hot(y, out.shape[1]).bool(), -float("inf")).amax(1)
+        (g,) = torch.autograd.grad((out.gather(1, y[:, None])[:, 0] - other).sum(), xr)
+    return g.flatten(1).abs().sum(1) if norm == "linf" else g.flatten(1).norm(dim=1)
+
+
+def jacobian_spectral_norm(model: nn.Module, x: torch.Tensor, iters: int = 30) -> torch.Tensor:
+    """||J_F(x)||_2 per example by power iteration on J^T J: J v by forward-mode AD (jvp),
+    J^T u by reverse mode (vjp). Examples are independent in eval mode, so one batched
+    jvp/vjp serves them all. Returns (B,)."""
+    import warnings
+
+    import torch.autograd.forward_ad as fwAD
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    x = x.detach()
+    view = lambda t: t.view(-1, *([1] * (x.dim() - 1)))
+    v = torch.randn_like(x)
+    v = v / view(v.flatten(1).norm(dim=1))
+    sigma = torch.zeros(len(x), device=x.device)
+    with eval_mode(model), sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():
+        # MATH: the fused attention kernels have no jvp; torch's jvp decompositions warn about torch.jit
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+        xr = x.clone().requires_grad_(True)
+        out = model(xr).float()  # for the vjp, built once
+        for _ in range(iters):
+            with fwAD.dual_level():
+                jv = fwAD.unpack_dual(model(fwAD.make_dual(x, v))).tangent.float()  # (B, classes)
+            sigma = jv.norm(dim=1)
+            (w,) = torch.autograd.grad(out, xr, jv, retain_graph=True)  # J^T J v
+            v = w / view(w.flatten(1).norm(dim=1).clamp_min(1e-12))
+    return sigma.detach()
+
+
+def _power_norm(op: Callable, shape: tuple, iters: int, device) -> float:
+    """Largest singular value of a linear map `op` on inputs of `shape` (power iteration)."""
+    v = torch.randn(1, *shape, device=device)
+    s = 0.0
+    for _ in range(iters):
+        v = (v / v.norm()).requires_grad_(True)
+        u = op(v)
+        s = u.norm().item()
+        (v,) = torch.autograd.grad(u, v, u.detach())  # J^T J v
+        v = v.detach()
+    return s
+
+
+GELU_SLOPE = 1.1290  # max |d/dx x * Phi(x)|
+
+
+class LipschitzBound:
+    """Global upper bound of a (MoE-)ResNet18, dual model or Sequential/Linear/Conv stack in
+    norm p (linf: inf -> inf operator norms; l2: spectral norms). Call `measure(x)` first:
+    it records each module's input shape and, for MoE layers, M_i = max ||f_i(h)|| over the
+    given inputs (an empirical bound, valid around those inputs up to L_i times the radius)."""
+
+    def __init__(self, model: nn.Module, norm: str = "l2", iters: int = 30):
+        check(norm in NORMS, f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
+        check(not any(isinstance(m, Attention) for m in model.modules()),
+              "no global Lipschitz bound for moe-vit: dot-product self-attention is not globally Lipschitz (Kim et al. 2021)")
+        self.model, self.norm, self.iters = model, norm, iters
+        self.shapes, self.M, self.moe, self.prefix = {}, {}, [], {}
+
+    @torch.no_grad()
+    def measure(self, x: torch.Tensor) -> "LipschitzBound":
+        hooks = []
+
+        def hook(m, inp, out):
+            self.shapes[m] = tuple(inp[0].shape[1:])
+            if isinstance(m, MoE):
+                h = inp[0]
+                M = [_per_row_norm(e(h), self.norm).max().item() for e in m.experts]
+                self.M[m] = [max(a, b) for a, b in zip(self.M.get(m, M), M)]
+        for m in self.model.modules():
+            hooks.append(m.register_forward_hook(hook))
+        with eval_mode(self.model):
+            self.model(x)
+        for h in hooks:
+            h.remove()
+        return self
+
+    def __call__(self) -> float:
+        """The bound of the whole model; also fills self.moe (per-MoE-layer terms) and
+        self.prefix (bound of the map from the model input to each MoE layer's input)."""
+        check(len(self.shapes) > 0, "call LipschitzBound.measure(x) first")
+        self.moe = []
+        return self.bound(self.model, 1.0)
+
+    def bound(self, m: nn.Module, before: float) -> float:
+        """Bound of module m; `before` is the bound of everything up to m's input."""
+        p, dev = self.norm, next(iter(self.model.parameters())).device
+        if isinstance(m, DualModel):
+            return (1 - m.a) * self.bound(m.standard, before) + m.a * self.bound(m.robust, before)
+        if isinstance(m, ResNet18):
+            L = self.chain([m.normalize, m.stem, m.layer1, m.layer2, m.layer3, m.layer4], before)
+            hw = self.out_hw(m.layer4)
+            pool = 1.0 if p == "linf" else 1.0 / math.sqrt(hw)
+            return L * pool * self.bound(m.fc, before * L * pool)
+        if isinstance(m, nn.Sequential):
+            return self.chain(list(m), before)
+        if isinstance(m, BasicBlock):
+            return self.bound(m.branch, before) + self.bound(m.shortcut, before)
+        if isinstance(m, MoE):
+            return self.moe_bound(m, before)
+        if isinstance(m, Normalize):
+            return (1 / m.std).max().item()
+        if isinstance(m, nn.Linear):
+            W = m.weight.detach().float()
+            return W.abs().sum(1).max().item() if p == "linf" else torch.linalg.matrix_norm(W, 2).item()
+        if isinstance(m, nn.Conv2d):
+            W = m.weight.detach().float()
+            if p == "linf":
+                return W.abs().sum(dim=(1, 2, 3)).max().item()
+            op = lambda v: F.conv2d(v, W, None, m.stride, m.padding, m.dilation, m.groups)
+            with torch.enable_grad():
+                return _power_norm(op, self.shapes[m], self.iters, dev)
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            return (m.weight.detach().abs() / torch.sqrt(m.running_var + m.eps)).max().item()
+        if isinstance(m, (nn.ReLU, nn.Identity, nn.Flatten, nn.Dropout)):
+            return 1.0
+        if isinstance(m, nn.GELU):
+            return GELU_SLOPE
+        raise UserError(f"no Lipschitz bound for layer type {type(m).__name__}")
+
+    def chain(self, modules: list, before: float) -> float:
+        L = 1.0
+        for sub in modules:
+            L *= self.bound(sub, before * L)
+        return L
+
+    def out_hw(self, m: nn.Module) -> int:
+        """Spatial size H*W of m's output, from the shape recorded at its last block's input."""
+        last = list(m.modules())[-1]
+        for sub in m.modules():
+            if isinstance(sub, BasicBlock):
+                last = sub
+        C, H, W = self.shapes[last]
+        return H * W  # the last block of a stage keeps the spatial size of its input
+
+    def moe_bound(self, m: MoE, before: float) -> float:
+        """Soft-gate bound sum_i (L_i + M_i r_i) and hard-route bound max_i (L_i + M_i r_i).
+        r_i: the gate g_i = softmax(W pool(h))_i has |dg_i| <= 1/2 ||dr|| (a row of the
+        softmax Jacobian has norm <= 1/2), so r_i <= ||W|| / 2 (l2: times 1 / sqrt(HW) for the pool)."""
+        self.prefix[m] = before
+        Ls = [self.bound(e, before) for e in m.experts]
+        W = m.router.weight.detach().float()
+        Wn = W.abs().sum(1).max().item() if self.norm == "linf" else torch.linalg.matrix_norm(W, 2).item()
+        shape = self.shapes[m]
+        pool = 1.0 if (self.norm == "linf" or m.tokens) else 1.0 / math.sqrt(shape[1] * shape[2])
+        r = 0.5 * Wn * pool
+        M = self.M.get(m, [float("inf")] * m.num_experts)
+        terms = [L + Mi * r for L, Mi in zip(Ls, M)]
+        soft, hard = sum(terms), max(terms)
+        self.moe.append({"experts_L": Ls, "M": M, "gate_r": r, "soft_bound": soft, "hard_route_bound": hard})
+        return hard if m.k == 1 else soft
+
+
+def lipschitz_bound(model: nn.Module, x: torch.Tensor, norm: str = "l2", iters: int = 30) -> dict:
+    """Global upper bound (see LipschitzBound) with the per-MoE-layer terms."""
+    lb = LipschitzBound(model, norm, iters).measure(x)
+    total = lb()
+    return {"bound": total, "moe": lb.moe}
+
+
+def route_stability_radius(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
+    """Per row, the smallest perturbation of the layer's input h (in `norm`) that can change
+    the set of top-k experts. The router is linear on the pooled input (per image) or on the
+    token: a kept expert i is overtaken by a dropped j when the logit gap r_i - r_j, which
+    moves at most ||w_i - w_j||_* per unit of input (dual norm: L1 for linf, L2 for l2), is
+    closed. Exact for the layer: radius = min_{i kept, j dropped} (r_i - r_j) / ||w_i - w_j||_*,
+    times sqrt(HW) in l2 for pooling (a constant-over-space perturbation is the worst case).
+    h: (B, C, H, W) or (B, T, D) -> (B,) per image (min over its tokens) ."""
+    rows, scale, B = _router_rows(layer, h, norm)
+    W, b = layer.router.weight.detach().float(), layer.router.bias.detach().float()
+    logits = rows.float() @ W.T + b  # (N, E)
+    E, k = layer.num_experts, layer.k
+    if k == E:
+        return torch.full((B,), float("inf"), device=h.device)
+    kept = logits.topk(k, dim=1).indices  # (N, K)
+    dropped = torch.ones_like(logits, dtype=torch.bool).scatter(1, kept, False)
+    diff_w = W[:, None, :] - W[None, :, :]  # (E, E, D)
+    dual = diff_w.abs().sum(-1) if norm == "linf" else diff_w.norm(dim=-1)  # (E, E)
+    gap = logits[:, :, None] - logits[:, None, :]  # (N, E, E): r_i - r_j
+    ratio = gap / dual.clamp_min(1e-12)
+    valid = torch.zeros_like(gap, dtype=torch.bool)
+    valid.scatter_(1, kept[:, :, None].expand(-1, -1, E), True)
+    valid &= dropped[:, None, :]
+    radius = ratio.masked_fill(~valid, float("inf")).flatten(1).amin(1) * scale  # (N,)
+    return radius.view(B, -1).amin(1)
+
+
+def _router_rows(layer: MoE, h: torch.Tensor, norm: str):
+    if layer.tokens:
+        return h.reshape(-1, h.shape[-1]), 1.0, h.shape[0]
+    scale = 1.0 if norm == "linf" else math.sqrt(h.shape[2] * h.shape[3])
+    return h.mean(dim=(2, 3)), scale, h.shape[0]
+
+
+def route_flip_direction(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
+    """For per-image routing and k = 1: the unit-norm perturbation of h (constant over space)
+    that closes the binding logit gap fastest; h + (radius + a bit) * direction flips the route."""
+    check(not layer.tokens and layer.k == 1, "route_flip_direction is for per-image top-1 routing")
+    rows, _, B = _router_rows(layer, h, norm)
+    W, b = layer.router.weight.detach().float(), layer.router.bias.detach().float()
+    logits = rows.float() @ W.T + b
+    i = logits.argmax(1)  # (B,)
+    diff = W[i][:, None, :] - W[None, :, :]  # (B, E, D): w_i - w_j
+    dual = diff.abs().sum(-1) if norm == "linf" else diff.norm(dim=-1)
+    gap = logits.gather(1, i[:, None]) - logits
+    ratio = (gap / dual.clamp_min(1e-12)).scatter(1, i[:, None], float("inf"))
+    j = ratio.argmin(1)
+    d = diff[torch.arange(B), j]  # (B, D)
+    if norm == "linf":
+        u = -d.sign()
+    else:
+        u = -d / d.norm(dim=1, keepdim=True) / math.sqrt(h.shape[2] * h.shape[3])
+    return u[:, :, None, None].expand_as(h).clone()
+
+
+def model_route_radius(model: nn.Module, x: torch.Tensor, norm: str = "linf", bound: Optional[LipschitzBound] = None):
+    """Radius around each x (in input space, `norm`) inside which no route of any MoE layer
+    can change: min over layers of (layer-input radius) / (bound of the map x -> layer input).
+    Exact for an MoE layer that sees the input directly; a bound otherwise. (B,)"""
+    layers = moe_layers(model)
+    if not layers:
+        return torch.full((len(x),), float("inf"), device=x.device)
+    if bound is None:
+        bound = LipschitzBound(model, norm).measure(x)
+        bound()
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out: inputs.__setitem__(mod, inp[0].detach())) for m in layers]
+    with torch.no_grad(), eval_mode(model):
+        model(x)
+    for h in hooks:
+        h.remove()
+    radius = torch.full((len(x),), float("inf"), device=x.device)
+    for m in layers:
+        radius = torch.minimum(radius, route_stability_radius(m, inputs[m], norm) / bound.prefix.get(m, 1.0))
+    return radius
+
+
+def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "linf") -> dict:
+    """Certified radius per example: a right prediction keeps its label within
+    min(margin / (2 K), route-stable radius), K the global bound (for a dual model
+    K_D = (1 - a) K_S + a K_R), since each logit moves by at most K ||d||. 0 if wrong."""
+    lb = LipschitzBound(model, norm).measure(x)
+    K = lb()
+    with torch.no_grad(), eval_mode(model):
+        out = model(x).float()
+    top2 = out.topk(2, dim=1)
+    correct = top2.indices[:, 0] == y
+    margin = top2.values[:, 0] - top2.values[:, 1]
+    route = model_route_radius(model, x, norm, lb)
+    radius = torch.where(correct, torch.minimum(margin / (2 * K), route), torch.zeros_like(margin))
+    return {"radius": radius, "K": K, "lipschitz_radius": margin / (2 * K), "route_radius": route, "correct": correct}
+
+
+def expert_spread(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Per MoE layer, mean over rows of ||f_top1(h) - f_top2(h)|| / ||f_top1(h)||: how different
+    the two top-weighted experts' outputs are (Puigcerver 2022: large spread hurts robustness)."""
+    layers, spreads = moe_layers(model), []
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out: inputs.__setitem__(mod, inp[0].detach())) for m in layers]
+    with torch.no_grad(), eval_mode(model):
+        model(x)
+        for h in hooks:
+            h.remove()
+        for m in layers:
+            if m.num_experts < 2:
+                continue
+            rows = inputs[m].reshape(-1, inputs[m].shape[-1]) if m.tokens else inputs[m]
+            rank = m.routing.ranking
+            outs = torch.stack([e(rows) for e in m.experts], 1)  # (N, E, ...)
+            n = torch.arange(len(rows))
+            a, b = outs[n, rank[:, 0]], outs[n, rank[:, 1]]
+            spreads.append(((a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(1e-12)).mean().item())
+    return spreads
+
+
+def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
+                     local_steps: int = 10) -> dict:
+    """Everything above on a batch: local estimates, Jacobian norm, global bounds, per-expert
+    constants, expert spread, and certified accuracy at eps (route-stable certificate)."""
+    rep = {"n": len(x), "eps": eps, "norm": norm}
+    rep["local_linf"] = local_lipschitz(model, x, eps, "linf", local_steps).mean().item()
+    rep["local_l2"] = local_lipschitz(model, x, eps * math.sqrt(x[0].numel()) / 4, "l2", local_steps).mean().item()
+    rep["jacobian_l2"] = jacobian_spectral_norm(model, x, 20).mean().item()
+    if any(isinstance(m, Attention) for m in model.modules()):
+        return rep  # no global bound for attention
+    for p in NORMS:
+        b = lipschitz_bound(model, x, p)
+        rep[f"global_{p}"] = b["bound"]
+        if b["moe"]:
+            rep[f"moe_{p}"] = b["moe"]
+    rep["expert_spread"] = expert_spread(model, x)
+    cert = certify(model, x, y, norm)
+    rep["certified_acc"] = (cert["radius"] >= eps).float().mean().item()
+    rep["median_certified_radius"] = cert["radius"].median().item()
+    rep["median_route_radius"] = cert["route_radius"].median().item()
+    return rep
+
+
+# ============================================================================================
+# 9. Benchmark, demo and command line
 # ============================================================================================
 
 
@@ -1802,6 +2167,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--method", choices=METHODS, default=d.method, help="training method")
     a.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint (best.pt or last.pt) on the test set")
     a.add_argument("--benchmark", action="store_true", help="time the sparse MoE layer (E=2, E=8, all experts)")
+    a.add_argument("--lipschitz", metavar="CKPT", help="Lipschitz estimates, bounds and certified accuracy of a checkpoint")
+    a.add_argument("--lipschitz-n", type=int, default=64, metavar="N", help="test examples the --lipschitz report uses")
     a.add_argument("--demo", action="store_true", help="run the demo (what no arguments does)")
     a = p.add_argument_group("data")
     a.add_argument("--dataset", choices=DATASETS, default=d.dataset, help="data set")
@@ -1886,6 +2253,29 @@ def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str]) -> dic
     return result
 
 
+def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str]) -> dict:
+    """lipschitz_report on the first n test examples of a checkpoint's data set; written to
+    the `lipschitz` entry of OUT/metrics.json (OUT: the checkpoint's folder by default)."""
+    check(n >= 1, f"--lipschitz-n {n} must be >= 1")
+    rt = make_runtime(overrides.device, overrides.amp)
+    model, saved, _ = load_model(path, rt)
+    data_dir = overrides.data_dir if overrides.data_dir != "data" else saved.data_dir
+    data = load_dataset(saved.dataset, data_dir, saved.image_size, saved.seed, None, n)
+    x, y = data.test_x.to(rt.device).float() / 255, data.test_y.to(rt.device)
+    rep = lipschitz_report(model, x, y, overrides.eps, overrides.norm)
+    rep["checkpoint"] = path
+    dest = Path(out) if out else Path(path).parent
+    dest.mkdir(parents=True, exist_ok=True)
+    metrics_path = dest / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics["lipschitz"] = rep
+    write_json(metrics_path, metrics)
+    keys = ("local_linf", "local_l2", "jacobian_l2", "global_linf", "global_l2", "certified_acc", "median_route_radius")
+    log(f"{path}: " + " | ".join(f"{k} {rep[k]:.4g}" for k in keys if k in rep)
+        + (f" | expert spread {', '.join(f'{v:.3f}' for v in rep.get('expert_spread', []))}") + f" -> {metrics_path}")
+    return rep
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -1901,6 +2291,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             benchmark_moe(args.device)
         elif args.eval:
             evaluate_checkpoint(args.eval, cfg, args.out)
+        elif args.lipschitz:
+            lipschitz_checkpoint(args.lipschitz, cfg, args.lipschitz_n, args.out)
         else:
             train(cfg, resume=args.resume, overwrite=args.overwrite)
     except UserError as e:

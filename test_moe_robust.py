@@ -546,3 +546,113 @@ def test_bad_method_settings_give_one_line_error(args, needle, capsys):
     assert mr.main(args + ["--device", "cpu", "--out", "/nonexistent/never-written"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err
+
+
+# ---------------------------------------------------------------------------- Lipschitz and certificates
+def test_linear_model_known_constants():
+    torch.manual_seed(0)
+    lin = nn.Linear(30, 6)
+    x = torch.rand(4, 30)
+    W = lin.weight.detach()
+    linf, l2 = W.abs().sum(1).max().item(), torch.linalg.matrix_norm(W, 2).item()
+    rel = lambda a, b: abs(a - b) / b
+    assert all(rel(v, linf) < 1e-3 for v in mr.local_lipschitz(lin, x, 0.1, "linf", 5).tolist())
+    assert all(rel(v, l2) < 1e-3 for v in mr.local_lipschitz(lin, x, 0.1, "l2", 60).tolist())
+    assert all(rel(v, l2) < 1e-3 for v in mr.jacobian_spectral_norm(lin, x, 60).tolist())
+    assert rel(mr.lipschitz_bound(lin, x, "linf")["bound"], linf) < 1e-6
+    assert rel(mr.lipschitz_bound(lin, x, "l2", iters=100)["bound"], l2) < 1e-3
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "moe-resnet18"])
+def test_power_iteration_matches_explicit_jacobian_and_bound_dominates(arch):
+    torch.manual_seed(1)
+    model = mr.build_model(mr.ModelConfig(arch=arch, width=0.0625, experts=2, moe_blocks="layer2.0,layer4.1")).eval()
+    with torch.no_grad():  # random BatchNorm statistics, so eval-mode BN is not the identity
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+                m.running_mean.normal_(0, 0.1)
+    x = torch.rand(3, 3, 32, 32)
+    sig = mr.jacobian_spectral_norm(model, x, 60)
+    for n in range(3):
+        J = torch.autograd.functional.jacobian(lambda z: model(z[None])[0], x[n]).reshape(10, -1)
+        assert abs(sig[n].item() - torch.linalg.matrix_norm(J, 2).item()) / sig[n].item() < 1e-3
+    for norm, eps in (("linf", 4 / 255), ("l2", 0.5)):
+        bound = mr.lipschitz_bound(model, x, norm)["bound"]
+        local = mr.local_lipschitz(model, x, eps, norm, 10)
+        assert (local <= bound).all() and local.min() > 0
+    assert (sig <= mr.lipschitz_bound(model, x, "l2")["bound"]).all()
+
+
+def test_moe_bound_reports_per_expert_terms_and_dual_combines():
+    f_s, f_r = small_moe(1, E=3).eval(), small_moe(2, E=3).eval()
+    x = torch.rand(4, 3, 32, 32)
+    b = mr.lipschitz_bound(f_s, x, "l2")
+    moe = b["moe"][0]
+    assert len(moe["experts_L"]) == 3 and len(moe["M"]) == 3
+    assert moe["soft_bound"] >= moe["hard_route_bound"] >= max(moe["experts_L"])
+    ks, kr = b["bound"], mr.lipschitz_bound(f_r, x, "l2")["bound"]
+    kd = mr.lipschitz_bound(mr.DualModel(f_s, f_r, 0.3), x, "l2")["bound"]
+    assert kd == pytest.approx(0.7 * ks + 0.3 * kr, rel=0.05)  # power iteration is re-run
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_route_stability_radius_is_exact_for_a_linear_router(norm):
+    torch.manual_seed(2)
+    layer = mr.MoE([mr.residual_branch(8, 8, 8, 1) for _ in range(4)], 8, k=1).eval()
+    h = torch.randn(10, 8, 5, 5)
+    r = mr.route_stability_radius(layer, h, norm)
+    d = mr.route_flip_direction(layer, h, norm)
+    route = lambda z: mr.current_routes(layer, z)[0].indices[:, 0]
+    base = route(h)
+    assert torch.allclose(mr._per_row_norm(d, norm), torch.ones(10))
+    assert (route(h + (r * 1.001).view(-1, 1, 1, 1) * d) != base).all()  # just above, worst direction: flips
+    assert (route(h + (r * 0.999).view(-1, 1, 1, 1) * d) == base).all()  # just below: stays
+    for _ in range(20):  # nothing just below flips: random directions at 0.999 r
+        u = torch.randn_like(h)
+        u = u / mr._per_row_norm(u, norm).view(-1, 1, 1, 1)
+        if norm == "linf":
+            u = u.sign()
+        assert (route(h + (r * 0.999).view(-1, 1, 1, 1) * u) == base).all()
+
+
+def test_certificate_survives_pgd_just_below_its_radius():
+    torch.manual_seed(3)
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 5)).eval()
+    x, y = torch.rand(200, 3, 4, 4), torch.randint(0, 5, (200,))
+    with torch.no_grad():
+        y = mlp(x).argmax(1)  # every prediction right, so each example gets a radius
+    for norm in ("linf", "l2"):
+        cert = mr.certify(mlp, x, y, norm)
+        rad = cert["radius"]
+        assert (rad > 0).all()
+        for n in range(0, 200, 20):
+            xa = mr.pgd(mlp, x[n:n + 1], y[n:n + 1], eps=0.999 * rad[n].item(), steps=50, norm=norm, restarts=3)
+            assert mlp(xa).argmax(1).item() == y[n].item()
+    # the same check for an MoE model, where the route-stable radius also binds
+    model = small_moe(4, E=3).eval()
+    x = torch.rand(16, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    cert = mr.certify(model, x, y, "linf")
+    assert (cert["radius"] <= cert["route_radius"]).all() and (cert["radius"] > 0).all()
+    for n in range(4):
+        xa = mr.pgd(model, x[n:n + 1], y[n:n + 1], eps=0.999 * cert["radius"][n].item(), steps=10)
+        assert model(xa).argmax(1).item() == y[n].item()
+        assert torch.equal(mr.current_routes(model, xa)[0].indices, mr.current_routes(model, x[n:n + 1])[0].indices)
+
+
+def test_lipschitz_cli_on_a_checkpoint(trained):
+    _, _, _, out = trained
+    assert mr.main(["--lipschitz", str(out / "best.pt"), "--lipschitz-n", "8", "--device", "cpu"]) == 0
+    rep = json.loads((out / "metrics.json").read_text())["lipschitz"]
+    assert {"local_linf", "local_l2", "jacobian_l2", "global_linf", "global_l2", "certified_acc", "expert_spread"} <= set(rep)
+    assert rep["global_l2"] >= rep["jacobian_l2"] and 0 <= rep["certified_acc"] <= 1
+
+
+def test_vit_has_local_estimates_but_no_global_bound():
+    model = mr.build_model(mr.ModelConfig(arch="moe-vit", width=0.125)).eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert (mr.jacobian_spectral_norm(model, x, 3) > 0).all()
+    with pytest.raises(mr.UserError, match="attention"):
+        mr.lipschitz_bound(model, x)
