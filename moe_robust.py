@@ -1300,7 +1300,9 @@ class AdvMoE(Method):
     by all layers) to predict y mod E under TRADES, so the classification loss never reaches
     the router (issues on that repository report the mismatch and NaN router scores that
     collapse routing onto expert 0). Here every MoE layer has its own router and both steps
-    minimise the same robust classification loss, as the paper describes."""
+    minimise the same robust classification loss, as the paper describes. Both forwards run
+    in train mode, so BatchNorm running statistics are updated twice per batch (buffers, not
+    parameters: the router step changes no parameter outside theta_R)."""
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
         self.model, self.cfg = model, cfg
