@@ -1193,6 +1193,23 @@ def trades_attack(model: nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tenso
     return project(xa - x, cfg.eps, cfg.norm).add(x).clamp(0, 1)
 
 
+def at_loss(method: "Method", model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """PGD-AT: CE(F(x_adv), y) + MoE aux losses, x_adv = PGD-`train_steps` (last iterate). -> (loss, logits)"""
+    cfg = method.cfg
+    xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, keep_best=False, amp=cfg.amp)
+    logits = method.forward(model, xa)
+    return F.cross_entropy(logits, y) + method.aux(model), logits
+
+
+def trades_loss(method: "Method", model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """TRADES: CE(F(x), y) + beta KL(p(x) || p(x_adv)) + MoE aux losses. -> (loss, logits)"""
+    xa = trades_attack(model, x, method.cfg)
+    logits = method.forward(model, x)
+    aux = method.aux(model)
+    kl = trades_kl(method.forward(model, xa), logits.softmax(1)).mean()
+    return F.cross_entropy(logits, y) + method.cfg.beta * kl + aux, logits
+
+
 class Method:
     """A training method: owns its model(s), optimiser(s) and schedule; `step` trains on
     one batch and returns numbers to log. Subclasses override `loss` (or `step`)."""
@@ -1252,36 +1269,20 @@ class PGDAT(Method):
     model (last iterate), + MoE auxiliary losses of the adversarial forward."""
 
     def loss(self, x, y):
-        xa = pgd(self.model, x, y, self.cfg.eps, self.cfg.alpha, self.cfg.train_steps, self.cfg.norm,
-                 keep_best=False, amp=self.cfg.amp)
-        logits = self.forward(self.model, xa)
-        return F.cross_entropy(logits, y) + self.aux(self.model), logits
+        return at_loss(self, self.model, x, y)
 
 
 class TRADES(Method):
     """Zhang et al. 2019: CE(F(x), y) + beta * KL(p(x) || p(x_adv)), x_adv maximising the KL."""
 
     def loss(self, x, y):
-        xa = trades_attack(self.model, x, self.cfg)
-        logits = self.forward(self.model, x)
-        aux = self.aux(self.model)
-        kl = trades_kl(self.forward(self.model, xa), logits.softmax(1)).mean()
-        return F.cross_entropy(logits, y) + self.cfg.beta * kl + aux, logits
+        return trades_loss(self, self.model, x, y)
 
 
 def robust_loss(method: "Method", model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     """The robust objective AdvMoE uses in both of its steps: PGD-AT CE or TRADES (--robust-loss).
     -> (loss including the MoE auxiliary losses, logits)"""
-    cfg = method.cfg
-    if cfg.robust_loss == "trades":
-        xa = trades_attack(model, x, cfg)
-        logits = method.forward(model, x)
-        aux = method.aux(model)
-        kl = trades_kl(method.forward(model, xa), logits.softmax(1)).mean()
-        return F.cross_entropy(logits, y) + cfg.beta * kl + aux, logits
-    xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, keep_best=False, amp=cfg.amp)
-    logits = method.forward(model, xa)
-    return F.cross_entropy(logits, y) + method.aux(model), logits
+    return (trades_loss if method.cfg.robust_loss == "trades" else at_loss)(method, model, x, y)
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -1364,10 +1365,7 @@ class RTER(Method):
             return trades_kl(self.forward(self.model, x2), p_clean).mean()
 
     def loss(self, x, y):
-        xa = pgd(self.model, x, y, self.cfg.eps, self.cfg.alpha, self.cfg.train_steps, self.cfg.norm,
-                 keep_best=False, amp=self.cfg.amp)
-        logits = self.forward(self.model, xa)
-        ce = F.cross_entropy(logits, y) + self.aux(self.model)
+        ce, logits = at_loss(self, self.model, x, y)
         return ce + self.cfg.beta * self.runner_up_term(x), logits
 
 
