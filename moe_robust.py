@@ -1201,12 +1201,18 @@ def at_loss(method: "Method", model: nn.Module, x: torch.Tensor, y: torch.Tensor
     return F.cross_entropy(logits, y) + method.aux(model), logits
 
 
-def trades_loss(method: "Method", model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """TRADES: CE(F(x), y) + beta KL(p(x) || p(x_adv)) + MoE aux losses. -> (loss, logits)"""
+def trades_term(method: "Method", model: nn.Module, x: torch.Tensor):
+    """(1/B) sum_n KL(p(x_n) || p(x'_n)), x' = TRADES' attack on `model` (whatever routes or
+    experts are forced on it). -> (kl, clean logits, MoE aux losses of the clean forward)"""
     xa = trades_attack(model, x, method.cfg)
     logits = method.forward(model, x)
     aux = method.aux(model)
-    kl = trades_kl(method.forward(model, xa), logits.softmax(1)).mean()
+    return trades_kl(method.forward(model, xa), logits.softmax(1)).mean(), logits, aux
+
+
+def trades_loss(method: "Method", model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """TRADES: CE(F(x), y) + beta KL(p(x) || p(x_adv)) + MoE aux losses. -> (loss, logits)"""
+    kl, logits, aux = trades_term(method, model, x)
     return F.cross_entropy(logits, y) + method.cfg.beta * kl + aux, logits
 
 
@@ -1231,12 +1237,17 @@ class Method:
     def aux(self, model: nn.Module) -> torch.Tensor:
         return moe_aux_loss(model, self.cfg.balance_coef, self.cfg.z_coef)
 
+    def descend(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """One step of `opt` on `loss`; only its parameters move, and no gradient is left behind."""
+        self.model.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        self.model.zero_grad(set_to_none=True)
+
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         self.model.train()
         loss, logits = self.loss(x, y)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        self.descend(self.opt, loss)
         self.sched.step()
         return {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
 
@@ -1321,10 +1332,7 @@ class AdvMoE(Method):
     def _update(self, opt: torch.optim.Optimizer, x, y):
         self.model.train()
         loss, logits = robust_loss(self, self.model, x, y)
-        self.model.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()  # only this optimiser's parameters move
-        self.model.zero_grad(set_to_none=True)
+        self.descend(opt, loss)  # only this optimiser's parameters move
         return loss, logits
 
     def router_step(self, x, y):
@@ -1359,10 +1367,8 @@ class RTER(Method):
     def runner_up_term(self, x: torch.Tensor) -> torch.Tensor:
         """(1/B) sum_n KL(f_j(n)(x_n) || f_j(n)(x'_n)) with the runner-up routes fixed from clean x."""
         routes = runner_up_routes(self.model, x)
-        with forced_routes(self.model, routes):
-            x2 = trades_attack(self.model, x, self.cfg)  # PGD against f_j(n) alone (KL objective)
-            p_clean = self.forward(self.model, x).softmax(1)
-            return trades_kl(self.forward(self.model, x2), p_clean).mean()
+        with forced_routes(self.model, routes):  # the attack and both forwards run f_j(n) alone
+            return trades_term(self, self.model, x)[0]
 
     def loss(self, x, y):
         ce, logits = at_loss(self, self.model, x, y)
@@ -1392,13 +1398,8 @@ class JTDMoE(Method):
         loss = F.cross_entropy(logits, y) + self.aux(f_r)
         for i in range(moe_layers(f_r)[0].num_experts):
             with forced_expert(f_r, i):
-                x2 = trades_attack(f_r, x, self.cfg)
-                p_clean = self.forward(f_r, x).softmax(1)
-                loss = loss + self.cfg.beta * trades_kl(self.forward(f_r, x2), p_clean).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.model.zero_grad(set_to_none=True)
+                loss = loss + self.cfg.beta * trades_term(self, f_r, x)[0]
+        self.descend(self.opt, loss)
         return loss
 
     def standard_step(self, x, y):
@@ -1406,10 +1407,7 @@ class JTDMoE(Method):
         with eval_mode(self.model.robust):
             logits = self.forward(self.model, x)
             loss = F.cross_entropy(logits, y) + self.aux(self.model.standard)
-        self.std_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.std_opt.step()
-        self.model.zero_grad(set_to_none=True)
+        self.descend(self.std_opt, loss)
         return loss, logits
 
     def step(self, x, y):

@@ -541,6 +541,10 @@ def test_dual_method_trains_both_members_and_sweeps(tmp_path):
     (["--dual-a", "1.5"], "--dual-a 1.5"),
     (["--dual-sweep", "0,x"], "--dual-sweep"),
     (["--robust-loss", "mse"], "'mse'"),
+    (["--apgd-steps", "0"], "--apgd-steps 0"),
+    (["--router-lr", "-1"], "--router-lr -1"),
+    (["--lipschitz", "/no/such.pt", "--lipschitz-n", "0"], "--lipschitz-n 0"),
+    (["--method", "dual", "--standard-ckpt", "/no/such.pt", "--test-limit", "8"], "/no/such.pt"),
 ])
 def test_bad_method_settings_give_one_line_error(args, needle, capsys):
     assert mr.main(args + ["--device", "cpu", "--out", "/nonexistent/never-written"]) == 2
