@@ -70,18 +70,46 @@ def check(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+# The autocast dtype per device type. Process-wide, like torch.backends flags: make_runtime
+# sets it, and every forward in this file (training, attacks, evaluation) asks autocast_for.
+# auto: bf16 on CUDA, float32 on CPU. `--precision bf16` on CPU is the fast CPU path on a
+# processor with AVX512-BF16 or AMX (measured 2.5x on 2 AMD EPYC cores, README); float32
+# stays the CPU default because the reference numbers in README were taken in it.
+_AMP_DTYPE: dict = {"cuda": torch.bfloat16, "cpu": None}
+
+
+def set_precision(precision: str = "auto") -> None:
+    check(precision in PRECISIONS, f"unknown --precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    _AMP_DTYPE["cuda"] = None if precision == "fp32" else torch.bfloat16
+    _AMP_DTYPE["cpu"] = torch.bfloat16 if precision == "bf16" else None
+
+
+def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
+    return _AMP_DTYPE.get(torch.device(device).type)
+
+
+def autocast_for(device: torch.device, enabled: bool = True):
+    """The one autocast rule: the process's precision for this device type (see set_precision).
+    Under bf16 the matrix products and convolutions run in bf16; every loss in this file
+    casts logits to float32 first, and input gradients arrive in float32 (bf16 has float32's
+    exponent range, so no loss scaling is needed and a gradient sign is never lost to underflow)."""
+    dtype = amp_dtype(device) if enabled else None
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 @dataclass
 class Runtime:
     """Device, autocast dtype and memory format: chosen once here, used everywhere."""
 
     device: torch.device
-    amp_dtype: Optional[torch.dtype]  # bf16 on CUDA, None (float32) on CPU
-    channels_last: bool
+    amp_dtype: Optional[torch.dtype]  # bf16 on CUDA, None (float32) on CPU unless --precision bf16
+    channels_last: bool  # NHWC activations: faster convolutions on tensor cores and in oneDNN
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast_for(self.device)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
@@ -90,19 +118,21 @@ class Runtime:
         return model
 
 
-def make_runtime(device: str = "auto", amp: bool = True) -> Runtime:
-    """`auto` picks CUDA when present. bf16 autocast and channels_last only on CUDA."""
+def make_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    """`auto` picks CUDA when present. bf16 autocast and channels_last on CUDA; on CPU
+    float32 in the default layout, or bf16 + channels_last with precision='bf16'."""
     check(device in ("auto", "cpu", "cuda"), f"unknown --device {device!r}; allowed: auto, cpu, cuda")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check(device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    set_precision(precision)
     dev = torch.device(device)
-    on_cuda = dev.type == "cuda"
-    if on_cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # pick the fastest conv algorithm per shape
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 leftovers use TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(dev, torch.bfloat16 if (on_cuda and amp) else None, on_cuda)
+    dtype = amp_dtype(dev)
+    return Runtime(dev, dtype, dev.type == "cuda" or dtype is not None)
 
 
 def seed_everything(seed: int) -> None:
@@ -381,8 +411,11 @@ def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
             shuffle: bool = False, train_augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (float images in [0,1], labels) on `device`. Shuffling uses the global RNG."""
-    order = torch.randperm(len(x)) if shuffle else torch.arange(len(x))
+    """Yield (float images in [0,1], labels) on `device`. Shuffling uses the global RNG.
+    Training keeps the whole uint8 set on the device (train() moves it there once: 150 MB
+    for CIFAR-10), so a batch is a gather, a cast and the augmentation, all on the device:
+    no host work, no copy, no synchronisation per step. Other callers may pass CPU tensors."""
+    order = torch.randperm(len(x), device=x.device) if shuffle else torch.arange(len(x), device=x.device)
     for i in range(0, len(x), batch_size):
         idx = order[i:i + batch_size]
         xb = x[idx].to(device, non_blocking=True).float().div_(255)
@@ -469,16 +502,19 @@ class MoE(nn.Module):
         return len(self.experts)
 
     def route(self, h: torch.Tensor):
-        """h: (N, D) -> indices (N, K'), gates (N, K'); records routing and aux losses."""
+        """h: (N, D) -> indices (N, K'), gates (N, K'), every; records routing and aux losses.
+        every: when a control fixes the experts of every row (soft: all E, forced_expert: [i]),
+        those experts in slot order, so dispatch needs no grouping; else None."""
         E = self.num_experts
         logits = self.router(h).float()  # (N, E)
         if self.noise is not None and self.training:
             logits = logits + torch.randn_like(logits) * F.softplus(self.noise(h).float())
         probs = logits.softmax(-1)  # (N, E)
         ranking = probs.detach().argsort(-1, descending=True)  # (N, E)
+        every = None
         if self.soft:
             indices = torch.arange(E, device=h.device).expand(len(h), E)
-            gates = probs
+            gates, every = probs, list(range(E))
         elif self.forced_route is not None:
             indices, gates = self.forced_route
             check(indices.shape[0] == len(h), f"forced route has {indices.shape[0]} rows, batch has {len(h)}")
@@ -487,26 +523,43 @@ class MoE(nn.Module):
             gates = torch.ones_like(indices, dtype=probs.dtype)
         elif self.forced_expert is not None:
             indices = torch.full((len(h), 1), self.forced_expert, device=h.device, dtype=torch.long)
-            gates = torch.ones(len(h), 1, device=h.device)
+            gates, every = torch.ones(len(h), 1, device=h.device), [self.forced_expert]
         else:
             top, indices = probs.topk(self.k, dim=-1)  # (N, K)
             gates = top if self.k == 1 else top / top.sum(-1, keepdim=True)
         # Switch eq. 4: E * sum_i f_i P_i with f_i the fraction whose top-1 is i (no gradient)
         # and P_i the mean router probability of i. ST-MoE z-loss: mean(logsumexp(r)^2).
-        frac = torch.bincount(ranking[:, 0], minlength=E).float() / len(h)  # (E,)
+        # (index_add, not bincount: bincount on CUDA reads its input's maximum back to the host)
+        frac = probs.new_zeros(E).index_add_(0, ranking[:, 0], probs.new_ones(len(h))) / len(h)  # (E,)
         self.aux = AuxLoss(E * (frac * probs.mean(0)).sum(), logits.logsumexp(-1).pow(2).mean())
         self.routing = Routing(logits.detach(), probs.detach(), indices.detach(), gates.detach(), ranking)
         self.router_logits = logits  # with gradient, for attacks on the routing itself
-        return indices, gates
+        return indices, gates, every
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Sparse compute. x: (N, ...) -> sum_k gates[n, k] * expert_{indices[n, k]}(x[n])."""
+    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
+                 every: Optional[list[int]] = None) -> torch.Tensor:
+        """Sparse compute. x: (N, ...) -> sum_k gates[n, k] * expert_{indices[n, k]}(x[n]).
+        Rows are grouped by expert (a stable sort) and each expert runs once, on its own rows.
+        Launching an expert needs its row count on the host, so the counts are read back: one
+        host-device synchronisation per MoE layer and forward, the only one in a training step
+        (a fixed-capacity dispatch would avoid it by padding or dropping rows). With `every`
+        (all rows use the same experts) nothing is grouped or read back."""
         N, K = indices.shape
+        bcast = lambda g, y: g.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))  # (N,) -> (N, 1, ...)
+        if every is not None:
+            out = None
+            for k, e in enumerate(every):
+                y = self.experts[e](x)
+                y = y * bcast(gates[:, k], y)
+                out = y if out is None else out + y
+            self.counts[every] += N
+            return out
         flat = indices.reshape(-1)  # (N*K,) expert of each (row, slot)
         order = flat.argsort(stable=True)  # slots grouped by expert
         rows = order // K  # (N*K,) input row of each sorted slot
         slot_gates = gates.reshape(-1)[order]  # (N*K,)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # one host sync
+        counts = flat.new_zeros(self.num_experts).index_add_(0, flat, torch.ones_like(flat))
+        counts = counts.tolist()  # the one host sync
         self.counts += torch.tensor(counts)
         out, start = None, 0
         for e, c in enumerate(counts):
@@ -514,9 +567,8 @@ class MoE(nn.Module):
                 continue
             r = rows[start:start + c]
             y = self.experts[e](x[r])  # (c, ...) only this expert's rows
-            g = slot_gates[start:start + c].to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
             out = y.new_zeros((N,) + y.shape[1:]) if out is None else out
-            out = out.index_add(0, r, y * g)
+            out = out.index_add(0, r, y * bcast(slot_gates[start:start + c], y))
             start += c
         return out
 
@@ -524,10 +576,8 @@ class MoE(nn.Module):
         if self.tokens:
             B, T, D = x.shape
             rows = x.reshape(B * T, D)  # (N, D), N = B*T
-            indices, gates = self.route(rows)
-            return self.dispatch(rows, indices, gates).reshape(B, T, -1)  # (B, T, D')
-        indices, gates = self.route(x.mean(dim=(2, 3)))  # router input (B, C), N = B
-        return self.dispatch(x, indices, gates)  # (B, C', H', W')
+            return self.dispatch(rows, *self.route(rows)).reshape(B, T, -1)  # (B, T, D')
+        return self.dispatch(x, *self.route(x.mean(dim=(2, 3))))  # router input (B, C), N = B; out (B, C', H', W')
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -537,11 +587,8 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 
 def moe_aux_loss(model: nn.Module, balance_coef: float = 1e-2, z_coef: float = 1e-3) -> torch.Tensor:
     """Sum of balance_coef * L_bal + z_coef * L_z over every MoE layer of the last forward."""
-    total = torch.zeros(())
-    for m in moe_layers(model):
-        if m.aux is not None:
-            total = total.to(m.aux.balance.device) + balance_coef * m.aux.balance + z_coef * m.aux.z
-    return total
+    terms = [balance_coef * m.aux.balance + z_coef * m.aux.z for m in moe_layers(model) if m.aux is not None]
+    return sum(terms[1:], terms[0]) if terms else torch.zeros(())  # (a CPU scalar adds to CUDA without a copy)
 
 
 def last_routing(model: nn.Module) -> list[Routing]:
@@ -821,13 +868,6 @@ class DualModel(nn.Module):
 # so no parameter gradient is left behind; the loss is computed in float32 under autocast.
 
 NORMS = ("linf", "l2")
-
-
-def autocast_for(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA, nothing on CPU: the one rule every forward here follows."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -1111,7 +1151,7 @@ class Config:
     test_limit: Optional[int] = None
     seed: int = 0
     device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA
+    precision: str = "auto"  # one of PRECISIONS: auto (bf16 on CUDA, float32 on CPU), fp32, bf16
     compile: bool = False  # torch.compile the model
     out: str = "runs/default"
 
@@ -1151,6 +1191,7 @@ class Config:
             v = getattr(self, name)
             check(v is None or v >= 1, f"--{name.replace('_', '-')} {v} must be >= 1")
         check(self.device in ("auto", "cpu", "cuda"), f"unknown --device {self.device!r}; allowed: auto, cpu, cuda")
+        check(self.precision in PRECISIONS, f"unknown --precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         check(self.eval_suite in EVAL_SUITES, f"unknown --eval-suite {self.eval_suite!r}; allowed: {', '.join(EVAL_SUITES)}")
         check(self.apgd_steps >= 1, f"--apgd-steps {self.apgd_steps} must be >= 1")
         check(self.router_lr is None or self.router_lr >= 0, f"--router-lr {self.router_lr} must be >= 0")
@@ -1169,8 +1210,12 @@ class Config:
 
 
 def sgd(params, cfg: Config, lr: Optional[float] = None) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum; on CUDA the fused kernel (one launch for all parameters).
+    (On CPU the default multi-tensor path, so CPU runs repeat README's numbers exactly.)"""
+    params = list(params)
+    fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+                           weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0, fused=fused or None)
 
 
 def cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -1185,18 +1230,18 @@ def trades_kl(logits_adv: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
 
 def trades_attack(model: nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tensor:
     """TRADES' inner maximisation: PGD on KL(p(x) || p(x')), started at x + 0.001 N(0, I)."""
-    with torch.no_grad(), eval_mode(model), autocast_for(x.device, cfg.amp):
+    with torch.no_grad(), eval_mode(model), autocast_for(x.device):
         p_clean = model(x).float().softmax(1)
     x0 = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
     xa = pgd(model, x0, p_clean, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, random_start=False,
-             loss_fn=trades_kl, keep_best=False, amp=cfg.amp)
+             loss_fn=trades_kl, keep_best=False)
     return project(xa - x, cfg.eps, cfg.norm).add(x).clamp(0, 1)
 
 
 def at_loss(method: "Method", model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     """PGD-AT: CE(F(x_adv), y) + MoE aux losses, x_adv = PGD-`train_steps` (last iterate). -> (loss, logits)"""
     cfg = method.cfg
-    xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, keep_best=False, amp=cfg.amp)
+    xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, keep_best=False)
     logits = method.forward(model, xa)
     return F.cross_entropy(logits, y) + method.aux(model), logits
 
@@ -1218,7 +1263,8 @@ def trades_loss(method: "Method", model: nn.Module, x: torch.Tensor, y: torch.Te
 
 class Method:
     """A training method: owns its model(s), optimiser(s) and schedule; `step` trains on
-    one batch and returns numbers to log. Subclasses override `loss` (or `step`)."""
+    one batch and returns 0-dim tensors to log, left on the device (the training loop reads
+    them once per epoch, so a step never waits for the GPU). Subclasses override `loss` (or `step`)."""
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
         self.model, self.cfg = model, cfg
@@ -1227,7 +1273,7 @@ class Method:
         self.opts, self.scheds = [self.opt], [self.sched]  # subclasses with several optimisers extend these
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        with autocast_for(x.device, self.cfg.amp):
+        with autocast_for(x.device):
             return model(x).float()
 
     def loss(self, x: torch.Tensor, y: torch.Tensor):
@@ -1249,7 +1295,7 @@ class Method:
         loss, logits = self.loss(x, y)
         self.descend(self.opt, loss)
         self.sched.step()
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+        return {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
 
     def eval_model(self) -> nn.Module:
         """The model that validation and test evaluate."""
@@ -1346,7 +1392,7 @@ class AdvMoE(Method):
         loss, logits = self.expert_step(x, y)  # x_adv regenerated against the updated routers
         for s in self.scheds:
             s.step()
-        return {"loss": loss.item(), "router_loss": r_loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+        return {"loss": loss.detach(), "router_loss": r_loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
 
 
 def runner_up_routes(model: nn.Module, x: torch.Tensor) -> list[Route]:
@@ -1393,7 +1439,7 @@ class JTDMoE(Method):
     def robust_step(self, x, y):
         f_r = self.model.robust
         f_r.train()
-        xa = pgd(f_r, x, y, self.cfg.eps, self.cfg.alpha, self.cfg.train_steps, self.cfg.norm, keep_best=False, amp=self.cfg.amp)
+        xa = pgd(f_r, x, y, self.cfg.eps, self.cfg.alpha, self.cfg.train_steps, self.cfg.norm, keep_best=False)
         logits = self.forward(f_r, xa)
         loss = F.cross_entropy(logits, y) + self.aux(f_r)
         for i in range(moe_layers(f_r)[0].num_experts):
@@ -1415,7 +1461,7 @@ class JTDMoE(Method):
         loss, logits = self.standard_step(x, y)
         for s in self.scheds:
             s.step()
-        return {"loss": loss.item(), "robust_loss": r_loss.item(), "acc": (logits.argmax(1) == y).float().mean().item()}
+        return {"loss": loss.detach(), "robust_loss": r_loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
 
 
 METHOD_CLASSES: dict[str, type] = {"standard": Standard, "at": PGDAT, "trades": TRADES, "advmoe": AdvMoE,
@@ -1460,7 +1506,7 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
 
     for xb, yb in batches(x, y, batch_size, device):
         B, n = len(xb), n + len(xb)
-        with torch.no_grad(), eval_mode(model), autocast_for(device, cfg.amp):
+        with torch.no_grad(), eval_mode(model), autocast_for(device):
             logits = model(xb)
         ok = logits.argmax(1) == yb
         routes = [Route(r.indices, r.gates) for r in last_routing(model)]
@@ -1473,39 +1519,39 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
             class_expert[l].index_put_((cls, top1), torch.ones_like(top1), accumulate=True)
             rows[l] += len(top1)
         add("clean", ok)
-        xa = attack(model, xb, yb, amp=cfg.amp)
-        ok_pgd = ok & (predict(model, xa, cfg.amp) == yb)
+        xa = attack(model, xb, yb)
+        ok_pgd = ok & (predict(model, xa) == yb)
         add("pgd", ok_pgd)
         robust = ok_pgd.clone()
         for l, r in enumerate(current_routes(model, xa)):
             flips_pgd[l] += int((r.indices[:, 0] != routes[l].indices[:, 0]).sum())
         if full and cfg.norm == "linf":
-            ok_apgd = ok & (predict(model, apgd_ce(model, xb, yb, cfg.eps, cfg.apgd_steps, amp=cfg.amp), cfg.amp) == yb)
+            ok_apgd = ok & (predict(model, apgd_ce(model, xb, yb, cfg.eps, cfg.apgd_steps)) == yb)
             add("apgd", ok_apgd)
             robust &= ok_apgd
         if full and layers:
             with soft_routing(model):
-                xs = attack(model, xb, yb, amp=cfg.amp)
-            ok_soft = ok & (predict(model, xs, cfg.amp) == yb)
+                xs = attack(model, xb, yb)
+            ok_soft = ok & (predict(model, xs) == yb)
             add("soft", ok_soft)
             robust &= ok_soft
         add("robust", robust)
         if not moe:
             continue
         with forced_routes(model, routes):  # RA-E: the clean routes, experts attacked
-            xe = attack(model, xb, yb, amp=cfg.amp)
-            add("ra_e", ok & (predict(model, xe, cfg.amp) == yb))
-        xr = router_attack(model, xb, attack, cfg.amp)  # RA-R: routing attacked, experts see clean x
+            xe = attack(model, xb, yb)
+            add("ra_e", ok & (predict(model, xe) == yb))
+        xr = router_attack(model, xb, attack)  # RA-R: routing attacked, experts see clean x
         r_routes = current_routes(model, xr)
         for l, r in enumerate(r_routes):
             flips_router[l] += int((r.indices[:, 0] != routes[l].indices[:, 0]).sum())
         with forced_routes(model, r_routes):
-            add("ra_r", ok & (predict(model, xb, cfg.amp) == yb))
+            add("ra_r", ok & (predict(model, xb) == yb))
         for i in range(E):  # per-expert networks f_i, attacked anew
             with forced_expert(model, i):
-                ok_i = predict(model, xb, cfg.amp) == yb
+                ok_i = predict(model, xb) == yb
                 add(f"expert{i}_clean", ok_i)
-                add(f"expert{i}_robust", ok_i & (predict(model, attack(model, xb, yb, amp=cfg.amp), cfg.amp) == yb))
+                add(f"expert{i}_robust", ok_i & (predict(model, attack(model, xb, yb)) == yb))
     acc = lambda k: sums.get(k, 0) / max(1, n)
     res = {"clean_acc": acc("clean"), "robust_acc": acc("robust"), "attack": "min over " + " | ".join(names),
            "attacks": names, "robust_by_attack": {names[0]: acc("pgd")}}
@@ -1613,12 +1659,13 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
                                               "--overwrite to start afresh, or choose another --out")
         state = None
     cfg.validate()
-    runtime = make_runtime(cfg.device, cfg.amp)
+    runtime = make_runtime(cfg.device, cfg.precision)
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.train_limit, cfg.test_limit)
     n_val = cfg.val_size or min(1000, max(1, len(data.train_x) // 10))
     check(n_val < len(data.train_x), f"--val-size {n_val} leaves no training data ({len(data.train_x)} examples)")
     tx, ty, vx, vy = split_validation(data.train_x, data.train_y, n_val, cfg.seed)
+    tx, ty, vx, vy = (t.to(runtime.device) for t in (tx, ty, vx, vy))  # uint8 on the device, once
     steps_per_epoch = math.ceil(len(tx) / cfg.batch_size)
     seed_everything(cfg.seed)  # the initial weights
     method = make_method(cfg, data, runtime, cfg.epochs * steps_per_epoch)
@@ -1640,15 +1687,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         t0, sums, n = time.time(), {}, 0
         for xb, yb in batches(tx, ty, cfg.batch_size, runtime.device, shuffle=True, train_augment=cfg.augment):
             logs = method.step(xb, yb)
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v * len(xb)
+            for k, v in logs.items():  # summed on the device: no host sync per step
+                sums[k] = sums.get(k, 0.0) + v.double() * len(xb)
             n += len(xb)
+        sums = {k: v.item() for k, v in sums.items()}  # the epoch's one read-back
         if runtime.device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.time() - t0
         reset_routing_stats(method.eval_model())  # expert usage on the clean validation split
         for xb, _ in batches(vx, vy, 256, runtime.device):
-            predict(method.eval_model(), xb, cfg.amp)
+            predict(method.eval_model(), xb)
         usage = expert_counts(method.eval_model())
         val = evaluate(method.eval_model(), vx, vy, cfg.attack(cfg.val_steps), runtime.device)
         row = {"epoch": epoch + 1, **{f"train_{k}": v / n for k, v in sums.items()},
@@ -1702,7 +1750,7 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
     out = Path(cfg.out)
     check(overwrite or resume or not (out / "metrics.json").exists(),
           f"--out {cfg.out} already holds a dual run; pass --overwrite to redo it or choose another --out")
-    runtime = make_runtime(cfg.device, cfg.amp)
+    runtime = make_runtime(cfg.device, cfg.precision)
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.train_limit, cfg.test_limit)
     members = {}
@@ -2108,33 +2156,110 @@ def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
 # ============================================================================================
 
 
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
+    """Wall-clock seconds of each of `repeats` calls of fn, waiting for the device each time."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def benchmark_moe(device: str = "auto", batch: int = 256, channels: int = 64, size: int = 8,
-                  repeats: int = 10) -> dict:
-    """Forward time per example of one MoE layer of conv residual branches, (B, C, 8, 8):
-    sparse top-1 with E = 2 and E = 8, against running all 8 experts (soft routing).
-    Sparse dispatch should make E = 8 cost about what E = 2 costs, far less than all 8."""
-    rt = make_runtime(device)
+                  experts: tuple = (1, 2, 4, 8, 16), repeats: int = 10, precision: str = "auto") -> dict:
+    """The MoE layer's cost versus E at fixed k = 1: forward + backward time per example of
+    one MoE of conv residual branches on (B, C, 8, 8) maps, sparse top-1 against running all
+    E experts (soft routing), best of `repeats`. Sparse dispatch should keep the top-1 cost
+    flat in E (each example still runs one expert) while all-experts grows linearly.
+    -> {"E=4 top-1": us/example, "E=4 all": us/example, ...}"""
+    rt = make_runtime(device, precision)
     x = torch.rand(batch, channels, size, size, device=rt.device)
+    if rt.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     results = {}
-    for name, E, soft in (("E=2 top-1", 2, False), ("E=8 top-1", 8, False), ("E=8 all experts", 8, True)):
+    for E in experts:
         torch.manual_seed(0)
-        layer = MoE([residual_branch(channels, channels, channels, 1) for _ in range(E)], channels, k=1).to(rt.device).eval()
-        layer.soft = soft
-        times = []
-        with torch.no_grad(), rt.autocast():
-            layer(x)  # warm-up
-            for _ in range(repeats):
-                if rt.device.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                layer(x)
-                if rt.device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t)
-        results[name] = min(times) / batch * 1e6  # microseconds per example, best of `repeats`
-    for name, us in results.items():
-        log(f"{name:18s} {us:8.1f} us/example")
+        layer = rt.prepare(MoE([residual_branch(channels, channels, channels, 1) for _ in range(E)], channels, k=1))
+        for name, soft in ((f"E={E} top-1", False), (f"E={E} all", True)):
+            layer.soft = soft
+
+            def fwd_bwd():
+                with rt.autocast():
+                    out = layer(x)
+                out.float().square().mean().backward()
+            fwd_bwd()  # warm-up
+            results[name] = min(_timed(fwd_bwd, rt.device, repeats)) / batch * 1e6
+            layer.zero_grad(set_to_none=True)
+        log(f"MoE layer E={E:2d}: top-1 {results[f'E={E} top-1']:8.1f} us/example | all experts {results[f'E={E} all']:8.1f}")
     return results
+
+
+BENCH_ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
+
+
+def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optional[int] = None) -> dict:
+    """Images per second of a training step, standard and PGD-10 AT, for dense ResNet-18,
+    MoE-ResNet18 (E = 4, k = 1, MoE in --moe-blocks) and MoE-ViT (E = 4, k = 1), at cfg's
+    width, batch size, device, precision and --compile, on random CIFAR-10-shaped uint8 data
+    kept on the device and fed through the real loop (batches + augment + Method.step).
+    -> {arch: {"standard": img/s, "at": img/s, "at_step_s": seconds, ...}}"""
+    rt = make_runtime(cfg.device, cfg.precision)
+    on_cuda = rt.device.type == "cuda"
+    iters = iters or (20 if on_cuda else 2)
+    warmup = warmup or ((10 if cfg.compile else 3) if on_cuda else 1)
+    B, n = cfg.batch_size, cfg.batch_size * (iters + warmup)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen).to(rt.device)
+    y = torch.randint(0, 10, (n,), generator=gen).to(rt.device)
+    results = {}
+    for arch in BENCH_ARCHS:
+        results[arch] = {}
+        for method in ("standard", "at"):
+            c = dataclasses.replace(cfg, method=method, arch=arch, experts=4, top_k=1, train_steps=10)
+            seed_everything(0)
+            model = rt.prepare(build_model(c.model_config(10, 32)))
+            if cfg.compile:
+                model.compile()
+            m = METHOD_CLASSES[method](model, c, total_steps=10 ** 6)
+            data = batches(x, y, B, rt.device, shuffle=True, train_augment=True)
+            for _ in range(warmup):
+                m.step(*next(data))
+            if on_cuda:
+                torch.cuda.reset_peak_memory_stats()
+            seconds = sum(_timed(lambda: m.step(*next(data)), rt.device, iters))
+            results[arch][method] = round(B * iters / seconds, 1)
+            results[arch][f"{method}_step_s"] = round(seconds / iters, 4)
+            if on_cuda:
+                results[arch][f"{method}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+            log(f"{arch:13s} {method:8s} {results[arch][method]:9.1f} img/s  ({seconds / iters * 1e3:.1f} ms/step, batch {B})")
+            del m, model
+    return results
+
+
+def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
+    """`--benchmark`: training throughput (benchmark_training) and the MoE layer's cost versus E
+    (benchmark_moe) on this device; printed and written to OUT/benchmark.json."""
+    rt = make_runtime(cfg.device, cfg.precision)
+    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    log(f"benchmark on {name} | torch {torch.__version__} | precision {rt.amp_dtype or torch.float32} | "
+        f"channels_last {rt.channels_last} | compile {cfg.compile} | width {cfg.width} | batch {cfg.batch_size}")
+    steps = benchmark_training(cfg)
+    ratio = {m: round(steps["moe-resnet18"][m] / steps["resnet18"][m], 3) for m in ("standard", "at")}
+    log(f"MoE-ResNet18 / ResNet-18 throughput: standard {ratio['standard']:.2f}, PGD-10 AT {ratio['at']:.2f} (target >= 0.8)")
+    layer = benchmark_moe(cfg.device, precision=cfg.precision)
+    res = {"device": name, "torch": torch.__version__, "precision": str(rt.amp_dtype or torch.float32),
+           "channels_last": rt.channels_last, "compile": cfg.compile, "width": cfg.width, "batch_size": cfg.batch_size,
+           "train_images_per_s": steps, "moe_over_dense": ratio, "moe_layer_us_per_example": layer,
+           "moe_layer_shape": "batch 256, 64 channels, 8x8 maps, forward + backward"}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out) / "benchmark.json", res)
+    log(f"-> {Path(out) / 'benchmark.json'}")
+    return res
 
 
 def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
@@ -2178,7 +2303,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("what to run")
     a.add_argument("--method", choices=METHODS, default=d.method, help="training method")
     a.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint (best.pt or last.pt) on the test set")
-    a.add_argument("--benchmark", action="store_true", help="time the sparse MoE layer (E=2, E=8, all experts)")
+    a.add_argument("--benchmark", action="store_true",
+                   help="images/s of standard and PGD-10 AT steps (ResNet-18, MoE-ResNet18, MoE-ViT at --width, "
+                        "--batch-size) and the MoE layer's cost versus E; writes OUT/benchmark.json")
     a.add_argument("--lipschitz", metavar="CKPT", help="Lipschitz estimates, bounds and certified accuracy of a checkpoint")
     a.add_argument("--lipschitz-n", type=int, default=64, metavar="N", help="test examples the --lipschitz report uses")
     a.add_argument("--demo", action="store_true", help="run the demo (what no arguments does)")
@@ -2233,7 +2360,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dual: how f_R is trained without --robust-ckpt")
     a = p.add_argument_group("run")
     a.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-    a.add_argument("--no-amp", dest="amp", action="store_false", help="no bf16 autocast on CUDA")
+    a.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto: bf16 autocast + channels_last on CUDA, float32 on CPU; bf16 on CPU is the fast CPU path")
     a.add_argument("--compile", action="store_true", help="torch.compile the model")
     a.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<arch>-<method>)")
     a.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
@@ -2252,7 +2380,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str]) -> dict:
     """Test-set report of a saved checkpoint, with the attack and suite settings given on the CLI."""
-    rt = make_runtime(overrides.device, overrides.amp)
+    rt = make_runtime(overrides.device, overrides.precision)
     model, saved, _ = load_model(path, rt)
     data_dir = overrides.data_dir if overrides.data_dir != "data" else saved.data_dir
     data = load_dataset(saved.dataset, data_dir, saved.image_size, saved.seed, None, overrides.test_limit)
@@ -2269,7 +2397,7 @@ def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str
     """lipschitz_report on the first n test examples of a checkpoint's data set; written to
     the `lipschitz` entry of OUT/metrics.json (OUT: the checkpoint's folder by default)."""
     check(n >= 1, f"--lipschitz-n {n} must be >= 1")
-    rt = make_runtime(overrides.device, overrides.amp)
+    rt = make_runtime(overrides.device, overrides.precision)
     model, saved, _ = load_model(path, rt)
     data_dir = overrides.data_dir if overrides.data_dir != "data" else saved.data_dir
     data = load_dataset(saved.dataset, data_dir, saved.image_size, saved.seed, None, n)
@@ -2300,7 +2428,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not argv or args.demo:
             run_demo(args.out or "runs/demo", args.device)
         elif args.benchmark:
-            benchmark_moe(args.device)
+            benchmark(cfg, args.out or "runs/benchmark")
         elif args.eval:
             evaluate_checkpoint(args.eval, cfg, args.out)
         elif args.lipschitz:
