@@ -253,6 +253,14 @@ def test_synthetic_is_deterministic_and_in_range():
     assert not torch.equal(a.train_x[:16], a.test_x)
 
 
+def test_random_data_has_cifar10_shape():
+    d = mr.load_dataset("random", train_limit=20, test_limit=6)
+    assert d.train_x.shape == (20, 3, 32, 32) and d.train_x.dtype == torch.uint8 and d.test_y.shape == (6,)
+    assert d.num_classes == 10 and int(d.train_y.max()) < 10
+    full = mr.make_random()
+    assert full.train_x.shape == (50000, 3, 32, 32) and full.test_x.shape == (10000, 3, 32, 32)
+
+
 def test_augment_shapes_and_values():
     torch.manual_seed(0)
     x = torch.rand(8, 3, 32, 32)
