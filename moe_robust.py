@@ -97,12 +97,12 @@ def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
     return _AMP_DTYPE.get(torch.device(device).type)
 
 
-def autocast_for(device: torch.device, enabled: bool = True):
+def autocast_for(device: torch.device):
     """The one autocast rule: the process's precision for this device type (see set_precision).
     Under bf16 the matrix products and convolutions run in bf16; every loss in this file
     casts logits to float32 first, and input gradients arrive in float32 (bf16 has float32's
     exponent range, so no loss scaling is needed and a gradient sign is never lost to underflow)."""
-    dtype = amp_dtype(device) if enabled else None
+    dtype = amp_dtype(device)
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
@@ -116,7 +116,7 @@ def float32_evaluation():
     by +1.5, +0.5 and -6.8 points (README). On a GPU, validation costs about 2x more in
     float32, which is a few % of an epoch."""
     saved = dict(_AMP_DTYPE)
-    _AMP_DTYPE.update(cpu=None, cuda=None)
+    set_precision("fp32")
     try:
         yield
     finally:
@@ -953,7 +953,7 @@ def ce_per_example(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, alpha: Optional[float] = None,
         steps: int = 10, norm: str = "linf", restarts: int = 1, random_start: bool = True,
-        loss_fn: Callable = ce_per_example, keep_best: bool = True, amp: bool = True) -> torch.Tensor:
+        loss_fn: Callable = ce_per_example, keep_best: bool = True) -> torch.Tensor:
     """Projected gradient ascent on `loss_fn(model(x'), y)` over ||x' - x|| <= eps, x' in [0,1].
 
     alpha: step size; None means eps / 4 (2/255 at eps = 8/255, Madry's CIFAR setting).
@@ -982,7 +982,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
 
     with eval_mode(model):
         if keep_best:
-            with torch.no_grad(), autocast_for(x.device, amp):
+            with torch.no_grad(), autocast_for(x.device):
                 consider(x, model(x))
         for _ in range(restarts):
             delta = torch.zeros_like(x)
@@ -995,7 +995,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
             delta = (x + delta).clamp(0, 1) - x
             for _ in range(steps):
                 xa = (x + delta).requires_grad_(True)
-                with autocast_for(x.device, amp):
+                with autocast_for(x.device):
                     logits = model(xa)
                 loss = loss_fn(logits.float(), y)
                 if keep_best:
@@ -1010,7 +1010,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
             xa = (x + delta).detach()
             if not keep_best:
                 return xa
-            with torch.no_grad(), autocast_for(x.device, amp):
+            with torch.no_grad(), autocast_for(x.device):
                 consider(xa, model(xa))
     return best_x
 
@@ -1034,8 +1034,8 @@ class AttackConfig:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, amp: bool = True) -> torch.Tensor:
-    with eval_mode(model), autocast_for(x.device, amp):
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with eval_mode(model), autocast_for(x.device):
         return model(x).argmax(1)
 
 
@@ -1060,7 +1060,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Optiona
 
 
 def apgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 50,
-            restarts: int = 1, rho: float = 0.75, amp: bool = True) -> torch.Tensor:
+            restarts: int = 1, rho: float = 0.75) -> torch.Tensor:
     """APGD-CE (Croce & Hein 2020, Alg. 1), L-inf: PGD with momentum 0.75 and a per-example
     step size that starts at 2 eps and halves at checkpoints when progress stalls (condition 1:
     fewer than rho of the steps since the last checkpoint increased the loss; condition 2: the
@@ -1079,7 +1079,7 @@ def apgd_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 /
 
     def loss_grad(xa):
         xa = xa.clone().requires_grad_(True)
-        with autocast_for(x.device, amp):
+        with autocast_for(x.device):
             logits = model(xa).float()
         loss = F.cross_entropy(logits, y, reduction="none")
         (g,) = torch.autograd.grad(loss.sum(), xa)
@@ -1140,12 +1140,12 @@ class RouterDeviation(nn.Module):
         return total[:, None]
 
 
-def router_attack(model: nn.Module, x: torch.Tensor, attack: AttackConfig, amp: bool = True) -> torch.Tensor:
+def router_attack(model: nn.Module, x: torch.Tensor, attack: AttackConfig) -> torch.Tensor:
     """PGD that only tries to change the routes of x (see RouterDeviation)."""
     clean_top1 = [r.indices[:, 0] for r in current_routes(model, x)]
     score = RouterDeviation(model, clean_top1).train(model.training)  # so pgd restores the model's own mode
     return pgd(score, x, torch.zeros(len(x), device=x.device), attack.eps, attack.alpha, attack.steps, attack.norm,
-               attack.restarts, loss_fn=lambda out, _: out[:, 0], amp=amp)
+               attack.restarts, loss_fn=lambda out, _: out[:, 0])
 
 
 # ============================================================================================
@@ -2433,12 +2433,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str]) -> dict:
-    """Test-set report of a saved checkpoint, with the attack and suite settings given on the CLI."""
+def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int]):
+    """A checkpoint's model on the CLI's device and the first `test_limit` test examples of its
+    data set (from --data-dir when given). -> (runtime, model, saved config, Dataset)"""
     rt = make_runtime(overrides.device, overrides.precision)
     model, saved, _ = load_model(path, rt)
     data_dir = overrides.data_dir if overrides.data_dir != "data" else saved.data_dir
-    data = load_dataset(saved.dataset, data_dir, saved.image_size, saved.seed, None, overrides.test_limit)
+    return rt, model, saved, load_dataset(saved.dataset, data_dir, saved.image_size, saved.seed, None, test_limit)
+
+
+def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str]) -> dict:
+    """Test-set report of a saved checkpoint, with the attack and suite settings given on the CLI."""
+    rt, model, saved, data = checkpoint_and_data(path, overrides, overrides.test_limit)
     result = {"checkpoint": path, "config": dataclasses.asdict(saved),
               "test": evaluate_full(model, data.test_x, data.test_y, overrides, rt.device)}
     dest = Path(out) if out else Path(path).parent
@@ -2452,10 +2458,7 @@ def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str
     """lipschitz_report on the first n test examples of a checkpoint's data set; written to
     the `lipschitz` entry of OUT/metrics.json (OUT: the checkpoint's folder by default)."""
     check(n >= 1, f"--lipschitz-n {n} must be >= 1")
-    rt = make_runtime(overrides.device, overrides.precision)
-    model, saved, _ = load_model(path, rt)
-    data_dir = overrides.data_dir if overrides.data_dir != "data" else saved.data_dir
-    data = load_dataset(saved.dataset, data_dir, saved.image_size, saved.seed, None, n)
+    rt, model, saved, data = checkpoint_and_data(path, overrides, n)
     x, y = data.test_x.to(rt.device).float() / 255, data.test_y.to(rt.device)
     rep = lipschitz_report(model, x, y, overrides.eps, overrides.norm)
     rep["checkpoint"] = path
