@@ -2438,6 +2438,7 @@ def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int])
     data set (from --data-dir when given). -> (runtime, model, saved config, Dataset)"""
     rt = make_runtime(overrides.device, overrides.precision)
     model, saved, _ = load_model(path, rt)
+    seed_everything(overrides.seed)  # attacks' random starts and power iterations repeat run to run
     data_dir = overrides.data_dir if overrides.data_dir != "data" else saved.data_dir
     return rt, model, saved, load_dataset(saved.dataset, data_dir, saved.image_size, saved.seed, None, test_limit)
 

@@ -358,6 +358,10 @@ def test_eval_only_of_a_checkpoint(trained):
                     "--device", "cpu"]) == 0
     res = json.loads((out / "eval.json").read_text())
     assert 0 <= res["test"]["robust_acc"] <= res["test"]["clean_acc"] <= 1
+    torch.manual_seed(123)  # whatever the process did before, --seed fixes the attack's random starts
+    assert mr.main(["--eval", str(out / "best.pt"), "--eval-steps", "2", "--eval-suite", "pgd", "--test-limit", "50",
+                    "--device", "cpu"]) == 0
+    assert json.loads((out / "eval.json").read_text())["test"] == res["test"]
 
 
 def test_import_has_no_side_effects():
@@ -660,6 +664,10 @@ def test_lipschitz_cli_on_a_checkpoint(trained):
     rep = json.loads((out / "metrics.json").read_text())["lipschitz"]
     assert {"local_linf", "local_l2", "jacobian_l2", "global_linf", "global_l2", "certified_acc", "expert_spread"} <= set(rep)
     assert rep["global_l2"] >= rep["jacobian_l2"] and 0 <= rep["certified_acc"] <= 1
+    torch.manual_seed(123)  # whatever the process did before, --seed fixes the random estimates
+    assert mr.main(["--lipschitz", str(out / "best.pt"), "--lipschitz-n", "8", "--device", "cpu"]) == 0
+    again = json.loads((out / "metrics.json").read_text())["lipschitz"]
+    assert again == rep
 
 
 def test_vit_has_local_estimates_but_no_global_bound():
