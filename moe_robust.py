@@ -9,11 +9,13 @@ What this file holds, in the order it is defined (nothing is used before it is d
                    router z-loss, routing statistics, forcing an expert, a rank or a route
   3. models        CIFAR ResNet-18 / MoE-ResNet18 (MoE residual branches), a small MoE-ViT,
                    the dual model f_D = (1 - a) f_S + a f_R
-  4. attacks       PGD (L-inf, L2, restarts, worst case kept), APGD-CE, a routing-only attack
+  4. attacks       PGD (L-inf, L2, restarts, worst case kept), APGD-CE, APGD-T, Square, a
+                   soft-router surrogate, a routing-only attack
   5. methods       standard, PGD-AT, TRADES, AdvMoE (router/expert alternation), RT-ER
                    (runner-up expert), JTDMoE (joint dual model)
-  6. evaluation    SA; RA as the minimum over PGD, APGD-CE and a soft-router PGD; RA-E, RA-R,
-                   per-expert SA/RA, expert usage, class x expert, route flips
+  6. evaluation    SA; RA under a cascade of attacks (AutoAttack's protocol; suites pgd,
+                   autoattack, full), gradient-masking probes; RA-E, RA-R, per-expert SA/RA,
+                   expert usage, class x expert, route flips
   7. training      SGD + cosine; a held-out validation split picks the best-robust checkpoint;
                    atomic checkpoints every epoch, --resume; the dual-model sweep
   8. Lipschitz     local estimate, Jacobian spectral norm, global bound with MoE terms,
@@ -32,14 +34,15 @@ Speed (`python moe_robust.py --benchmark --device cpu [--precision bf16]`, 2 CPU
 1, batch 128): PGD-10 AT of MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 img/s
 in bf16 + channels_last, 1.03x and 1.02x the dense ResNet-18's. On CUDA: bf16 autocast,
 channels_last, fused SGD, data resident on the GPU and one host sync per MoE layer and
-forward (GPU figures are not yet measured: no GPU was lent to the session that wrote this).
+forward (GPU figures are not yet measured).
 
 Conventions: inputs are images in [0, 1]; every model normalises inside itself and its
 forward returns logits only; eps is in pixel units (8/255 means 8 grey levels).
 Papers are cited by short names; ../shared/METHODS.md in the project digests them:
   Shazeer 2017 (sparsely-gated MoE), Switch 2021 (Fedus et al.), ST-MoE 2022 (z-loss),
   V-MoE 2021 (Riquelme et al.), Madry 2018 (PGD-AT), TRADES 2019 (Zhang et al.),
-  APGD 2020 (Croce & Hein), AdvMoE 2023 (Zhang et al., ICCV), Robust Experts 2025
+  APGD 2020 (Croce & Hein; APGD-T, AutoAttack), Square 2020 (Andriushchenko et al.),
+  Gram iteration 2023 (Delattre et al.), AdvMoE 2023 (Zhang et al., ICCV), Robust Experts 2025
   (Pavlitska et al.), Dual model 2025 (Zhang, Xu, Hu, Wang, ICML), Puigcerver 2022
   (adversarial robustness of MoE, Lipschitz constants).
 """
@@ -900,6 +903,8 @@ def compile_model(model: nn.Module) -> nn.Module:
     # an expert meets train/eval x grad/no-grad x bf16/float32 x batch 1/many: 16 variants, beyond
     # dynamo's default of 8, after which it would silently run eagerly
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 32))
+    if not next(model.parameters()).is_cuda:  # inductor's NCHW -> channels_last rewrite of the convolutions
+        torch._inductor.config.layout_optimization = False  # hung a CPU convolution backward (torch 2.15)
     for m in moe_layers(model):
         for expert in m.experts:
             expert.compile(dynamic=True)
@@ -924,7 +929,7 @@ class DualModel(nn.Module):
 
 
 # ============================================================================================
-# 4. Attacks: PGD (Madry et al. 2018)
+# 4. Attacks: PGD (Madry et al. 2018), APGD-CE / APGD-T and Square (AutoAttack's attacks)
 # ============================================================================================
 # x_0 = x + U(-eps, eps); x_{t+1} = clip_[0,1](Proj_eps(x_t + alpha * sign(grad_x loss))).
 # The model is put in eval mode (BatchNorm frozen, routing deterministic) and its mode is
@@ -1674,8 +1679,8 @@ METHOD_CLASSES: dict[str, type] = {"standard": Standard, "at": PGDAT, "trades": 
 # RA-E: routes fixed at the clean routes, experts attacked. RA-R: only the routing attacked:
 # routes from the perturbed input, experts on the clean input (RouterDeviation). Per-expert
 # SA/RA: every f_i (all MoE layers forced to expert i) attacked anew. With routes fixed or an
-# expert forced the network has no routing decision left to hide behind, so RA-E and f_i use
-# the suite's gradient attacks (PGD, APGD-CE, APGD-T). Routing: expert usage, class x expert
+# expert forced the network has no routing decision left to hide behind, so f_i meets the
+# suite's gradient attacks (PGD, APGD-CE, APGD-T) and RA-E its PGD and APGD-CE. Routing: expert usage, class x expert
 # counts, and the fraction of routes that the suite's adversarial examples and the routing
 # attack flip (Puigcerver 2022 report the overlap of experts before and after an attack).
 PROBE_FACTORS = (1, 2, 4, 8, 16)  # eps multiples of the probe; L-inf radii are capped at 1
@@ -1802,8 +1807,10 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
         if not moe:
             continue
         gradient = [(k, a) for k, a in attacks if k.startswith(("PGD", "APGD"))]
-        ra_e, _ = attack_cascade(model, xb, yb, gradient, ok, lambda idx: forced_routes(model, take_routes(routes, idx, B)))
-        add("ra_e", ra_e[gradient[-1][0]])
+        fixed = [(k, a) for k, a in gradient if not k.startswith("APGD-T")]  # APGD-T re-batches per target,
+        ra_e, _ = attack_cascade(model, xb, yb, fixed, ok,  # which per-row forced routes cannot follow
+                                 lambda idx: forced_routes(model, take_routes(routes, idx, B)))
+        add("ra_e", ra_e[fixed[-1][0]])
         xr = router_attack(model, xb, attack)  # RA-R: routing attacked, experts see clean x
         r_routes = current_routes(model, xr)
         for l, r in enumerate(r_routes):
@@ -1828,7 +1835,7 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
         res["routing"] = {"usage": [u.tolist() for u in usage],
                           "route_flip_attack": [f / max(1, r) for f, r in zip(flips_adv, rows)]}
     if moe:
-        res.update(ra_e=acc("ra_e"), ra_r=acc("ra_r"), ra_e_attacks=[k for k in names if k.startswith(("PGD", "APGD"))],
+        res.update(ra_e=acc("ra_e"), ra_r=acc("ra_r"), ra_e_attacks=[k for k in names if k.startswith(("PGD", "APGD-CE"))],
                    per_expert=[{"expert": i, "clean_acc": acc(f"expert{i}_clean"), "robust_acc": acc(f"expert{i}_robust")}
                                for i in range(E)])
         res["routing"].update(class_expert=[c.tolist() for c in class_expert],
