@@ -55,7 +55,9 @@ import json
 import math
 import os
 import pickle
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,18 +176,63 @@ def seed_everything(seed: int) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file,
+    and an interrupted write leaves no temporary file (a SIGKILL can: see remove_stale_temps)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(str(tmp))
-    os.replace(tmp, path)
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove the temporary files of writes that a killed process never finished."""
+    for p in Path(folder).glob(".*.tmp*"):
+        p.unlink(missing_ok=True)
+
+
+def strict_json(obj):
+    """obj with every non-finite float replaced by None: JSON has no NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
 
 
 def write_json(path: Path, obj) -> None:
     def w(p):
         with open(p, "w") as f:
-            json.dump(obj, f, indent=1)
+            json.dump(strict_json(obj), f, indent=1, allow_nan=False)
     atomic_write(path, w)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; a clear error if it is not one (nothing is overwritten)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__}); move it away or choose another --out") from None
+    check(isinstance(obj, dict), f"{path} does not hold a JSON object; move it away or choose another --out")
+    return obj
+
+
+def writable_folder(folder: str, flag: str = "--out") -> Path:
+    """Create `folder` if needed and prove it is writable, before any work starts."""
+    p = Path(folder)
+    check(not p.exists() or p.is_dir(), f"{flag} {folder} is a file; give a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {folder} is not a writable folder ({e.strerror or type(e).__name__})") from None
+    return p
 
 
 # ============================================================================================
@@ -305,9 +352,23 @@ def load_cifar(name: str, data_dir: str) -> Dataset:
                     d = pickle.load(f, encoding="latin1")
             except Exception as e:
                 raise UserError(f"{name}: cannot read {folder / fn} ({type(e).__name__}); re-extract the archive") from None
-            xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d["labels"] if "labels" in d else d["fine_labels"], dtype=np.int64))
+            bad = lambda why: UserError(f"{name}: {folder / fn} is not a CIFAR batch ({why}); re-extract the archive")
+            if not isinstance(d, dict) or "data" not in d or not ({"labels", "fine_labels"} & set(d)):
+                raise bad("expected a dict with 'data' and 'labels'")
+            try:
+                x = np.asarray(d["data"], dtype=np.uint8)
+                yl = np.asarray(d["labels"] if "labels" in d else d["fine_labels"], dtype=np.int64)
+            except (TypeError, ValueError, OverflowError):
+                raise bad("data or labels are not numbers") from None
+            if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or yl.shape != (len(x),):
+                raise bad(f"data {tuple(x.shape)}, labels {tuple(yl.shape)}; expected (N, 3072) and (N,)")
+            if len(yl) and (yl.min() < 0 or yl.max() >= classes):
+                raise bad(f"label {int(yl.max() if yl.max() >= classes else yl.min())} outside 0..{classes - 1}")
+            xs.append(x.reshape(-1, 3, 32, 32))
+            ys.append(yl)
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    classes = 10 if name == "cifar10" else 100
 
     if name == "cifar10":
         tx, ty = read([f"data_batch_{i}" for i in range(1, 6)])
@@ -391,6 +452,9 @@ def load_imagefolder(data_dir: str, size: int = 32) -> Dataset:
         for c in sorted(p.name for p in folder.iterdir() if p.is_dir()):
             check(c in classes, f"imagefolder: class {c!r} in {folder}/ is not in train/")
             imgs = _list_images(folder / c)
+            check(len(imgs) > 0 or folder.name != "train",
+                  f"imagefolder: class folder {folder / c}/ has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                  "remove it or add images")
             paths += imgs
             labels += [classes.index(c)] * len(imgs)
         check(len(paths) > 0, f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}/")
@@ -405,7 +469,11 @@ def load_dataset(name: str, data_dir: str = "data", image_size: Optional[int] = 
                  train_limit: Optional[int] = None, test_limit: Optional[int] = None) -> Dataset:
     """Load by name; `train_limit`/`test_limit` keep only the first N examples."""
     check(name in DATASETS, f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    check(image_size is None or image_size >= 8, f"--image-size {image_size} too small; need >= 8")
+    check(image_size is None or (16 <= image_size <= 256 and image_size % 8 == 0),
+          f"--image-size {image_size} not allowed; need a multiple of 8 from 16 to 256")
+    if name in ("synthetic", "random"):  # generated in memory: keep the request to what fits
+        for flag, v in (("--train-limit", train_limit), ("--test-limit", test_limit)):
+            check(v is None or v <= 100_000, f"{flag} {v} too large for generated data ({name}); allowed: 1..100000")
     if name == "synthetic":
         n_train = train_limit if train_limit else 6000
         n_test = test_limit if test_limit else 1000
@@ -913,19 +981,31 @@ def compile_model(model: nn.Module) -> nn.Module:
     return model
 
 
+DUAL_MIXES = ("logits", "normalized")
+
+
 class DualModel(nn.Module):
     """The dual model (Zhang, Xu, Hu, Wang, ICML 2025): f_D(x) = (1 - a) f_S(x) + a f_R(x) on
     logits, f_S a standard-trained and f_R a robust MoE; the smoothing parameter a in [0, 1]
     trades clean accuracy (a -> 0) for robustness (a -> 1). The MoE layers of both members
-    are visible to moe_layers (f_S's first), so every routing control applies to both."""
+    are visible to moe_layers (f_S's first), so every routing control applies to both.
+    mix="logits" is the paper's form. A standard model's logits are several times larger than
+    a robust model's, so with it f_S dominates until a is close to 1. mix="normalized" (not
+    in the paper) divides each member's logits by their per-example standard deviation over
+    the classes first, so a weighs two equally scaled votes; a = 0 and a = 1 still predict
+    exactly as f_S and f_R. The Lipschitz bound (1-a) K_S + a K_R holds for "logits" only."""
 
-    def __init__(self, standard: nn.Module, robust: nn.Module, a: float = 0.5):
+    def __init__(self, standard: nn.Module, robust: nn.Module, a: float = 0.5, mix: str = "logits"):
         super().__init__()
         check(0 <= a <= 1, f"dual-model a={a} not allowed; need 0 <= a <= 1")
-        self.standard, self.robust, self.a = standard, robust, a
+        check(mix in DUAL_MIXES, f"dual-model mix {mix!r} not allowed; allowed: {', '.join(DUAL_MIXES)}")
+        self.standard, self.robust, self.a, self.mix = standard, robust, a, mix
 
     def forward(self, x):  # (B, 3, H, W) -> (B, classes)
-        return (1 - self.a) * self.standard(x) + self.a * self.robust(x)
+        zs, zr = self.standard(x), self.robust(x)
+        if self.mix == "normalized":  # (B, classes) / (B, 1)
+            zs, zr = zs / zs.std(-1, keepdim=True).clamp_min(1e-6), zr / zr.std(-1, keepdim=True).clamp_min(1e-6)
+        return (1 - self.a) * zs + self.a * zr
 
 
 # ============================================================================================
@@ -1319,6 +1399,7 @@ class Config:
     expert_attack: str = "pgd"
     # Dual model / JTDMoE
     dual_a: float = 0.5  # the smoothing parameter a of f_D = (1 - a) f_S + a f_R (fixed in JTDMoE)
+    dual_mix: str = "logits"  # logits (the paper's f_D) or normalized (each member's logits scaled to unit std)
     dual_sweep: str = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"  # values of a the dual method evaluates
     standard_ckpt: Optional[str] = None  # dual: f_S from this checkpoint (else trained)
     robust_ckpt: Optional[str] = None  # dual: f_R from this checkpoint (else trained)
@@ -1354,10 +1435,17 @@ class Config:
         check(self.dataset in DATASETS, f"unknown --dataset {self.dataset!r}; allowed: {', '.join(DATASETS)}")
         check(self.arch in ARCHS, f"unknown --arch {self.arch!r}; allowed: {', '.join(ARCHS)}")
         check(self.norm in NORMS, f"unknown --norm {self.norm!r}; allowed: {', '.join(NORMS)}")
+        for f in dataclasses.fields(self):  # inf and nan pass every comparison below
+            v = getattr(self, f.name)
+            check(not isinstance(v, float) or math.isfinite(v), f"--{f.name.replace('_', '-')} {v} is not a finite number")
         check(self.eps >= 0, f"--eps {self.eps} is negative; allowed: eps >= 0 (pixel units, e.g. 0.0314 = 8/255)")
         check(self.alpha is None or self.alpha > 0, f"--alpha {self.alpha} must be > 0")
-        check(self.width > 0, f"--width {self.width} must be > 0")
-        check(self.experts >= 1, f"--experts {self.experts} must be >= 1")
+        check(0 < self.width <= 8, f"--width {self.width} not allowed; need 0 < width <= 8 (1 is ResNet-18's)")
+        check(1 <= self.experts <= 64, f"--experts {self.experts} not allowed; need 1 <= E <= 64")
+        check(0 <= self.seed < 2 ** 31, f"--seed {self.seed} not allowed; need 0 <= seed < 2^31")
+        check(self.image_size is None or (16 <= self.image_size <= 256 and self.image_size % 8 == 0),
+              f"--image-size {self.image_size} not allowed; need a multiple of 8 from 16 to 256")
+        check(self.batch_size <= 65536, f"--batch-size {self.batch_size} not allowed; need 1 <= batch size <= 65536")
         check(1 <= self.top_k <= self.experts, f"--top-k {self.top_k} not allowed with --experts {self.experts}; need 1 <= k <= E")
         for name in ("epochs", "batch_size", "train_steps", "val_steps", "eval_steps", "eval_restarts"):
             low = 0 if name.endswith("steps") else 1
@@ -1377,6 +1465,7 @@ class Config:
         check(self.router_schedule in ("cosine", "constant"), f"unknown --router-schedule {self.router_schedule!r}; allowed: cosine, constant")
         check(self.robust_loss in ("at", "trades"), f"unknown --robust-loss {self.robust_loss!r}; allowed: at, trades")
         check(0 <= self.dual_a <= 1, f"--dual-a {self.dual_a} not allowed; need 0 <= a <= 1")
+        check(self.dual_mix in DUAL_MIXES, f"unknown --dual-mix {self.dual_mix!r}; allowed: {', '.join(DUAL_MIXES)}")
         check(self.robust_method in ("at", "trades", "advmoe", "rt-er"),
               f"unknown --robust-method {self.robust_method!r}; allowed: at, trades, advmoe, rt-er")
         self.sweep_values()
@@ -1384,7 +1473,9 @@ class Config:
             check(self.arch != "resnet18", f"--method {self.method} needs an MoE (--arch moe-resnet18 or moe-vit), not resnet18")
         if self.method == "rt-er" or (self.method == "dual" and self.robust_method == "rt-er"):
             check(self.experts >= 2, f"--method rt-er needs a runner-up expert: --experts {self.experts} must be >= 2")
-        parse_moe_blocks(self.moe_blocks)
+        blocks = parse_moe_blocks(self.moe_blocks)
+        check(bool(blocks) or self.arch != "moe-resnet18",
+              f"--moe-blocks {self.moe_blocks!r} makes no MoE layer; name blocks (e.g. layer4.1) or use --arch resnet18")
         check(0 < self.expert_ratio <= 4, f"--expert-ratio {self.expert_ratio} must be in (0, 4]")
 
 
@@ -1872,6 +1963,7 @@ def format_report(res: dict, title: str = "test") -> str:
 # 7. The training loop: checkpoints, validation, resume, the dual model
 # ============================================================================================
 CHECKPOINT_VERSION = 1
+RUN_FILES = ("last.pt", "best.pt", "metrics.json")  # a folder holding any of these holds a run
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -1881,6 +1973,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: str) -> dict:
     p = Path(path)
+    check(not p.is_dir(), f"checkpoint {path!r} is a folder; give a checkpoint file such as {p / 'best.pt'}")
     check(p.is_file(), f"checkpoint {path!r} does not exist")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
@@ -1888,6 +1981,10 @@ def load_checkpoint(path: str) -> dict:
         raise UserError(f"checkpoint {path!r} is corrupt or not a moe-robust checkpoint ({type(e).__name__})") from None
     check(isinstance(state, dict) and state.get("version") == CHECKPOINT_VERSION and "config" in state,
           f"checkpoint {path!r} is not a moe-robust checkpoint (version {CHECKPOINT_VERSION})")
+    missing = [k for k in ("num_classes", "image_size", "epoch") if k not in state]
+    missing += [] if "model" in state or "method" in state else ["model"]
+    check(not missing, f"checkpoint {path!r} is incomplete (no {', '.join(missing)}); it was not written by moe_robust.py")
+    check(isinstance(state["config"], dict), f"checkpoint {path!r} is incomplete (its config is not a dict)")
     return state
 
 
@@ -1900,7 +1997,7 @@ def build_run_model(cfg: Config, num_classes: int, image_size: int) -> nn.Module
     """The model a run trains and evaluates: one network, or for jtdmoe a DualModel of two."""
     mc = cfg.model_config(num_classes, image_size)
     if cfg.method == "jtdmoe":
-        return DualModel(build_model(mc), build_model(mc), cfg.dual_a)
+        return DualModel(build_model(mc), build_model(mc), cfg.dual_a, cfg.dual_mix)
     return build_model(mc)
 
 
@@ -1925,23 +2022,34 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     every epoch reseeds the RNG from (seed, epoch). method 'dual' goes to run_dual."""
     if cfg.method == "dual":
         return run_dual(cfg, resume, overwrite, data)
+    check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
     out = Path(cfg.out)
     last = out / "last.pt"
     if resume:
+        check(last.is_file(), f"nothing to resume: {last} does not exist (an interrupted first epoch saves nothing)")
         state = load_checkpoint(str(last))
+        check("method" in state and "history" in state, f"{last} is not a training checkpoint (no optimiser state)")
         saved = config_from_dict(state["config"])
         saved.out, saved.device = cfg.out, cfg.device
         cfg = saved
     else:
-        check(overwrite or not last.exists(), f"--out {cfg.out} already holds a checkpoint; pass --resume to continue it, "
-                                              "--overwrite to start afresh, or choose another --out")
+        found = [f for f in RUN_FILES if (out / f).exists()]
+        check(overwrite or not found, f"--out {cfg.out} already holds a run ({', '.join(found)}); pass --resume to "
+                                      "continue it, --overwrite to start afresh, or choose another --out")
         state = None
     cfg.validate()
+    writable_folder(cfg.out)
+    remove_stale_temps(out)
+    if overwrite:
+        for f in RUN_FILES + ("eval.json",):
+            (out / f).unlink(missing_ok=True)
     runtime = make_runtime(cfg.device, cfg.precision)
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.train_limit, cfg.test_limit)
     n_val = cfg.val_size or min(1000, max(1, len(data.train_x) // 10))
-    check(n_val < len(data.train_x), f"--val-size {n_val} leaves no training data ({len(data.train_x)} examples)")
+    check(n_val < len(data.train_x), f"--val-size {n_val} leaves no training data ({len(data.train_x)} examples)"
+          if cfg.val_size else f"{len(data.train_x)} training example(s) (--train-limit {cfg.train_limit}) leave none "
+          f"after the {n_val} held out for validation; need at least 2")
     tx, ty, vx, vy = split_validation(data.train_x, data.train_y, n_val, cfg.seed)
     tx, ty, vx, vy = (t.to(runtime.device) for t in (tx, ty, vx, vy))  # uint8 on the device, once
     steps_per_epoch = math.ceil(len(tx) / cfg.batch_size)
@@ -1951,24 +2059,34 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     if state is not None:
         method.load_state_dict(state["method"])
         history, best, start = state["history"], state["best"], state["epoch"] + 1
-        log(f"resumed {last} at epoch {start}/{cfg.epochs}")
-    out.mkdir(parents=True, exist_ok=True)
+        log(f"resumed {last} at epoch {start}/{cfg.epochs}" + (": all epochs done, testing again" if start >= cfg.epochs else ""))
     if cfg.compile:
         compile_model(method.model)
     selection = "val_clean_acc" if cfg.method == "standard" else "val_robust_acc"
     metrics = {"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(cfg.model_config(data.num_classes, data.image_size)),
-               "params": count_params(method.eval_model()), "selection": selection, "history": history}
+               "params": count_params(method.eval_model()), "selection": selection, "history": history,
+               "best_epoch": best["epoch"]}
+    params = [p for m in method.opts for g in m.param_groups for p in g["params"]]
     log(f"{cfg.method} | {cfg.arch} on {cfg.dataset} ({len(tx)} train / {n_val} val / {len(data.test_x)} test) | "
         f"{metrics['params']['total'] / 1e6:.2f}M params ({metrics['params']['active'] / 1e6:.2f}M active) | {runtime.device}")
     for epoch in range(start, cfg.epochs):
         seed_everything(cfg.seed * 100003 + epoch)
         t0, sums, n = time.time(), {}, 0
-        for xb, yb in batches(tx, ty, cfg.batch_size, runtime.device, shuffle=True, train_augment=cfg.augment):
+        first_bad = torch.tensor(-1, device=runtime.device)  # first step with a non-finite loss, found on the device
+        for step, (xb, yb) in enumerate(batches(tx, ty, cfg.batch_size, runtime.device, shuffle=True, train_augment=cfg.augment)):
             logs = method.step(xb, yb)
             for k, v in logs.items():  # summed on the device: no host sync per step
                 sums[k] = sums.get(k, 0.0) + v.double() * len(xb)
+            bad = ~torch.isfinite(torch.stack([v.float() for v in logs.values()])).all()
+            first_bad = torch.where(bad & (first_bad < 0), step + 1, first_bad)
             n += len(xb)
         sums = {k: v.item() for k, v in sums.items()}  # the epoch's one read-back
+        diverged = first_bad.item() > 0 or not all(bool(p.isfinite().all()) for p in params)
+        if diverged:  # stop before anything of this epoch is saved: the last good checkpoint stays
+            where = f"step {first_bad.item()}/{steps_per_epoch}" if first_bad.item() > 0 else "its weights"
+            kept = f"epoch {epoch} is kept in {last}" if epoch > 0 else "nothing was saved"
+            raise UserError(f"training diverged in epoch {epoch + 1}, {where}: the loss is not finite (lr {cfg.lr}); "
+                            f"lower --lr; {kept}")
         if runtime.device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.time() - t0
@@ -2026,9 +2144,16 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
     f_D = (1 - a) f_S + a f_R is evaluated for every a of --dual-sweep (clean and robust
     accuracy, robust = minimum over the suite's attacks) and fully at a = --dual-a."""
     cfg.validate()
+    check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
     out = Path(cfg.out)
-    check(overwrite or resume or not (out / "metrics.json").exists(),
-          f"--out {cfg.out} already holds a dual run; pass --overwrite to redo it or choose another --out")
+    training = [f for f in ("last.pt", "best.pt") if (out / f).exists()]
+    check(not training, f"--out {cfg.out} holds a training run ({', '.join(training)}), not a dual run; choose another --out")
+    if (out / "metrics.json").exists():
+        check(overwrite or resume, f"--out {cfg.out} already holds a dual run; pass --overwrite to redo it, "
+                                   "--resume to finish it, or choose another --out")
+        check(overwrite or "dual_sweep" in read_json(out / "metrics.json"),
+              f"--out {cfg.out} holds a training run's metrics.json, not a dual run; choose another --out")
+    writable_folder(cfg.out)
     runtime = make_runtime(cfg.device, cfg.precision)
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.train_limit, cfg.test_limit)
@@ -2046,12 +2171,12 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
     metrics = {"config": dataclasses.asdict(cfg), "dual_sweep": []}
     log(f"\n== dual model sweep over a (f_D = (1 - a) f_S + a f_R) ==")
     for a in cfg.sweep_values():
-        r = evaluate_full(DualModel(members["standard"], members["robust"], a), data.test_x, data.test_y, cfg,
+        r = evaluate_full(DualModel(members["standard"], members["robust"], a, cfg.dual_mix), data.test_x, data.test_y, cfg,
                           runtime.device, analysis=False)
         metrics["dual_sweep"].append({"a": a, "clean_acc": r["clean_acc"], "robust_acc": r["robust_acc"],
                                       "robust_after": r["robust_after"]})
         log(f"a={a:4.2f}  SA {r['clean_acc']:.3f}  RA {r['robust_acc']:.3f}")
-    metrics["test"] = evaluate_full(DualModel(members["standard"], members["robust"], cfg.dual_a), data.test_x,
+    metrics["test"] = evaluate_full(DualModel(members["standard"], members["robust"], cfg.dual_a, cfg.dual_mix), data.test_x,
                                     data.test_y, cfg, runtime.device)
     metrics["test"]["a"] = cfg.dual_a
     out.mkdir(parents=True, exist_ok=True)
@@ -2240,6 +2365,7 @@ class LipschitzBound:
         """Bound of module m; `before` is the bound of everything up to m's input."""
         p = self.norm
         if isinstance(m, DualModel):
+            check(m.mix == "logits", "the Lipschitz bound of a dual model holds for --dual-mix logits only")
             return (1 - m.a) * self.bound(m.standard, before) + m.a * self.bound(m.robust, before)
         if isinstance(m, ResNet18):
             L = self.chain([m.normalize, m.stem, m.layer1, m.layer2, m.layer3, m.layer4], before)
@@ -2549,6 +2675,7 @@ def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optiona
 def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
     """`--benchmark`: training throughput (benchmark_training) and the MoE layer's cost versus E
     (benchmark_moe) on this device; printed and written to OUT/benchmark.json."""
+    writable_folder(out)
     rt = make_runtime(cfg.device, cfg.precision)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     log(f"benchmark on {name} | torch {torch.__version__} | precision {rt.amp_dtype or torch.float32} | "
@@ -2561,7 +2688,6 @@ def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
            "channels_last": rt.channels_last, "compile": cfg.compile, "width": cfg.width, "batch_size": cfg.batch_size,
            "train_images_per_s": steps, "moe_over_dense": ratio, "moe_layer_us_per_example": layer,
            "moe_layer_shape": "batch 256, 64 channels, 8x8 maps, forward + backward"}
-    Path(out).mkdir(parents=True, exist_ok=True)
     write_json(Path(out) / "benchmark.json", res)
     log(f"-> {Path(out) / 'benchmark.json'}")
     return res
@@ -2572,6 +2698,7 @@ def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
     common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4,
                   batch_size=64, lr=0.05, train_limit=2400, test_limit=500, train_steps=5, val_steps=5,
                   eval_steps=10, eval_suite="pgd", device=device)
+    writable_folder(out)
     results = {}
     for method in ("standard", "at"):
         log(f"\n== demo: {method} ==")
@@ -2589,20 +2716,34 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _Help(argparse.HelpFormatter):
+    """--help shows a default only where there is one worth showing, and only once."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or any(action.default is v for v in (None, True, False, argparse.SUPPRESS)):
+            return h
+        return h + " (default: %(default)s)"
+
+
 def _eps(s: str) -> float:
     """'8/255' or '0.031' -> float."""
     try:
         if "/" in s:
             a, b = s.split("/")
-            return float(a) / float(b)
-        return float(s)
-    except ValueError:
+            v = float(a) / float(b)
+        else:
+            v = float(s)
+    except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"{s!r} is not a number or a fraction like 8/255") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
-    p = _Parser(prog="moe_robust.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = _Parser(prog="moe_robust.py", formatter_class=_Help, allow_abbrev=False,
                 description="Robust sparse Mixture-of-Experts training. With no arguments: a one-minute CPU demo "
                             "(standard vs PGD-AT on the built-in synthetic data).")
     a = p.add_argument_group("what to run")
@@ -2618,7 +2759,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--dataset", choices=DATASETS, default=d.dataset,
                    help="data set; random: noise in CIFAR-10's shape, to time a full-size epoch")
     a.add_argument("--data-dir", default=d.data_dir, help="where data sets live (CIFAR is downloaded here)")
-    a.add_argument("--image-size", type=int, default=None, help="image side for tinyimagenet/imagefolder (default 64/32)")
+    a.add_argument("--image-size", type=int, default=None,
+                   help="image side for tinyimagenet/imagefolder, a multiple of 8 from 16 to 256 (default 64/32)")
     a.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only the first N training examples")
     a.add_argument("--test-limit", type=int, default=None, metavar="N", help="use only the first N test examples")
     a.add_argument("--val-size", type=int, default=None, metavar="N", help="held-out validation examples (default 10%%, at most 1000)")
@@ -2632,18 +2774,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--expert-ratio", type=float, default=d.expert_ratio, help="expert inner width / block width (AdvMoE: 0.5)")
     a.add_argument("--noisy-gating", action="store_true", help="Shazeer noisy top-k routing while training")
     a = p.add_argument_group("optimisation")
-    a.add_argument("--epochs", type=int, default=d.epochs)
-    a.add_argument("--batch-size", type=int, default=d.batch_size)
+    a.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
+    a.add_argument("--batch-size", type=int, default=d.batch_size, help="images per training step")
     a.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (cosine decay to 0)")
-    a.add_argument("--momentum", type=float, default=d.momentum)
-    a.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    a.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    a.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay")
     a.add_argument("--balance-coef", type=float, default=d.balance_coef, help="Switch balance loss weight")
     a.add_argument("--z-coef", type=float, default=d.z_coef, help="router z-loss weight")
-    a.add_argument("--beta", type=float, default=d.beta, help="TRADES weight of the KL term")
-    a.add_argument("--seed", type=int, default=d.seed)
+    a.add_argument("--beta", type=float, default=d.beta,
+                   help="weight of the KL term: TRADES, RT-ER's runner-up term, JTDMoE's expert terms")
+    a.add_argument("--seed", type=int, default=d.seed, help="initial weights, data order, attacks' random starts")
     a = p.add_argument_group("attack")
-    a.add_argument("--eps", type=_eps, default=d.eps, help="radius in pixel units, e.g. 8/255 (L2: e.g. 0.5)")
-    a.add_argument("--alpha", type=_eps, default=None, help="PGD step size (default eps/4)")
+    a.add_argument("--eps", type=_eps, default="8/255", help="radius in pixel units, e.g. 8/255 (L2: e.g. 0.5)")
+    a.add_argument("--alpha", type=_eps, default=None, help="PGD step size, e.g. 2/255 (default eps/4)")
     a.add_argument("--norm", choices=NORMS, default=d.norm, help="threat model")
     a.add_argument("--train-steps", type=int, default=d.train_steps, help="PGD steps while training")
     a.add_argument("--val-steps", type=int, default=d.val_steps, help="PGD steps on the validation split each epoch")
@@ -2661,6 +2804,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--robust-loss", choices=("at", "trades"), default=d.robust_loss, help="robust loss of both steps")
     a = p.add_argument_group("dual model and jtdmoe")
     a.add_argument("--dual-a", type=float, default=d.dual_a, help="smoothing parameter a of f_D = (1-a) f_S + a f_R")
+    a.add_argument("--dual-mix", choices=DUAL_MIXES, default=d.dual_mix,
+                   help="logits: f_D mixes logits (the paper); normalized: each member's logits scaled to unit std first")
     a.add_argument("--dual-sweep", default=d.dual_sweep, help="values of a the dual method evaluates")
     a.add_argument("--standard-ckpt", default=None, help="dual: f_S from this checkpoint (else trained)")
     a.add_argument("--robust-ckpt", default=None, help="dual: f_R from this checkpoint (else trained)")
@@ -2669,12 +2814,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--expert-attack", choices=("pgd", "kl"), default=d.expert_attack,
                    help="rt-er/jtdmoe: x' of each expert path's KL term by label PGD (the paper) or TRADES' KL attack")
     a = p.add_argument_group("run")
-    a.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    a.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="auto: cuda when available")
     a.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto: bf16 autocast + channels_last on CUDA, float32 on CPU; bf16 on CPU is the fast CPU path")
     a.add_argument("--compile", action="store_true", help="torch.compile the dense parts and each expert (compile_model)")
     a.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<arch>-<method>)")
-    a.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    a.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last.pt with its saved settings (only --device may change)")
     a.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     return p
 
@@ -2701,10 +2847,9 @@ def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int])
 def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str]) -> dict:
     """Test-set report of a saved checkpoint, with the attack and suite settings given on the CLI."""
     rt, model, saved, data = checkpoint_and_data(path, overrides, overrides.test_limit)
+    dest = writable_folder(out or str(Path(path).parent), "--out" if out else "the checkpoint's folder")  # before the work
     result = {"checkpoint": path, "config": dataclasses.asdict(saved),
               "test": evaluate_full(model, data.test_x, data.test_y, overrides, rt.device)}
-    dest = Path(out) if out else Path(path).parent
-    dest.mkdir(parents=True, exist_ok=True)
     write_json(dest / "eval.json", result)
     log(format_report(result["test"], path) + f"\n-> {dest / 'eval.json'}")
     return result
@@ -2715,13 +2860,12 @@ def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str
     the `lipschitz` entry of OUT/metrics.json (OUT: the checkpoint's folder by default)."""
     check(n >= 1, f"--lipschitz-n {n} must be >= 1")
     rt, model, saved, data = checkpoint_and_data(path, overrides, n)
+    dest = writable_folder(out or str(Path(path).parent), "--out" if out else "the checkpoint's folder")
+    metrics_path = dest / "metrics.json"
+    metrics = read_json(metrics_path) if metrics_path.exists() else {}  # a broken file stops us before the work
     x, y = data.test_x.to(rt.device).float() / 255, data.test_y.to(rt.device)
     rep = lipschitz_report(model, x, y, overrides.eps, overrides.norm)
     rep["checkpoint"] = path
-    dest = Path(out) if out else Path(path).parent
-    dest.mkdir(parents=True, exist_ok=True)
-    metrics_path = dest / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     metrics["lipschitz"] = rep
     write_json(metrics_path, metrics)
     keys = ("local_linf", "local_l2", "jacobian_l2", "global_linf", "global_l2", "route_stable_linf", "route_stable_l2",
@@ -2731,15 +2875,74 @@ def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str
     return rep
 
 
+# Which flags each way of running reads; anything else given with it is an error, not silently
+# dropped. Training reads every flag, except those of other methods (FLAG_METHODS).
+MODE_FLAGS = {
+    "eval": {"eval", "eps", "alpha", "norm", "eval_steps", "eval_restarts", "eval_suite", "apgd_steps", "apgd_targets",
+             "square_queries", "test_limit", "data_dir", "device", "precision", "seed", "out"},
+    "lipschitz": {"lipschitz", "lipschitz_n", "eps", "norm", "data_dir", "device", "precision", "seed", "out"},
+    "benchmark": {"benchmark", "width", "batch_size", "moe_blocks", "device", "precision", "compile", "out"},
+    "demo": {"demo", "device", "out"},
+    "resume": {"resume", "out", "device"},  # a resumed run keeps its saved settings (bit-identical)
+}
+ADVMOE = ("advmoe",)
+FLAG_METHODS = {  # flag -> the methods that read it (dual: also through its f_R's --robust-method)
+    "router_lr": ADVMOE, "router_schedule": ADVMOE, "robust_loss": ADVMOE,
+    "expert_attack": ("rt-er", "jtdmoe"), "dual_a": ("dual", "jtdmoe"), "dual_mix": ("dual", "jtdmoe"),
+    "dual_sweep": ("dual",), "standard_ckpt": ("dual",), "robust_ckpt": ("dual",), "robust_method": ("dual",),
+    "beta": ("trades", "advmoe", "rt-er", "jtdmoe", "dual"), "lipschitz_n": (),
+}
+
+
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set:
+    """The dests of the flags present on the command line (a second parse without defaults)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def check_flags(args: argparse.Namespace, given: set) -> None:
+    """One way of running at a time, and no flag that it would ignore."""
+    flag = lambda dest: "--" + ("no-augment" if dest == "augment" else dest.replace("_", "-"))
+    modes = [m for m in ("eval", "lipschitz", "benchmark", "demo") if m in given]
+    check(len(modes) <= 1, f"{' and '.join(flag(m) for m in modes)} cannot be combined; give one")
+    check(not ("resume" in given and "overwrite" in given), "--resume and --overwrite contradict each other; give one")
+    resume = "resume" in given and args.method != "dual"  # a dual run is resumed with its flags given again
+    mode = modes[0] if modes else ("resume" if resume else None)
+    if mode is not None:
+        extra = ", ".join(flag(d) for d in sorted(given - MODE_FLAGS[mode]))
+        check(not extra, f"--resume continues the saved run with its own settings; drop {extra} (only --out and "
+                         f"--device may change)" if mode == "resume" else f"{flag(mode)} does not use {extra}; leave it out")
+        return
+    f_r = args.robust_method if args.method == "dual" else None
+    for dest in sorted(given & set(FLAG_METHODS)):
+        ok = FLAG_METHODS[dest]
+        check(args.method in ok or f_r in ok, f"{flag(dest)} is not read by --method {args.method}"
+              + (f"; it applies to --method {', '.join(ok)}" if ok else "; it applies to --lipschitz"))
+
+
+def _interrupt(signum, frame):  # SIGTERM (how schedulers stop jobs) goes the way of Ctrl-C
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    cfg = None
     try:
         args = build_parser().parse_args(argv)
+        given = given_flags(build_parser(), argv)
     except SystemExit as e:  # --help, or a bad flag already reported in one line
         return int(e.code or 0)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers need it)
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         cfg = config_from_args(args)
         cfg.validate()
+        check_flags(args, given)
+        check(args.lipschitz_n >= 1, f"--lipschitz-n {args.lipschitz_n} must be >= 1")
+        for ckpt in (args.eval, args.lipschitz, cfg.standard_ckpt, cfg.robust_ckpt):  # inputs before outputs
+            check(ckpt is None or Path(ckpt).is_file(), f"checkpoint {ckpt!r} " + (
+                "is a folder; give a checkpoint file such as best.pt in it" if ckpt and Path(ckpt).is_dir() else "does not exist"))
         if not argv or args.demo:
             run_demo(args.out or "runs/demo", args.device)
         elif args.benchmark:
@@ -2753,10 +2956,34 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted; the last finished epoch is saved: continue with --resume --out <dir>\n")
-        return 130
+    except (MemoryError, torch.cuda.OutOfMemoryError) as e:
+        sys.stderr.write(f"error: out of memory ({type(e).__name__}); lower --batch-size, --width, --experts or the "
+                         "image size\n")
+        return 2
+    except RuntimeError as e:  # the CPU allocator's failure is a RuntimeError
+        if "alloc" not in str(e) or "memory" not in str(e):
+            raise
+        sys.stderr.write("error: out of memory; lower --batch-size, --width, --experts or the image size\n")
+        return 2
+    except KeyboardInterrupt as e:
+        sig = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+        sys.stderr.write(f"{signal.Signals(sig).name}: {interrupted_note(args, cfg)}\n")
+        return 128 + int(sig)
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return 0
+
+
+def interrupted_note(args: argparse.Namespace, cfg: Optional[Config]) -> str:
+    """What an interruption left behind, naming the real folder."""
+    if cfg is None or args.eval or args.lipschitz or args.benchmark or args.demo:
+        return "interrupted; nothing was written"
+    out = Path(cfg.out)
+    lasts = [out / "last.pt"] + ([out / "standard" / "last.pt", out / "robust" / "last.pt"] if cfg.method == "dual" else [])
+    if any(p.is_file() for p in lasts):
+        return f"interrupted; every finished epoch is saved in {out}: continue with --resume --out {out}"
+    return f"interrupted before the first epoch finished; nothing to resume in {out}"
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Run: python -m pytest -q test_moe_robust.py
 """
 import json
+import math
 import os
 import pickle
 import subprocess
@@ -348,8 +349,165 @@ def test_existing_run_is_not_overwritten(trained, capsys):
     _, _, _, out = trained
     before = (out / "last.pt").read_bytes()
     assert mr.main(["--method", "standard", "--out", str(out), "--device", "cpu"]) == 2
-    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert "already holds a run" in capsys.readouterr().err
     assert (out / "last.pt").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------- hostile input
+# Every row: what a user types ({name} is a path from `hostile_world`) and a piece the one-line
+# error must contain. Each row must exit 2 with one line, no traceback, and leave the run in
+# {run} byte for byte as it was. Add a case in one line.
+T = ["--dataset", "synthetic", "--width", "0.0625", "--epochs", "1", "--train-limit", "128", "--test-limit", "32",
+     "--train-steps", "1", "--val-steps", "1", "--eval-steps", "1", "--eval-suite", "pgd"]
+BAD_INPUTS = [
+    (["--eps", "8/0"], "'8/0'"), (["--alpha", "1/0"], "'1/0'"), (["--eps", "inf"], "'inf'"), (["--eps", "nan"], "'nan'"),
+    (["--lr", "inf"], "--lr inf"), (["--beta", "nan"], "--beta nan"),
+    (["--width", "1e6"], "--width 1000000.0"), (["--experts", "100000"], "--experts 100000"),
+    (T + ["--train-limit", "1000000000000"], "--train-limit 1000000000000"),
+    (T + ["--test-limit", "1000000000000"], "--test-limit 1000000000000"),
+    (["--image-size", "100000"], "--image-size 100000"), (["--image-size", "8"], "--image-size 8"),
+    (["--seed", "99999999999999999999"], "--seed 99999999999999999999"), (["--batch-size", "10000000"], "--batch-size"),
+    (T + ["--out", "{file}"], "is a file"), (T + ["--out", "{file}/sub"], "not a writable folder"),
+    (["--eval", "{run}/best.pt", "--out", "{file}"], "is a file"),
+    (["--lipschitz", "{run}/best.pt", "--out", "{file}"], "is a file"),
+    (["--benchmark", "--out", "{file}"], "is a file"),
+    (["--dataset", "cifar10", "--data-dir", "{cifar_rows}"] + T[2:], "(N, 3072)"),
+    (["--dataset", "cifar10", "--data-dir", "{cifar_nolabels}"] + T[2:], "'labels'"),
+    (["--dataset", "cifar10", "--data-dir", "{cifar_list}"] + T[2:], "'labels'"),
+    (["--dataset", "cifar10", "--data-dir", "{cifar_label99}"] + T[2:], "label 99"),
+    (["--lipschitz", "{run}/best.pt", "--out", "{badjson}"], "not valid JSON"),
+    (["--eval", "{nocls}"], "no num_classes"), (["--eval", "{tmp}"], "is a folder"),
+    (T + ["--method", "standard", "--out", "{nolast}"], "already holds a run"),
+    (T + ["--method", "dual", "--resume", "--out", "{run}"], "training run"),
+    (["--resume", "--overwrite", "--out", "{run}"], "contradict"), (["--resume", "--epochs", "4", "--out", "{run}"], "--epochs"),
+    (["--resume", "--out", "{tmp}"], "nothing to resume"),
+    (["--eval", "{run}/best.pt", "--lipschitz", "{run}/best.pt"], "cannot be combined"),
+    (["--benchmark", "--eval", "{run}/best.pt"], "cannot be combined"), (["--demo", "--epochs", "1"], "--epochs"),
+    (["--eval", "{run}/best.pt", "--arch", "resnet18"], "--arch"), (["--eval", "{run}/best.pt", "--width", "2"], "--width"),
+    (["--lipschitz-n", "5"], "--lipschitz"), (["--router-lr", "0.1", "--method", "at"], "--router-lr"),
+    (["--moe-blocks", "", "--method", "rt-er"], "no MoE layer"),
+    (T + ["--train-limit", "1"], "--train-limit 1"),
+    (T + ["--dataset", "imagefolder", "--data-dir", "{emptyclass}"], "no images"),
+]
+
+
+@pytest.fixture(scope="module")
+def hostile_world(trained, tmp_path_factory):
+    """Paths the BAD_INPUTS rows point at: a finished run, files, broken data and checkpoints."""
+    import shutil
+    root = tmp_path_factory.mktemp("hostile")
+    w = {k: root / k for k in ("run", "nolast", "tmp", "badjson", "emptyclass")}
+    shutil.copytree(trained[3], w["run"])
+    shutil.copytree(trained[3], w["nolast"])
+    (w["nolast"] / "last.pt").unlink()  # what a kill during the first last.pt write leaves
+    w["tmp"].mkdir()
+    w["file"] = root / "plain-file"
+    w["file"].write_text("x")
+    w["badjson"].mkdir()
+    (w["badjson"] / "metrics.json").write_text("{not json")
+    state = torch.load(w["run"] / "best.pt", weights_only=True)
+    del state["num_classes"]
+    w["nocls"] = root / "nocls.pt"
+    torch.save(state, w["nocls"])
+    rows = lambda n: {"data": np.zeros((n, 1000), np.uint8), "labels": [0] * n}
+    for kind, batch in (("rows", rows(4)), ("nolabels", {"data": np.zeros((4, 3072), np.uint8)}), ("list", [1, 2]),
+                        ("label99", {"data": np.zeros((4, 3072), np.uint8), "labels": [0, 1, 99, 2]})):
+        folder = root / f"cifar_{kind}" / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            with open(folder / name, "wb") as f:
+                pickle.dump(batch, f)
+        w[f"cifar_{kind}"] = root / f"cifar_{kind}"
+    write_images(w["emptyclass"] / "train" / "cat", 2, (32, 32))
+    (w["emptyclass"] / "train" / "dog").mkdir()
+    write_images(w["emptyclass"] / "test" / "cat", 1, (32, 32))
+    return {k: str(v) for k, v in w.items()}
+
+
+def folder_bytes(folder) -> dict:
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("argv,needle", BAD_INPUTS, ids=[" ".join(a)[-60:] for a, _ in BAD_INPUTS])
+def test_hostile_input_gives_one_line_error_and_damages_nothing(hostile_world, argv, needle, capsys):
+    before = {k: folder_bytes(hostile_world[k]) for k in ("run", "nolast", "badjson")}
+    rc = mr.main([a.format(**hostile_world) for a in argv] + ["--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
+    assert {k: folder_bytes(hostile_world[k]) for k in before} == before
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes to read-only folders")
+def test_read_only_out_is_refused_before_any_work(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert mr.main(T + ["--out", str(ro / "sub"), "--device", "cpu"]) == 2
+        assert "not a writable folder" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
+
+
+def test_divergence_stops_training_keeps_the_last_good_epoch(tmp_path, capsys):
+    out = tmp_path / "div"
+    assert mr.main(T + ["--epochs", "3", "--lr", "1e6", "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "diverged in epoch" in err and "lower --lr" in err and len(err.splitlines()) == 1
+    if (out / "metrics.json").exists():  # an earlier epoch finished: its numbers are finite, strict JSON
+        m = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+        assert "test" not in m and all(math.isfinite(r["train_loss"]) for r in m["history"])
+        assert mr.load_checkpoint(str(out / "last.pt"))["epoch"] + 1 == len(m["history"])
+
+
+def test_json_is_strict(tmp_path):
+    mr.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": -float("inf")}})
+    text = (tmp_path / "m.json").read_text()
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {"a": None, "b": [1.0, None], "c": {"d": None}}
+
+
+def test_interrupted_write_leaves_no_temporary_file(tmp_path):
+    def broken(p):
+        Path(p).write_bytes(b"half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        mr.atomic_write(tmp_path / "last.pt", broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_of_a_finished_run_keeps_best_epoch_and_clears_stale_temps(tmp_path):
+    out = tmp_path / "run"
+    first = mr.train(mr.Config(method="standard", out=str(out), **{**TINY, "epochs": 1}))
+    (out / ".last.pt.tmp4242").write_bytes(b"")  # what a SIGKILL during a save leaves
+    again = mr.train(mr.Config(out=str(out), device="cpu"), resume=True)
+    assert again["best_epoch"] == first["best_epoch"] == 1 and again["test"] == first["test"]
+    assert json.loads((out / "metrics.json").read_text())["best_epoch"] == 1
+    assert not list(out.glob(".*.tmp*"))
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "term"
+    proc = subprocess.Popen([sys.executable, str(HERE / "moe_robust.py"), *T, "--epochs", "50", "--out", str(out),
+                             "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    assert f"--resume --out {out}" in err and "<dir>" not in err
+    assert not list(out.glob(".*.tmp*")) and mr.load_checkpoint(str(out / "last.pt"))["epoch"] >= 0
+
+
+def test_help_shows_each_default_once_and_every_flag_explained(capsys):
+    assert mr.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
+    assert "(default: 8/255)" in text and "0.0313" not in text
+    for action in mr.build_parser()._actions:
+        assert action.help, action.option_strings
 
 
 def test_eval_only_of_a_checkpoint(trained):
