@@ -501,6 +501,16 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     assert not list(out.glob(".*.tmp*")) and mr.load_checkpoint(str(out / "last.pt"))["epoch"] >= 0
 
 
+def test_ctrl_c_in_the_first_epoch_does_not_advise_a_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(self, x, y):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(mr.Standard, "step", interrupted)
+    out = tmp_path / "cut"
+    assert mr.main(T + ["--method", "standard", "--out", str(out), "--device", "cpu"]) == 130
+    err = capsys.readouterr().err
+    assert f"nothing to resume in {out}" in err and "--resume" not in err and not list(out.iterdir())
+
+
 def test_help_shows_each_default_once_and_every_flag_explained(capsys):
     assert mr.main(["--help"]) == 0
     text = capsys.readouterr().out
