@@ -610,6 +610,22 @@ def test_dual_model_endpoints():
         assert torch.allclose(mid, 0.75 * f_s(x) + 0.25 * f_r(x), atol=1e-6)
 
 
+def test_dual_model_normalized_mix_weighs_equally_scaled_votes():
+    torch.manual_seed(0)
+    f_s, f_r, x = nn.Linear(12, 5), nn.Linear(12, 5), torch.randn(9, 12)
+    with torch.no_grad():
+        for a in (0.0, 1.0):  # the endpoints predict exactly as the members
+            member = f_s if a == 0 else f_r
+            assert torch.equal(mr.DualModel(f_s, f_r, a, "normalized")(x).argmax(1), member(x).argmax(1))
+        loud = nn.Linear(12, 5)
+        loud.load_state_dict({k: 40 * v for k, v in f_s.state_dict().items()})  # f_S with 40x larger logits
+        assert torch.allclose(mr.DualModel(loud, f_r, 0.5, "normalized")(x), mr.DualModel(f_s, f_r, 0.5, "normalized")(x),
+                              atol=1e-5)
+        assert not torch.allclose(mr.DualModel(loud, f_r, 0.5)(x), mr.DualModel(f_s, f_r, 0.5)(x))
+    with pytest.raises(mr.UserError, match="logits only"):
+        mr.lipschitz_bound(mr.DualModel(small_moe(1), small_moe(2), 0.5, "normalized"), torch.rand(2, 3, 32, 32))
+
+
 def test_jtdmoe_steps_leave_the_other_member_unchanged():
     dual = mr.DualModel(small_moe(1, E=2), small_moe(2, E=2), 0.5)
     method = mr.JTDMoE(dual, small_cfg(method="jtdmoe", experts=2), total_steps=10)
