@@ -468,12 +468,18 @@ def load_imagefolder(data_dir: str, size: int = 32) -> Dataset:
     return Dataset(tx, ty, vx, vy, len(classes), "imagefolder")
 
 
+def check_image_size(size: Optional[int]) -> None:
+    """16 is the smallest side where layer4 of a ResNet still sees 2x2 maps (BatchNorm needs > 1
+    value per channel); multiples of 8 give MoE-ViT its 8x8 patch grid."""
+    check(size is None or (16 <= size <= 256 and size % 8 == 0),
+          f"--image-size {size} not allowed; need a multiple of 8 from 16 to 256")
+
+
 def load_dataset(name: str, data_dir: str = "data", image_size: Optional[int] = None, seed: int = 0,
                  train_limit: Optional[int] = None, test_limit: Optional[int] = None) -> Dataset:
     """Load by name; `train_limit`/`test_limit` keep only the first N examples."""
     check(name in DATASETS, f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    check(image_size is None or (16 <= image_size <= 256 and image_size % 8 == 0),
-          f"--image-size {image_size} not allowed; need a multiple of 8 from 16 to 256")
+    check_image_size(image_size)
     if name in ("synthetic", "random"):  # generated in memory: keep the request to what fits
         for flag, v in (("--train-limit", train_limit), ("--test-limit", test_limit)):
             check(v is None or v <= 100_000, f"{flag} {v} too large for generated data ({name}); allowed: 1..100000")
@@ -1446,8 +1452,7 @@ class Config:
         check(0 < self.width <= 8, f"--width {self.width} not allowed; need 0 < width <= 8 (1 is ResNet-18's)")
         check(1 <= self.experts <= 64, f"--experts {self.experts} not allowed; need 1 <= E <= 64")
         check(0 <= self.seed < 2 ** 31, f"--seed {self.seed} not allowed; need 0 <= seed < 2^31")
-        check(self.image_size is None or (16 <= self.image_size <= 256 and self.image_size % 8 == 0),
-              f"--image-size {self.image_size} not allowed; need a multiple of 8 from 16 to 256")
+        check_image_size(self.image_size)
         check(self.batch_size <= 65536, f"--batch-size {self.batch_size} not allowed; need 1 <= batch size <= 65536")
         check(1 <= self.top_k <= self.experts, f"--top-k {self.top_k} not allowed with --experts {self.experts}; need 1 <= k <= E")
         for name in ("epochs", "batch_size", "train_steps", "val_steps", "eval_steps", "eval_restarts"):
@@ -1974,10 +1979,15 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda p: torch.save(state, p))
 
 
-def load_checkpoint(path: str) -> dict:
+def check_checkpoint_file(path: str) -> Path:
     p = Path(path)
     check(not p.is_dir(), f"checkpoint {path!r} is a folder; give a checkpoint file such as {p / 'best.pt'}")
     check(p.is_file(), f"checkpoint {path!r} does not exist")
+    return p
+
+
+def load_checkpoint(path: str) -> dict:
+    p = check_checkpoint_file(path)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -2023,9 +2033,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     metrics.json (config, per-epoch history, final test numbers). With resume=True the run
     continues from last.pt and repeats, on CPU, what the uninterrupted run would have done:
     every epoch reseeds the RNG from (seed, epoch). method 'dual' goes to run_dual."""
+    check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
     if cfg.method == "dual":
         return run_dual(cfg, resume, overwrite, data)
-    check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
     out = Path(cfg.out)
     last = out / "last.pt"
     if resume:
@@ -2147,7 +2157,6 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
     f_D = (1 - a) f_S + a f_R is evaluated for every a of --dual-sweep (clean and robust
     accuracy, robust = minimum over the suite's attacks) and fully at a = --dual-a."""
     cfg.validate()
-    check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
     out = Path(cfg.out)
     training = [f for f in ("last.pt", "best.pt") if (out / f).exists()]
     check(not training, f"--out {cfg.out} holds a training run ({', '.join(training)}), not a dual run; choose another --out")
@@ -2944,8 +2953,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         check_flags(args, given)
         check(args.lipschitz_n >= 1, f"--lipschitz-n {args.lipschitz_n} must be >= 1")
         for ckpt in (args.eval, args.lipschitz, cfg.standard_ckpt, cfg.robust_ckpt):  # inputs before outputs
-            check(ckpt is None or Path(ckpt).is_file(), f"checkpoint {ckpt!r} " + (
-                "is a folder; give a checkpoint file such as best.pt in it" if ckpt and Path(ckpt).is_dir() else "does not exist"))
+            if ckpt is not None:
+                check_checkpoint_file(ckpt)
         if not argv or args.demo:
             run_demo(args.out or "runs/demo", args.device)
         elif args.benchmark:
@@ -2959,14 +2968,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
-    except (MemoryError, torch.cuda.OutOfMemoryError) as e:
+    except (MemoryError, RuntimeError) as e:  # CUDA's OutOfMemoryError and the CPU allocator's are RuntimeErrors
+        oom = isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or ("alloc" in str(e) and "memory" in str(e))
+        if not oom:
+            raise
         sys.stderr.write(f"error: out of memory ({type(e).__name__}); lower --batch-size, --width, --experts or the "
                          "image size\n")
-        return 2
-    except RuntimeError as e:  # the CPU allocator's failure is a RuntimeError
-        if "alloc" not in str(e) or "memory" not in str(e):
-            raise
-        sys.stderr.write("error: out of memory; lower --batch-size, --width, --experts or the image size\n")
         return 2
     except KeyboardInterrupt as e:
         sig = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
