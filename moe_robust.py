@@ -1041,17 +1041,18 @@ def eval_mode(*models: nn.Module):
             m.train(w)
 
 
-def _per_example_norm(t: torch.Tensor, p: str) -> torch.Tensor:  # (B, ...) -> (B, 1, 1, 1)
-    flat = t.flatten(1)
-    n = flat.abs().amax(1) if p == "linf" else flat.norm(dim=1)
-    return n.view(-1, *([1] * (t.dim() - 1)))
+def per_example_norm(t: torch.Tensor, norm: str, keepdim: bool = True) -> torch.Tensor:
+    """(B, ...) -> per-example L-inf or L2 norm in float32, (B, 1, ..., 1) or with keepdim=False (B,)."""
+    n = t.flatten(1).float()
+    n = n.abs().amax(1) if norm == "linf" else n.norm(dim=1)
+    return n.view(-1, *([1] * (t.dim() - 1))) if keepdim else n
 
 
 def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     """Project a perturbation onto the eps-ball of the given norm."""
     if norm == "linf":
         return delta.clamp(-eps, eps)
-    return delta * (eps / _per_example_norm(delta, "l2").clamp_min(1e-12)).clamp(max=1.0)
+    return delta * (eps / per_example_norm(delta, "l2").clamp_min(1e-12)).clamp(max=1.0)
 
 
 def ce_per_example(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -1105,7 +1106,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
                     delta = torch.empty_like(x).uniform_(-eps, eps)
                 else:
                     d = torch.randn_like(x)
-                    delta = d / _per_example_norm(d, "l2") * eps * torch.rand(len(x), 1, 1, 1, device=x.device)
+                    delta = d / per_example_norm(d, "l2") * eps * torch.rand(len(x), 1, 1, 1, device=x.device)
             delta = (x + delta).clamp(0, 1) - x
             for _ in range(steps):
                 xa = (x + delta).requires_grad_(True)
@@ -1118,7 +1119,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
                 if norm == "linf":
                     step = alpha * grad.sign()
                 else:
-                    step = alpha * grad / _per_example_norm(grad, "l2").clamp_min(1e-12)
+                    step = alpha * grad / per_example_norm(grad, "l2").clamp_min(1e-12)
                 delta = project(delta + step, eps, norm)
                 delta = (x + delta).clamp(0, 1) - x  # stay a valid image
             xa = (x + delta).detach()
@@ -1198,7 +1199,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
     check(eps >= 0 and steps >= 1, f"APGD needs eps >= 0 and steps >= 1, got {eps}, {steps}")
     x = x.detach()
     view = lambda t: t.view(-1, *([1] * (x.dim() - 1)))
-    unit = (lambda g: g.sign()) if norm == "linf" else (lambda g: g / _per_example_norm(g, "l2").clamp_min(1e-12))
+    unit = (lambda g: g.sign()) if norm == "linf" else (lambda g: g / per_example_norm(g, "l2").clamp_min(1e-12))
     proj = lambda z: (x + project(z - x, eps, norm)).clamp(0, 1)
     k, k_min, k_dec = max(int(0.22 * steps), 1), max(int(0.06 * steps), 1), max(int(0.03 * steps), 1)
 
@@ -1212,7 +1213,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
 
     with eval_mode(model):
         t = torch.randn_like(x) if norm == "l2" else torch.rand_like(x) * 2 - 1
-        cur = proj(x + eps * t / _per_example_norm(t, norm).clamp_min(1e-12))  # a random point on the sphere
+        cur = proj(x + eps * t / per_example_norm(t, norm).clamp_min(1e-12))  # a random point on the sphere
         loss, grad, wrong = forward(cur)
         found, adv = wrong.clone(), cur.clone()  # the first misclassified iterate of each example
         eta = torch.full((len(x),), 2.0 * eps, device=x.device)
@@ -1583,10 +1584,6 @@ class Method:
         self.descend(self.opt, loss)
         self.sched.step()
         return {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
-
-    def eval_model(self) -> nn.Module:
-        """The model that validation and test evaluate."""
-        return self.model
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opts": [o.state_dict() for o in self.opts],
@@ -2014,16 +2011,12 @@ def build_run_model(cfg: Config, num_classes: int, image_size: int) -> nn.Module
     return build_model(mc)
 
 
-def build_for(cfg: Config, data: Dataset, runtime: Runtime) -> nn.Module:
-    return runtime.prepare(build_run_model(cfg, data.num_classes, data.image_size))
-
-
-def make_method(cfg: Config, data: Dataset, runtime: Runtime, total_steps: int) -> Method:
-    return METHOD_CLASSES[cfg.method](build_for(cfg, data, runtime), cfg, total_steps)
-
-
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def check_resume(resume: bool, overwrite: bool) -> None:
+    check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
@@ -2032,10 +2025,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     Files in cfg.out: last.pt (everything, every epoch), best.pt (best validation epoch),
     metrics.json (config, per-epoch history, final test numbers). With resume=True the run
     continues from last.pt and repeats, on CPU, what the uninterrupted run would have done:
-    every epoch reseeds the RNG from (seed, epoch). method 'dual' goes to run_dual."""
-    check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
-    if cfg.method == "dual":
-        return run_dual(cfg, resume, overwrite, data)
+    every epoch reseeds the RNG from (seed, epoch). Method 'dual' is run by run_dual (below)."""
+    check_resume(resume, overwrite)
+    check(cfg.method != "dual", "method 'dual' trains nothing itself: call run_dual")
     out = Path(cfg.out)
     last = out / "last.pt"
     if resume:
@@ -2067,7 +2059,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     tx, ty, vx, vy = (t.to(runtime.device) for t in (tx, ty, vx, vy))  # uint8 on the device, once
     steps_per_epoch = math.ceil(len(tx) / cfg.batch_size)
     seed_everything(cfg.seed)  # the initial weights
-    method = make_method(cfg, data, runtime, cfg.epochs * steps_per_epoch)
+    model = runtime.prepare(build_run_model(cfg, data.num_classes, data.image_size))
+    method = METHOD_CLASSES[cfg.method](model, cfg, cfg.epochs * steps_per_epoch)
     history, best, start = [], {"epoch": -1, "score": -1.0}, 0
     if state is not None:
         method.load_state_dict(state["method"])
@@ -2077,7 +2070,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         compile_model(method.model)
     selection = "val_clean_acc" if cfg.method == "standard" else "val_robust_acc"
     metrics = {"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(cfg.model_config(data.num_classes, data.image_size)),
-               "params": count_params(method.eval_model()), "selection": selection, "history": history,
+               "params": count_params(method.model), "selection": selection, "history": history,
                "best_epoch": best["epoch"]}
     params = [p for m in method.opts for g in m.param_groups for p in g["params"]]
     log(f"{cfg.method} | {cfg.arch} on {cfg.dataset} ({len(tx)} train / {n_val} val / {len(data.test_x)} test) | "
@@ -2103,12 +2096,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         if runtime.device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.time() - t0
-        reset_routing_stats(method.eval_model())  # expert usage on the clean validation split
+        reset_routing_stats(method.model)  # expert usage on the clean validation split
         with float32_evaluation():  # in the precision every reported number uses
             for xb, _ in batches(vx, vy, 256, runtime.device):
-                predict(method.eval_model(), xb)
-        usage = expert_counts(method.eval_model())
-        val = evaluate(method.eval_model(), vx, vy, cfg.attack(cfg.val_steps), runtime.device)
+                predict(method.model, xb)
+        usage = expert_counts(method.model)
+        val = evaluate(method.model, vx, vy, cfg.attack(cfg.val_steps), runtime.device)
         row = {"epoch": epoch + 1, **{f"train_{k}": v / n for k, v in sums.items()},
                "val_clean_acc": val["clean_acc"], "val_robust_acc": val["robust_acc"],
                "lr": method.opt.param_groups[0]["lr"], "time_s": round(time.time() - t0, 2),
@@ -2117,7 +2110,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         if row[selection] > best["score"]:
             best = {"epoch": epoch + 1, "score": row[selection]}
             save_checkpoint(out / "best.pt", {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg),
-                                              "epoch": epoch, "model": method.eval_model().state_dict(),
+                                              "epoch": epoch, "model": method.model.state_dict(),
                                               "num_classes": data.num_classes, "image_size": data.image_size})
         save_checkpoint(last, {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg), "epoch": epoch,
                                "method": method.state_dict(), "history": history, "best": best,
@@ -2129,7 +2122,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
             f"{row['time_s']:.1f}s {row['images_per_s']:.0f} img/s")
     # final test of the best validation checkpoint, with the (stronger) evaluation attack
     best_state = load_checkpoint(str(out / "best.pt"))
-    model = method.eval_model()
+    model = method.model
     model.load_state_dict(best_state["model"])
     metrics["test"] = evaluate_full(model, data.test_x, data.test_y, cfg, runtime.device)
     metrics["test"]["epoch"] = best_state["epoch"] + 1
@@ -2156,6 +2149,7 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
     OUT/standard (standard training) and OUT/robust (--robust-method, RT-ER by default); then
     f_D = (1 - a) f_S + a f_R is evaluated for every a of --dual-sweep (clean and robust
     accuracy, robust = minimum over the suite's attacks) and fully at a = --dual-a."""
+    check_resume(resume, overwrite)
     cfg.validate()
     out = Path(cfg.out)
     training = [f for f in ("last.pt", "best.pt") if (out / f).exists()]
@@ -2220,11 +2214,6 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
 # it `route_stable_{norm}`. A certificate holds only inside the route-stable radius.
 
 
-def _per_row_norm(t: torch.Tensor, norm: str) -> torch.Tensor:  # (B, ...) -> (B,)
-    f = t.flatten(1).float()
-    return f.abs().amax(1) if norm == "linf" else f.norm(dim=1)
-
-
 def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
                     steps: int = 20) -> torch.Tensor:
     """Per-example lower bound on the local Lipschitz constant of x -> logits in the eps-ball,
@@ -2236,39 +2225,29 @@ def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float = 8 / 255, nor
     check(norm in NORMS, f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
     x = x.detach()
     best = torch.zeros(len(x), device=x.device)
+    ratio = lambda out, inp: per_example_norm(out, norm, False) / per_example_norm(inp, norm, False).clamp_min(1e-12)
     with eval_mode(model):
         with torch.no_grad():
             f0 = model(x).float()
         objectives = [(j, s) for j in range(f0.shape[1]) for s in (1.0, -1.0)] if norm == "linf" else [None]
         for obj in objectives:
             d = torch.randn_like(x)
-            d = eps * d / _per_row_norm(d, norm).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+            d = eps * d / per_example_norm(d, norm).clamp_min(1e-12)
             for _ in range(steps):
                 d.requires_grad_(True)
                 diff = model(x + d).float() - f0
-                best = torch.maximum(best, (_per_row_norm(diff, norm) / _per_row_norm(d, norm).clamp_min(1e-12)).detach())
+                best = torch.maximum(best, ratio(diff, d).detach())
                 target = diff[:, obj[0]] * obj[1] if norm == "linf" else diff.pow(2).sum(1)
                 (g,) = torch.autograd.grad(target.sum(), d)
                 with torch.no_grad():
                     if norm == "linf":
                         d = (d + eps * g.sign()).clamp(-eps, eps)
                     else:  # step to the sphere of radius eps along the gradient
-                        d = eps * g / _per_row_norm(g, "l2").clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+                        d = eps * g / per_example_norm(g, "l2").clamp_min(1e-12)
             with torch.no_grad():
                 diff = model(x + d).float() - f0
-                best = torch.maximum(best, _per_row_norm(diff, norm) / _per_row_norm(d, norm).clamp_min(1e-12))
+                best = torch.maximum(best, ratio(diff, d))
     return best
-
-
-def margin_gradient_norm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "linf") -> torch.Tensor:
-    """Dual norm of the gradient of the margin F_y - max_{j != y} F_j at x: the local rate
-    at which an attack in `norm` can shrink the margin (L1 of the gradient for linf)."""
-    with eval_mode(model):
-        xr = x.detach().clone().requires_grad_(True)
-        out = model(xr).float()
-        other = out.masked_fill(F.one_hot(y, out.shape[1]).bool(), -float("inf")).amax(1)
-        (g,) = torch.autograd.grad((out.gather(1, y[:, None])[:, 0] - other).sum(), xr)
-    return g.flatten(1).abs().sum(1) if norm == "linf" else g.flatten(1).norm(dim=1)
 
 
 def jacobian_spectral_norm(model: nn.Module, x: torch.Tensor, iters: int = 30) -> torch.Tensor:
@@ -2356,7 +2335,7 @@ class LipschitzBound:
             self.shapes[m] = tuple(inp[0].shape[1:])
             if isinstance(m, MoE):
                 h = inp[0]
-                M = [_per_row_norm(e(h), self.norm).max().item() for e in m.experts]
+                M = [per_example_norm(e(h), self.norm, keepdim=False).max().item() for e in m.experts]
                 self.M[m] = [max(a, b) for a, b in zip(self.M.get(m, M), M)]
         for m in self.model.modules():
             hooks.append(m.register_forward_hook(hook))
@@ -2964,7 +2943,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif args.lipschitz:
             lipschitz_checkpoint(args.lipschitz, cfg, args.lipschitz_n, args.out)
         else:
-            train(cfg, resume=args.resume, overwrite=args.overwrite)
+            (run_dual if cfg.method == "dual" else train)(cfg, resume=args.resume, overwrite=args.overwrite)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2

@@ -1036,12 +1036,12 @@ def test_route_stability_radius_is_exact_for_a_linear_router(norm):
     d = mr.route_flip_direction(layer, h, norm)
     route = lambda z: mr.current_routes(layer, z)[0].indices[:, 0]
     base = route(h)
-    assert torch.allclose(mr._per_row_norm(d, norm), torch.ones(10))
+    assert torch.allclose(mr.per_example_norm(d, norm, keepdim=False), torch.ones(10))
     assert (route(h + (r * 1.001).view(-1, 1, 1, 1) * d) != base).all()  # just above, worst direction: flips
     assert (route(h + (r * 0.999).view(-1, 1, 1, 1) * d) == base).all()  # just below: stays
     for _ in range(20):  # nothing just below flips: random directions at 0.999 r
         u = torch.randn_like(h)
-        u = u / mr._per_row_norm(u, norm).view(-1, 1, 1, 1)
+        u = u / mr.per_example_norm(u, norm, keepdim=False).view(-1, 1, 1, 1)
         if norm == "linf":
             u = u.sign()
         assert (route(h + (r * 0.999).view(-1, 1, 1, 1) * u) == base).all()
