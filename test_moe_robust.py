@@ -1041,7 +1041,7 @@ def test_route_stability_radius_is_exact_for_a_linear_router(norm):
     assert (route(h + (r * 0.999).view(-1, 1, 1, 1) * d) == base).all()  # just below: stays
     for _ in range(20):  # nothing just below flips: random directions at 0.999 r
         u = torch.randn_like(h)
-        u = u / mr.per_example_norm(u, norm, keepdim=False).view(-1, 1, 1, 1)
+        u = u / mr.per_example_norm(u, norm)
         if norm == "linf":
             u = u.sign()
         assert (route(h + (r * 0.999).view(-1, 1, 1, 1) * u) == base).all()
