@@ -72,7 +72,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ============================================================================================
-# 0. Setup: errors, device, precision
+# 0. Configuration: every setting, its flag, help and allowed values; errors a user can read
 # ============================================================================================
 
 
@@ -85,53 +85,177 @@ def check(condition: bool, message: str) -> None:
         raise UserError(message)
 
 
+METHODS = ("standard", "at", "trades", "advmoe", "rt-er", "dual", "jtdmoe")
+DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder", "random")
+ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
+NORMS = ("linf", "l2")
+EVAL_SUITES = ("full", "autoattack", "pgd")
 PRECISIONS = ("auto", "fp32", "bf16")
-# The autocast dtype per device type. Process-wide, like torch.backends flags: make_runtime
-# sets it, and every forward in this file (training, attacks, evaluation) asks autocast_for;
-# evaluation and validation run inside float32_evaluation.
+DUAL_MIXES = ("logits", "normalized")
+BLOCK_NAMES = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))  # ResNet-18's BasicBlocks
+
+
+def opt(default, help: str, choices=None, ge=None, gt=None, le=None, group=None, methods=None):
+    """A Config field: its default, its --flag's help and allowed values (choices, ge/gt/le
+    bounds), the --help group it opens and the methods that read it (None: every one)."""
+    meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, group=group, methods=methods)
+    return field(default=default, metadata=meta)
+
+
+def moe_block_set(spec: str) -> set:
+    """'all' or a comma list of ResNet-18 block names -> the set of names."""
+    wanted = set(BLOCK_NAMES) if spec == "all" else {b.strip() for b in spec.split(",") if b.strip()}
+    bad = sorted(wanted - set(BLOCK_NAMES))
+    check(not bad, f"unknown --moe-blocks {','.join(bad)}; allowed: all or a comma list of {', '.join(BLOCK_NAMES)}")
+    return wanted
+
+
+DUAL = ("dual", "jtdmoe")
+
+
+@dataclass
+class Config:
+    """Everything a run needs: each field is one --flag (underscores become dashes). The parser
+    (build_parser) and `validate` read help and allowed values from here; checkpoints store it."""
+
+    method: str = opt("at", "training method", METHODS, group="what to run")
+    dataset: str = opt("synthetic", "data set; random: noise in CIFAR-10's shape, to time a full-size epoch",
+                       DATASETS, group="data")
+    data_dir: str = opt("data", "where data sets live (CIFAR is downloaded here)")
+    image_size: Optional[int] = opt(None, "image side for tinyimagenet/imagefolder, a multiple of 8 from 16 to 256 "
+                                          "(default 64/32)")
+    train_limit: Optional[int] = opt(None, "use only the first N training examples", ge=1)
+    test_limit: Optional[int] = opt(None, "use only the first N test examples", ge=1)
+    val_size: Optional[int] = opt(None, "held-out validation examples (default 10%%, at most 1000)", ge=1)
+    augment: bool = opt(True, "no random crop + flip")
+    arch: str = opt("moe-resnet18", "architecture; resnet18 is moe-resnet18 without MoE blocks", ARCHS, group="model")
+    width: float = opt(1.0, "multiplier of every channel width (0.125 for CPU)", gt=0, le=8)
+    experts: int = opt(4, "experts E per MoE layer (Robust Experts: 4; AdvMoE: 2)", ge=1, le=64)
+    top_k: int = opt(1, "experts K used per image/token (CNN-MoE papers: 1; V-MoE: 2)", ge=1)
+    moe_blocks: str = opt("layer4.1", "ResNet blocks that become MoE: 'all' or e.g. layer3.1,layer4.1 (Robust "
+                                      "Experts: one block of the last stage)")
+    expert_ratio: float = opt(1.0, "expert inner width / block width (AdvMoE: 0.5)", gt=0, le=4)
+    noisy_gating: bool = opt(False, "Shazeer noisy top-k routing while training")
+    epochs: int = opt(10, "passes over the training split", ge=1, group="optimisation")
+    batch_size: int = opt(128, "images per training step", ge=1, le=65536)
+    lr: float = opt(0.1, "SGD learning rate, cosine decay to 0 over all steps (Madry/Rice recipe, shortened)", ge=0)
+    momentum: float = opt(0.9, "SGD (Nesterov) momentum", ge=0)
+    weight_decay: float = opt(5e-4, "SGD weight decay", ge=0)
+    balance_coef: float = opt(1e-2, "Switch balance loss weight", ge=0)
+    z_coef: float = opt(1e-3, "router z-loss weight (ST-MoE)", ge=0)
+    beta: float = opt(6.0, "weight of the KL term: TRADES, RT-ER's runner-up term, JTDMoE's expert terms", ge=0,
+                      methods=("trades", "advmoe", "rt-er", "jtdmoe", "dual"))
+    seed: int = opt(0, "initial weights, data order, attacks' random starts", ge=0, le=2 ** 31 - 1)
+    eps: float = opt(8 / 255, "radius in pixel units, e.g. 8/255 (L2: e.g. 0.5)", ge=0, group="attack")
+    alpha: Optional[float] = opt(None, "PGD step size, e.g. 2/255 (default eps/4)", gt=0)
+    norm: str = opt("linf", "threat model", NORMS)
+    train_steps: int = opt(10, "PGD steps while training (Madry: 10)", ge=0)
+    val_steps: int = opt(10, "PGD steps on the validation split each epoch", ge=0)
+    eval_steps: int = opt(20, "PGD steps of the final test evaluation", ge=0)
+    eval_restarts: int = opt(1, "PGD restarts of the final test evaluation", ge=1)
+    eval_suite: str = opt("full", "autoattack: APGD-CE, APGD-T, Square, each on the points still robust; full: PGD, "
+                                  "the same and soft-router PGD, plus masking probes, RA-E, RA-R, per-expert and routing "
+                                  "statistics; pgd: PGD only", EVAL_SUITES)
+    apgd_steps: int = opt(100, "APGD-CE and APGD-T iterations (AutoAttack: 100)", ge=1)
+    apgd_targets: int = opt(9, "APGD-T target classes (AutoAttack: 9)", ge=1)
+    square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1)
+    router_lr: Optional[float] = opt(None, "router learning rate (default --lr)", ge=0,
+                                     group="advmoe (router-expert alternating training)", methods=("advmoe",))
+    router_schedule: str = opt("cosine", "router lr schedule", ("cosine", "constant"), methods=("advmoe",))
+    robust_loss: str = opt("at", "robust loss of both steps: PGD-AT CE or TRADES", ("at", "trades"), methods=("advmoe",))
+    dual_a: float = opt(0.5, "smoothing parameter a of f_D = (1-a) f_S + a f_R (fixed in jtdmoe)", ge=0, le=1,
+                        group="dual model and jtdmoe", methods=DUAL)
+    dual_mix: str = opt("logits", "logits: f_D mixes logits (the paper); normalized: each member's logits scaled to "
+                                  "unit std first", DUAL_MIXES, methods=DUAL)
+    dual_sweep: str = opt("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "values of a the dual method evaluates",
+                          methods=("dual",))
+    standard_ckpt: Optional[str] = opt(None, "dual: f_S from this checkpoint (else trained)", methods=("dual",))
+    robust_ckpt: Optional[str] = opt(None, "dual: f_R from this checkpoint (else trained)", methods=("dual",))
+    robust_method: str = opt("rt-er", "dual: how f_R is trained without --robust-ckpt", ("at", "trades", "advmoe", "rt-er"),
+                             methods=("dual",))
+    expert_attack: str = opt("pgd", "rt-er/jtdmoe: x' of each expert path's KL term by label PGD (the paper and its "
+                                    "code) or TRADES' KL attack", ("pgd", "kl"), methods=("rt-er", "jtdmoe"))
+    device: str = opt("auto", "auto: cuda when available", ("auto", "cpu", "cuda"), group="run")
+    precision: str = opt("auto", "auto: bf16 autocast + channels_last on CUDA, float32 on CPU; bf16 on CPU is the "
+                                 "fast CPU path", PRECISIONS)
+    compile: bool = opt(False, "torch.compile the dense parts and each expert (compile_model)")
+    out: str = opt("runs/default", "output folder (default runs/<dataset>-<arch>-<method>)")
+
+    def sweep_values(self) -> list[float]:
+        bad = f"--dual-sweep {self.dual_sweep!r} must be a comma list of numbers in [0, 1]"
+        try:
+            values = [float(v) for v in self.dual_sweep.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(bad) from None
+        check(values and all(0 <= v <= 1 for v in values), bad)
+        return values
+
+    def validate(self) -> None:
+        """Check every setting before anything is read or written: each field against its own
+        allowed values (inf and nan pass no bound), then the settings that depend on each other."""
+        for f in dataclasses.fields(self):
+            v, m, flag = getattr(self, f.name), f.metadata, "--" + f.name.replace("_", "-")
+            if v is None or isinstance(v, bool):
+                continue
+            check(not isinstance(v, float) or math.isfinite(v), f"{flag} {v} is not a finite number")
+            check(not m["choices"] or v in m["choices"], f"unknown {flag} {v!r}; allowed: {', '.join(m['choices'] or ())}")
+            for op, b, ok in ((">=", m["ge"], lambda b: v >= b), (">", m["gt"], lambda b: v > b), ("<=", m["le"], lambda b: v <= b)):
+                if b is not None:
+                    check(ok(b), f"{flag} {v} not allowed; need {f.name.replace('_', '-')} {op} {b:g}")
+        size = self.image_size
+        check(size is None or (16 <= size <= 256 and size % 8 == 0),  # 16: layer4 still sees 2x2 maps;
+              f"--image-size {size} not allowed; need a multiple of 8 from 16 to 256")  # 8: the ViT's 8x8 grid
+        check(self.top_k <= self.experts, f"--top-k {self.top_k} not allowed with --experts {self.experts}; need k <= E")
+        self.sweep_values()
+        robust = self.robust_method if self.method == "dual" else self.method
+        check(robust not in ("advmoe", "rt-er", "jtdmoe") or self.arch != "resnet18",
+              f"--method {self.method} needs an MoE (--arch moe-resnet18 or moe-vit), not resnet18")
+        check(robust != "rt-er" or self.experts >= 2,
+              f"--method rt-er needs a runner-up expert: --experts {self.experts} must be >= 2")
+        check(bool(moe_block_set(self.moe_blocks)) or self.arch != "moe-resnet18",
+              f"--moe-blocks {self.moe_blocks!r} makes no MoE layer; name blocks (e.g. layer4.1) or use --arch resnet18")
+
+
+# ============================================================================================
+# 1. Setup: device and precision chosen in one place; files written atomically
+# ============================================================================================
+# The autocast dtype per device type: process-wide, like torch.backends flags. make_runtime
+# sets it, every forward in this file asks autocast_for, float32_evaluation turns it off.
 # auto: bf16 on CUDA, float32 on CPU. `--precision bf16` on CPU is the fast CPU path on a
-# processor with AVX512-BF16 or AMX (measured 2.5x on 2 AMD EPYC cores, README); float32
-# stays the CPU default because the reference numbers in README were taken in it.
-_AMP_DTYPE: dict = {"cuda": torch.bfloat16, "cpu": None}
+# processor with AVX512-BF16 or AMX (README); float32 stays the CPU default because the
+# reference numbers in README were taken in it.
+AMP_DTYPE: dict = {"cuda": torch.bfloat16, "cpu": None}
 
 
 def set_precision(precision: str = "auto") -> None:
     check(precision in PRECISIONS, f"unknown --precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    _AMP_DTYPE["cuda"] = None if precision == "fp32" else torch.bfloat16
-    _AMP_DTYPE["cpu"] = torch.bfloat16 if precision == "bf16" else None
-
-
-def amp_dtype(device: torch.device) -> Optional[torch.dtype]:
-    return _AMP_DTYPE.get(torch.device(device).type)
+    AMP_DTYPE.update(cuda=None if precision == "fp32" else torch.bfloat16, cpu=torch.bfloat16 if precision == "bf16" else None)
 
 
 def autocast_for(device: torch.device):
-    """The one autocast rule: the process's precision for this device type (see set_precision).
-    Under bf16 the matrix products and convolutions run in bf16; every loss in this file
-    casts logits to float32 first, and input gradients arrive in float32 (bf16 has float32's
-    exponent range, so no loss scaling is needed and a gradient sign is never lost to underflow)."""
-    dtype = amp_dtype(device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+    """The one autocast rule. Under bf16 the matrix products and convolutions run in bf16; every
+    loss casts logits to float32 first, and input gradients arrive in float32 (bf16 has float32's
+    exponent range: no loss scaling is needed and no gradient sign is lost to underflow)."""
+    kind = torch.device(device).type
+    dtype = AMP_DTYPE.get(kind)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(kind, dtype=dtype)
 
 
 @contextlib.contextmanager
 def float32_evaluation():
-    """Context (and decorator): true float32 inside (no autocast, and TF32 off on CUDA), whatever
-    the training precision; both are restored on exit. Reported accuracies are float32 numbers:
-    a bf16 forward is a slightly different, coarser function, and on three PGD-AT models its
-    robust accuracy differed from the same weights in float32 by +1.5, +0.5 and -6.8 points
-    (README). On a GPU, validation costs about 2x more in float32, a few % of an epoch."""
-    saved = dict(_AMP_DTYPE)
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    """Context (and decorator): true float32 inside (no autocast, TF32 off on CUDA), restored on
+    exit. Reported accuracies are float32 numbers: a bf16 forward is a slightly different, coarser
+    function, and on three PGD-AT models its robust accuracy differed from the same weights in
+    float32 by +1.5, +0.5 and -6.8 points (README)."""
+    saved, cuda = dict(AMP_DTYPE), torch.backends.cuda.matmul
+    tf32 = cuda.allow_tf32, torch.backends.cudnn.allow_tf32
     set_precision("fp32")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 has a 10-bit mantissa
+    cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 has a 10-bit mantissa
     try:
         yield
     finally:
-        _AMP_DTYPE.update(saved)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        AMP_DTYPE.update(saved)
+        cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 @dataclass
@@ -150,24 +274,20 @@ class Runtime:
             # experts), where every step brings new per-expert batch sizes, each a synchronising tuning
             torch.backends.cudnn.benchmark = not any(hasattr(m, "experts") for m in model.modules())
         model = model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
 
 def make_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
-    """`auto` picks CUDA when present. bf16 autocast and channels_last on CUDA; on CPU
-    float32 in the default layout, or bf16 + channels_last with precision='bf16'."""
-    check(device in ("auto", "cpu", "cuda"), f"unknown --device {device!r}; allowed: auto, cpu, cuda")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    check(device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA GPU; use --device cpu or auto")
+    """`auto` picks CUDA when present. bf16 autocast and channels_last on CUDA (float32 leftovers
+    on TF32 tensor cores); on CPU float32 in the default layout, or bf16 + channels_last."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    check(device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA GPU; "
+                                                         "use --device cpu or auto")
     set_precision(precision)
     dev = torch.device(device)
     if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # float32 leftovers use TF32 tensor cores
-        torch.backends.cudnn.allow_tf32 = True
-    dtype = amp_dtype(dev)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    dtype = AMP_DTYPE[dev.type]
     return Runtime(dev, dtype, dev.type == "cuda" or dtype is not None)
 
 
@@ -245,9 +365,7 @@ def writable_folder(folder: str, flag: str = "--out") -> Path:
 # Batches are cast to float in [0, 1] on the device; augmentation runs there on whole
 # batches (random crop with zero padding + horizontal flip, the standard CIFAR recipe).
 
-DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder", "random")
-
-# Per-channel mean/std used by the Normalize layer inside each model (pixel units stay [0,1]).
+ # Per-channel mean/std used by the Normalize layer inside each model (pixel units stay [0,1]).
 NORM_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -468,18 +586,10 @@ def load_imagefolder(data_dir: str, size: int = 32) -> Dataset:
     return Dataset(tx, ty, vx, vy, len(classes), "imagefolder")
 
 
-def check_image_size(size: Optional[int]) -> None:
-    """16 is the smallest side where layer4 of a ResNet still sees 2x2 maps (BatchNorm needs > 1
-    value per channel); multiples of 8 give MoE-ViT its 8x8 patch grid."""
-    check(size is None or (16 <= size <= 256 and size % 8 == 0),
-          f"--image-size {size} not allowed; need a multiple of 8 from 16 to 256")
-
-
 def load_dataset(name: str, data_dir: str = "data", image_size: Optional[int] = None, seed: int = 0,
                  train_limit: Optional[int] = None, test_limit: Optional[int] = None) -> Dataset:
     """Load by name; `train_limit`/`test_limit` keep only the first N examples."""
     check(name in DATASETS, f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    check_image_size(image_size)
     if name in ("synthetic", "random"):  # generated in memory: keep the request to what fits
         for flag, v in (("--train-limit", train_limit), ("--test-limit", test_limit)):
             check(v is None or v <= 100_000, f"{flag} {v} too large for generated data ({name}); allowed: 1..100000")
@@ -589,12 +699,9 @@ class MoE(nn.Module):
                   (per-image routing, as in the CNN-MoE papers) and each expert gets whole maps.
     tokens=True:  x is (B, T, D); every token is routed on its own (V-MoE, per-token routing).
     Sparse compute: rows are grouped by expert and each expert runs only on its own rows.
-    Controls for analysis (all off by default), in order of precedence:
-      soft          all experts, gated by the full softmax (a differentiable surrogate of the router)
-      forced_route  a `Route` given from outside (e.g. the clean routes, for RA-E)
-      forced_rank   each row uses its r-th ranked expert with gate 1 (r = 1: the runner-up path)
-      forced_expert every row uses expert i with gate 1, so the layer computes expert i exactly
-    """
+    `control` (None in training) is an analysis hook that replaces the top-k choice: a function
+    (probs, ranking) -> (indices, gates, every); soft_routing, forced_routes, forced_rank and
+    forced_expert below set it for a `with` block."""
 
     def __init__(self, experts: list[nn.Module], dim: int, k: int = 1, tokens: bool = False,
                  noisy: bool = False):
@@ -609,10 +716,7 @@ class MoE(nn.Module):
             nn.init.zeros_(self.noise.weight)
             nn.init.zeros_(self.noise.bias)
         self.k, self.tokens = k, tokens
-        self.soft = False
-        self.forced_route: Optional[Route] = None
-        self.forced_rank: Optional[int] = None
-        self.forced_expert: Optional[int] = None
+        self.control: Optional[Callable] = None
         self.routing: Optional[Routing] = None
         self.router_logits: Optional[torch.Tensor] = None
         self.aux: Optional[AuxLoss] = None
@@ -634,22 +738,11 @@ class MoE(nn.Module):
                 logits = logits + torch.randn_like(logits) * F.softplus(self.noise(h))
         probs = logits.softmax(-1)  # (N, E)
         ranking = probs.detach().argsort(dim=-1, descending=True, stable=True)  # (N, E), ties to the lower index
-        every = None
-        if self.soft:
-            indices = torch.arange(E, device=h.device).expand(len(h), E)
-            gates, every = probs, list(range(E))
-        elif self.forced_route is not None:
-            indices, gates = self.forced_route
-            check(indices.shape[0] == len(h), f"forced route has {indices.shape[0]} rows, batch has {len(h)}")
-        elif self.forced_rank is not None:
-            indices = ranking[:, self.forced_rank:self.forced_rank + 1]
-            gates = torch.ones_like(indices, dtype=probs.dtype)
-        elif self.forced_expert is not None:
-            indices = torch.full((len(h), 1), self.forced_expert, device=h.device, dtype=torch.long)
-            gates, every = torch.ones(len(h), 1, device=h.device), [self.forced_expert]
+        if self.control is not None:
+            indices, gates, every = self.control(probs, ranking)
         else:
             top, indices = probs.topk(self.k, dim=-1)  # (N, K)
-            gates = top if self.k == 1 else top / top.sum(-1, keepdim=True)
+            gates, every = (top if self.k == 1 else top / top.sum(-1, keepdim=True)), None
         # Switch eq. 4: E * sum_i f_i P_i with f_i the fraction whose top-1 is i (no gradient)
         # and P_i the mean router probability of i. ST-MoE z-loss: mean(logsumexp(r)^2).
         # (index_add, not bincount: bincount on CUDA reads its input's maximum back to the host)
@@ -733,40 +826,48 @@ def expert_counts(model: nn.Module) -> list[list[int]]:
 
 
 @contextlib.contextmanager
-def _set_on_moe(model: nn.Module, name: str, values):
+def routing_control(model: nn.Module, controls):
+    """Context: MoE layer l of the model routes by controls[l] (one control: every layer)."""
     layers = moe_layers(model)
-    values = values if isinstance(values, list) else [values] * len(layers)
-    check(len(values) == len(layers), f"{len(values)} values given for {len(layers)} MoE layers")
-    old = [getattr(m, name) for m in layers]
+    controls = controls if isinstance(controls, list) else [controls] * len(layers)
+    check(len(controls) == len(layers), f"{len(controls)} controls given for {len(layers)} MoE layers")
+    old = [m.control for m in layers]
     try:
-        for m, v in zip(layers, values):
-            setattr(m, name, v)
+        for m, c in zip(layers, controls):
+            m.control = c
         yield model
     finally:
-        for m, v in zip(layers, old):
-            setattr(m, name, v)
-
-
-def forced_expert(model: nn.Module, i: int):
-    """Context: every MoE layer uses expert i with gate 1 (the network f_i of the papers)."""
-    for m in moe_layers(model):
-        check(0 <= i < m.num_experts, f"expert {i} not allowed; this layer has {m.num_experts} experts")
-    return _set_on_moe(model, "forced_expert", i)
-
-
-def forced_routes(model: nn.Module, routes: list[Route]):
-    """Context: MoE layer l uses routes[l] (indices and gates) for every row."""
-    return _set_on_moe(model, "forced_route", list(routes))
-
-
-def forced_rank(model: nn.Module, r: int):
-    """Context: every MoE layer sends each row to its r-th ranked expert with gate 1."""
-    return _set_on_moe(model, "forced_rank", r)
+        for m, c in zip(layers, old):
+            m.control = c
 
 
 def soft_routing(model: nn.Module):
-    """Context: every MoE layer runs all experts, gated by the full softmax."""
-    return _set_on_moe(model, "soft", True)
+    """Context: every MoE layer runs all experts, gated by the full softmax (a differentiable
+    surrogate of hard top-k routing)."""
+    return routing_control(model, lambda p, rank: (torch.arange(p.shape[1], device=p.device).expand_as(p), p,
+                                                   list(range(p.shape[1]))))
+
+
+def forced_routes(model: nn.Module, routes: list[Route]):
+    """Context: MoE layer l uses routes[l] (indices and gates) for every row (e.g. the clean routes, for RA-E)."""
+    def control(route):
+        def choose(p, rank):
+            check(len(route.indices) == len(p), f"forced route has {len(route.indices)} rows, batch has {len(p)}")
+            return route.indices, route.gates, None
+        return choose
+    return routing_control(model, [control(r) for r in routes])
+
+
+def forced_rank(model: nn.Module, r: int):
+    """Context: every MoE layer sends each row to its r-th ranked expert with gate 1 (r = 1: the runner-up)."""
+    return routing_control(model, lambda p, rank: (rank[:, r:r + 1], p.new_ones(len(p), 1), None))
+
+
+def forced_expert(model: nn.Module, i: int):
+    """Context: every MoE layer uses expert i with gate 1, so it computes the network f_i of the papers."""
+    for m in moe_layers(model):
+        check(0 <= i < m.num_experts, f"expert {i} not allowed; this layer has {m.num_experts} experts")
+    return routing_control(model, lambda p, rank: (torch.full((len(p), 1), i, device=p.device), p.new_ones(len(p), 1), [i]))
 
 
 def current_routes(model: nn.Module, x: torch.Tensor, fixed_gates: Optional[float] = None) -> list[Route]:
@@ -783,8 +884,6 @@ def current_routes(model: nn.Module, x: torch.Tensor, fixed_gates: Optional[floa
 # ============================================================================================
 # 3. Models: CIFAR ResNet-18, MoE-ResNet18, MoE-ViT
 # ============================================================================================
-ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
-
 
 @dataclass
 class ModelConfig:
@@ -804,6 +903,13 @@ class ModelConfig:
     vit_dim: int = 192  # ViT embedding width before `width` scaling
     vit_depth: int = 6  # transformer blocks; MoE MLP in every other one (V-MoE)
     vit_heads: int = 3
+
+
+def model_config(cfg, num_classes: int, image_size: int) -> ModelConfig:
+    """A run's ModelConfig: the fields of the same name in its Config, the data's classes and size."""
+    shared = {f.name for f in dataclasses.fields(ModelConfig)} - {"num_classes", "image_size", "norm"}
+    return ModelConfig(num_classes=num_classes, image_size=image_size, **{k: getattr(cfg, k) for k in shared if hasattr(cfg, k)},
+                       norm=cfg.dataset if cfg.dataset in NORM_STATS else "imagenet")
 
 
 class Normalize(nn.Module):
@@ -849,17 +955,6 @@ class BasicBlock(nn.Module):
         return F.relu(self.branch(x) + self.shortcut(x))
 
 
-BLOCK_NAMES = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))
-
-
-def parse_moe_blocks(spec: str) -> set:
-    """'all' or a comma list of ResNet-18 block names -> the set of names."""
-    wanted = set(BLOCK_NAMES) if spec == "all" else {b.strip() for b in spec.split(",") if b.strip()}
-    bad = sorted(wanted - set(BLOCK_NAMES))
-    check(not bad, f"unknown --moe-blocks {','.join(bad)}; allowed: all or a comma list of {', '.join(BLOCK_NAMES)}")
-    return wanted
-
-
 class ResNet18(nn.Module):
     """CIFAR ResNet-18: 3x3 stem, no max-pool, stages of 64/128/256/512 x width channels.
     Blocks are named layer{1..4}.{0,1}; those in `moe_blocks` become MoE blocks."""
@@ -869,7 +964,7 @@ class ResNet18(nn.Module):
         mean, std = NORM_STATS[cfg.norm]
         self.normalize = Normalize(mean, std)
         c = [max(1, round(w * cfg.width)) for w in (64, 128, 256, 512)]
-        wanted = set() if cfg.arch == "resnet18" else parse_moe_blocks(cfg.moe_blocks)
+        wanted = set() if cfg.arch == "resnet18" else moe_block_set(cfg.moe_blocks)
         self.stem = nn.Sequential(nn.Conv2d(3, c[0], 3, 1, 1, bias=False), nn.BatchNorm2d(c[0]), nn.ReLU(inplace=True))
         inp, stages = c[0], []
         for i, (planes, stride) in enumerate(zip(c, (1, 2, 2, 2)), start=1):
@@ -990,8 +1085,6 @@ def compile_model(model: nn.Module) -> nn.Module:
     return model
 
 
-DUAL_MIXES = ("logits", "normalized")
-
 
 class DualModel(nn.Module):
     """The dual model (Zhang, Xu, Hu, Wang, ICML 2025): f_D(x) = (1 - a) f_S(x) + a f_R(x) on
@@ -1025,8 +1118,6 @@ class DualModel(nn.Module):
 # restored afterwards; gradients are taken with respect to the input only (autograd.grad),
 # so no parameter gradient is left behind; the loss is computed in float32 under autocast.
 
-NORMS = ("linf", "l2")
-
 
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module):
@@ -1059,74 +1150,66 @@ def ce_per_example(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y, reduction="none")
 
 
+def logits_fp32(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """model(x) under the process's autocast, as float32 logits (every loss in this file takes these)."""
+    with autocast_for(x.device):
+        return model(x).float()
+
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, alpha: Optional[float] = None,
-        steps: int = 10, norm: str = "linf", restarts: int = 1, random_start: bool = True,
-        loss_fn: Callable = ce_per_example, keep_best: bool = True, judge: Optional[nn.Module] = None) -> torch.Tensor:
-    """Projected gradient ascent on `loss_fn(model(x'), y)` over ||x' - x|| <= eps, x' in [0,1].
-
-    alpha: step size; None means eps / 4 (2/255 at eps = 8/255, Madry's CIFAR setting).
-    restarts: independent random starts; per example the worst case over all of them is kept.
-    keep_best: evaluation mode: of every iterate (the clean point included) keep, per
-      example, a misclassified one if any, else the one of highest loss; with a fixed seed
-      more steps can then never help the model. False: return the last iterate (training,
-      as in Madry's PGD-AT; one restart). `y` may be labels or, with a custom loss_fn, soft targets.
-    judge: the model whose misclassification and loss pick the worst iterate (default `model`).
-      The soft-router attack follows the gradient of the soft surrogate and keeps the iterate
-      the hard-routed model gets worst: the surrogate's own worst iterate can be harmless there.
-    Returns x_adv (B, C, H, W), detached."""
-    check(norm in NORMS, f"unknown attack norm {norm!r}; allowed: {', '.join(NORMS)}")
-    check(eps >= 0, f"eps {eps} must be >= 0")
-    check(steps >= 0 and restarts >= 1, f"need steps >= 0 and restarts >= 1, got {steps}, {restarts}")
-    check(keep_best or restarts == 1, "restarts > 1 needs keep_best=True (the worst case over restarts)")
+        steps: int = 10, norm: str = "linf", random_start: bool = True, loss_fn: Callable = ce_per_example,
+        on_iterate: Optional[Callable] = None) -> torch.Tensor:
+    """Projected gradient ascent on loss_fn(model(x'), y) over ||x' - x|| <= eps, x' in [0, 1]
+    (Madry et al. 2018). alpha: the step; None: eps / 4 (2/255 at 8/255, Madry's CIFAR setting).
+    on_iterate(x_t, logits_t) sees every iterate before its step (pgd_worst keeps the worst).
+    Returns the last iterate (B, C, H, W), detached: what PGD-AT trains on."""
     alpha = eps / 4 if alpha is None else alpha
-    x = x.detach()
-    labels = y.dtype == torch.long
-    best_x, best_score = x.clone(), torch.full((len(x),), -float("inf"), device=x.device)
+    x, delta = x.detach(), torch.zeros_like(x)
+    if random_start and eps > 0:  # uniform in the L-inf ball; L2: a random direction, a uniform radius
+        d = torch.empty_like(x).uniform_(-eps, eps) if norm == "linf" else torch.randn_like(x)
+        delta = d if norm == "linf" else d / per_example_norm(d, "l2") * eps * torch.rand(len(x), 1, 1, 1, device=x.device)
+    delta = (x + delta).clamp(0, 1) - x
+    with eval_mode(model):  # BatchNorm frozen, routing deterministic; the caller's mode comes back
+        for _ in range(steps):
+            xa = (x + delta).requires_grad_(True)
+            logits = logits_fp32(model, xa)
+            if on_iterate is not None:
+                on_iterate(xa.detach(), logits.detach())
+            (g,) = torch.autograd.grad(loss_fn(logits, y).sum(), xa)  # the input's gradient only
+            step = alpha * g.sign() if norm == "linf" else alpha * g / per_example_norm(g, "l2").clamp_min(1e-12)
+            delta = (x + project(delta + step, eps, norm)).clamp(0, 1) - x  # in the ball, a valid image
+    return (x + delta).detach()
 
-    def consider(xa, logits):  # keep per example the worst case seen so far
-        nonlocal best_x, best_score
+
+def pgd_worst(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, alpha: Optional[float] = None,
+              steps: int = 10, norm: str = "linf", restarts: int = 1, loss_fn: Callable = ce_per_example,
+              judge: Optional[nn.Module] = None) -> torch.Tensor:
+    """PGD for evaluation: `restarts` random starts, and per example the worst of every iterate
+    (the clean point and each run's last one included): a misclassified one if any, else the one
+    of highest loss. With a fixed seed, more steps or restarts then never help the model. `y` may
+    be soft targets with a custom loss_fn (then only the loss counts).
+    judge: the model whose verdict picks the worst iterate (default `model`). The soft-router
+    attack follows the soft surrogate's gradient and keeps what the hard-routed model gets worst:
+    the surrogate's own worst iterate can be harmless there."""
+    x, judge_model = x.detach(), judge if judge is not None else model
+    best_x, best = x.clone(), torch.full((len(x),), -float("inf"), device=x.device)
+
+    def keep(xa, logits):
+        nonlocal best_x, best
         if judge is not None:
-            with torch.no_grad(), autocast_for(x.device):
-                logits = judge(xa.detach())
-        score = loss_fn(logits.float(), y).detach()
-        if labels:
+            with torch.no_grad():
+                logits = logits_fp32(judge, xa)
+        score = loss_fn(logits, y)
+        if y.dtype == torch.long:  # a misclassified point beats any loss
             score = score + 1e6 * (logits.argmax(1) != y).float()
-        better = score > best_score
-        best_x = torch.where(better.view(-1, 1, 1, 1), xa.detach(), best_x)
-        best_score = torch.where(better, score, best_score)
+        best_x = torch.where((score > best).view(-1, 1, 1, 1), xa, best_x)
+        best = torch.maximum(score, best)
 
-    with eval_mode(model, *([judge] if judge is not None else [])):
-        if keep_best:
-            with torch.no_grad(), autocast_for(x.device):
-                consider(x, model(x))
-        for _ in range(restarts):
-            delta = torch.zeros_like(x)
-            if random_start and eps > 0:
-                if norm == "linf":
-                    delta = torch.empty_like(x).uniform_(-eps, eps)
-                else:
-                    d = torch.randn_like(x)
-                    delta = d / per_example_norm(d, "l2") * eps * torch.rand(len(x), 1, 1, 1, device=x.device)
-            delta = (x + delta).clamp(0, 1) - x
-            for _ in range(steps):
-                xa = (x + delta).requires_grad_(True)
-                with autocast_for(x.device):
-                    logits = model(xa)
-                loss = loss_fn(logits.float(), y)
-                if keep_best:
-                    consider(xa, logits)
-                (grad,) = torch.autograd.grad(loss.sum(), xa)
-                if norm == "linf":
-                    step = alpha * grad.sign()
-                else:
-                    step = alpha * grad / per_example_norm(grad, "l2").clamp_min(1e-12)
-                delta = project(delta + step, eps, norm)
-                delta = (x + delta).clamp(0, 1) - x  # stay a valid image
-            xa = (x + delta).detach()
-            if not keep_best:
-                return xa
-            with torch.no_grad(), autocast_for(x.device):
-                consider(xa, model(xa))
+    with eval_mode(model, judge_model):
+        for r in range(restarts + 1):  # r = 0: the clean point
+            xa = x if r == 0 else pgd(model, x, y, eps, alpha, steps, norm, loss_fn=loss_fn, on_iterate=keep)
+            with torch.no_grad():
+                keep(xa, logits_fp32(model, xa))
     return best_x
 
 
@@ -1145,7 +1228,7 @@ class AttackConfig:
         return f"PGD-{self.steps} {self.norm} eps={e} restarts={self.restarts}"
 
     def __call__(self, model, x, y, **kw):
-        return pgd(model, x, y, self.eps, self.alpha, self.steps, self.norm, self.restarts, **kw)
+        return pgd_worst(model, x, y, self.eps, self.alpha, self.steps, self.norm, self.restarts, **kw)
 
 
 @torch.no_grad()
@@ -1354,140 +1437,13 @@ def router_attack(model: nn.Module, x: torch.Tensor, attack: AttackConfig) -> to
     """PGD that only tries to change the routes of x (see RouterDeviation)."""
     clean_top1 = [r.indices[:, 0] for r in current_routes(model, x)]
     score = RouterDeviation(model, clean_top1).train(model.training)  # so pgd restores the model's own mode
-    return pgd(score, x, torch.zeros(len(x), device=x.device), attack.eps, attack.alpha, attack.steps, attack.norm,
+    return pgd_worst(score, x, torch.zeros(len(x), device=x.device), attack.eps, attack.alpha, attack.steps, attack.norm,
                attack.restarts, loss_fn=lambda out, _: out[:, 0])
 
 
 # ============================================================================================
 # 5. Training methods: standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE
 # ============================================================================================
-METHODS = ("standard", "at", "trades", "advmoe", "rt-er", "dual", "jtdmoe")
-EVAL_SUITES = ("full", "autoattack", "pgd")
-
-
-@dataclass
-class Config:
-    """Everything a run needs; the CLI fills it, checkpoints store it (see `--help`)."""
-
-    method: str = "at"  # one of METHODS
-    dataset: str = "synthetic"  # one of DATASETS
-    data_dir: str = "data"
-    image_size: Optional[int] = None  # None: the dataset's own (32; 64 for tinyimagenet)
-    arch: str = "moe-resnet18"  # one of ARCHS
-    width: float = 1.0
-    experts: int = 4
-    top_k: int = 1
-    moe_blocks: str = "layer4.1"
-    expert_ratio: float = 1.0
-    noisy_gating: bool = False
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1  # SGD, momentum 0.9, cosine decay to 0 over all steps (Madry/Rice recipe, shortened)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    balance_coef: float = 1e-2  # Switch balance loss coefficient
-    z_coef: float = 1e-3  # router z-loss coefficient (ST-MoE)
-    beta: float = 6.0  # TRADES trade-off
-    eps: float = 8 / 255  # attack radius (pixel units; L2 radius with --norm l2)
-    alpha: Optional[float] = None  # PGD step; None: eps / 4
-    norm: str = "linf"
-    train_steps: int = 10  # PGD steps while training (Madry: 10)
-    val_steps: int = 10  # PGD steps on the validation split each epoch
-    eval_steps: int = 20  # PGD steps for the final test evaluation
-    eval_restarts: int = 1
-    val_size: Optional[int] = None  # held-out training examples; None: 10% capped at 1000
-    eval_suite: str = "full"  # full: every attack and MoE analysis of section 6; pgd: PGD only
-    apgd_steps: int = 100  # APGD-CE and APGD-T iterations (AutoAttack: 100)
-    apgd_targets: int = 9  # APGD-T target classes (AutoAttack: 9)
-    square_queries: int = 5000  # Square attack query budget per example (AutoAttack: 5000)
-    # AdvMoE (router-expert alternating training)
-    router_lr: Optional[float] = None  # router optimiser's learning rate; None: --lr
-    router_schedule: str = "cosine"  # cosine or constant
-    robust_loss: str = "at"  # robust loss of both AdvMoE steps: at (PGD-AT CE) or trades
-    # RT-ER / JTDMoE: how x' of each expert path's KL term is made: pgd (label PGD, cross-entropy,
-    # random start: the paper and its code) or kl (TRADES' KL attack, no random start)
-    expert_attack: str = "pgd"
-    # Dual model / JTDMoE
-    dual_a: float = 0.5  # the smoothing parameter a of f_D = (1 - a) f_S + a f_R (fixed in JTDMoE)
-    dual_mix: str = "logits"  # logits (the paper's f_D) or normalized (each member's logits scaled to unit std)
-    dual_sweep: str = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"  # values of a the dual method evaluates
-    standard_ckpt: Optional[str] = None  # dual: f_S from this checkpoint (else trained)
-    robust_ckpt: Optional[str] = None  # dual: f_R from this checkpoint (else trained)
-    robust_method: str = "rt-er"  # dual: how f_R is trained when no --robust-ckpt is given
-    augment: bool = True  # random crop + flip
-    train_limit: Optional[int] = None
-    test_limit: Optional[int] = None
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # one of PRECISIONS: auto (bf16 on CUDA, float32 on CPU), fp32, bf16
-    compile: bool = False  # torch.compile the model
-    out: str = "runs/default"
-
-    def model_config(self, num_classes: int, image_size: int) -> ModelConfig:
-        norm = self.dataset if self.dataset in NORM_STATS else "imagenet"
-        return ModelConfig(self.arch, num_classes, image_size, norm, self.width, self.experts, self.top_k,
-                           self.moe_blocks, self.expert_ratio, self.noisy_gating)
-
-    def sweep_values(self) -> list[float]:
-        try:
-            values = [float(v) for v in self.dual_sweep.split(",") if v.strip()]
-        except ValueError:
-            raise UserError(f"--dual-sweep {self.dual_sweep!r} must be a comma list of numbers in [0, 1]") from None
-        check(values and all(0 <= v <= 1 for v in values), f"--dual-sweep {self.dual_sweep!r} must be a comma list of numbers in [0, 1]")
-        return values
-
-    def attack(self, steps: int, restarts: int = 1) -> AttackConfig:
-        return AttackConfig(self.eps, self.alpha, steps, restarts, self.norm)
-
-    def validate(self) -> None:
-        """Check every setting before anything is read or written."""
-        check(self.method in METHODS, f"unknown --method {self.method!r}; allowed: {', '.join(METHODS)}")
-        check(self.dataset in DATASETS, f"unknown --dataset {self.dataset!r}; allowed: {', '.join(DATASETS)}")
-        check(self.arch in ARCHS, f"unknown --arch {self.arch!r}; allowed: {', '.join(ARCHS)}")
-        check(self.norm in NORMS, f"unknown --norm {self.norm!r}; allowed: {', '.join(NORMS)}")
-        for f in dataclasses.fields(self):  # inf and nan pass every comparison below
-            v = getattr(self, f.name)
-            check(not isinstance(v, float) or math.isfinite(v), f"--{f.name.replace('_', '-')} {v} is not a finite number")
-        check(self.eps >= 0, f"--eps {self.eps} is negative; allowed: eps >= 0 (pixel units, e.g. 0.0314 = 8/255)")
-        check(self.alpha is None or self.alpha > 0, f"--alpha {self.alpha} must be > 0")
-        check(0 < self.width <= 8, f"--width {self.width} not allowed; need 0 < width <= 8 (1 is ResNet-18's)")
-        check(1 <= self.experts <= 64, f"--experts {self.experts} not allowed; need 1 <= E <= 64")
-        check(0 <= self.seed < 2 ** 31, f"--seed {self.seed} not allowed; need 0 <= seed < 2^31")
-        check_image_size(self.image_size)
-        check(self.batch_size <= 65536, f"--batch-size {self.batch_size} not allowed; need 1 <= batch size <= 65536")
-        check(1 <= self.top_k <= self.experts, f"--top-k {self.top_k} not allowed with --experts {self.experts}; need 1 <= k <= E")
-        for name in ("epochs", "batch_size", "train_steps", "val_steps", "eval_steps", "eval_restarts"):
-            low = 0 if name.endswith("steps") else 1
-            check(getattr(self, name) >= low, f"--{name.replace('_', '-')} {getattr(self, name)} must be >= {low}")
-        for name in ("lr", "momentum", "weight_decay", "balance_coef", "z_coef", "beta"):
-            check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 0")
-        for name in ("train_limit", "test_limit", "val_size"):
-            v = getattr(self, name)
-            check(v is None or v >= 1, f"--{name.replace('_', '-')} {v} must be >= 1")
-        check(self.device in ("auto", "cpu", "cuda"), f"unknown --device {self.device!r}; allowed: auto, cpu, cuda")
-        check(self.precision in PRECISIONS, f"unknown --precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
-        check(self.eval_suite in EVAL_SUITES, f"unknown --eval-suite {self.eval_suite!r}; allowed: {', '.join(EVAL_SUITES)}")
-        for name in ("apgd_steps", "apgd_targets", "square_queries"):
-            check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
-        check(self.expert_attack in ("pgd", "kl"), f"unknown --expert-attack {self.expert_attack!r}; allowed: pgd, kl")
-        check(self.router_lr is None or self.router_lr >= 0, f"--router-lr {self.router_lr} must be >= 0")
-        check(self.router_schedule in ("cosine", "constant"), f"unknown --router-schedule {self.router_schedule!r}; allowed: cosine, constant")
-        check(self.robust_loss in ("at", "trades"), f"unknown --robust-loss {self.robust_loss!r}; allowed: at, trades")
-        check(0 <= self.dual_a <= 1, f"--dual-a {self.dual_a} not allowed; need 0 <= a <= 1")
-        check(self.dual_mix in DUAL_MIXES, f"unknown --dual-mix {self.dual_mix!r}; allowed: {', '.join(DUAL_MIXES)}")
-        check(self.robust_method in ("at", "trades", "advmoe", "rt-er"),
-              f"unknown --robust-method {self.robust_method!r}; allowed: at, trades, advmoe, rt-er")
-        self.sweep_values()
-        if self.method in ("advmoe", "rt-er", "jtdmoe") or (self.method == "dual" and self.robust_method in ("advmoe", "rt-er")):
-            check(self.arch != "resnet18", f"--method {self.method} needs an MoE (--arch moe-resnet18 or moe-vit), not resnet18")
-        if self.method == "rt-er" or (self.method == "dual" and self.robust_method == "rt-er"):
-            check(self.experts >= 2, f"--method rt-er needs a runner-up expert: --experts {self.experts} must be >= 2")
-        blocks = parse_moe_blocks(self.moe_blocks)
-        check(bool(blocks) or self.arch != "moe-resnet18",
-              f"--moe-blocks {self.moe_blocks!r} makes no MoE layer; name blocks (e.g. layer4.1) or use --arch resnet18")
-        check(0 < self.expert_ratio <= 4, f"--expert-ratio {self.expert_ratio} must be in (0, 4]")
-
-
 def sgd(params, cfg: Config, lr: Optional[float] = None) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum; on CUDA the fused kernel (one launch for all parameters).
     (On CPU the default multi-tensor path, so CPU runs repeat README's numbers exactly.)"""
@@ -1502,6 +1458,10 @@ def cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_sched
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
 
 
+def aux(model: nn.Module, cfg: Config) -> torch.Tensor:
+    return moe_aux_loss(model, cfg.balance_coef, cfg.z_coef)
+
+
 def trades_kl(logits_adv: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
     """Per-example KL(p_clean || softmax(logits_adv)), float32. TRADES eq. 5's inner term."""
     return F.kl_div(F.log_softmax(logits_adv.float(), 1), p_clean, reduction="none").sum(1)
@@ -1509,67 +1469,54 @@ def trades_kl(logits_adv: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
 
 def trades_attack(model: nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tensor:
     """TRADES' inner maximisation: PGD on KL(p(x) || p(x')), started at x + 0.001 N(0, I)."""
-    with torch.no_grad(), eval_mode(model), autocast_for(x.device):
-        p_clean = model(x).float().softmax(1)
+    with torch.no_grad(), eval_mode(model):
+        p_clean = logits_fp32(model, x).softmax(1)
     x0 = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
-    xa = pgd(model, x0, p_clean, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, random_start=False,
-             loss_fn=trades_kl, keep_best=False)
+    xa = pgd(model, x0, p_clean, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, random_start=False, loss_fn=trades_kl)
     return project(xa - x, cfg.eps, cfg.norm).add(x).clamp(0, 1)
 
 
-def at_loss(method: "Method", model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """PGD-AT: CE(F(x_adv), y) + MoE aux losses, x_adv = PGD-`train_steps` (last iterate). -> (loss, logits)"""
-    cfg = method.cfg
-    xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, keep_best=False)
-    logits = method.forward(model, xa)
-    return F.cross_entropy(logits, y) + method.aux(model), logits
+def at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
+    """PGD-AT (Madry et al. 2018): CE(F(x_adv), y) + MoE aux losses of that forward, x_adv =
+    PGD-`train_steps` against the current model (last iterate). -> (loss, logits)"""
+    logits = logits_fp32(model, pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm))
+    return F.cross_entropy(logits, y) + aux(model, cfg), logits
 
 
-def trades_term(method: "Method", model: nn.Module, x: torch.Tensor, xa: Optional[torch.Tensor] = None):
+def trades_term(model: nn.Module, x: torch.Tensor, cfg: Config, xa: Optional[torch.Tensor] = None):
     """(1/B) sum_n KL(p(x_n) || p(x'_n)), x' = xa, or TRADES' attack on `model` (whatever routes
     or experts are forced on it). -> (kl, clean logits, MoE aux losses of the clean forward)"""
-    xa = trades_attack(model, x, method.cfg) if xa is None else xa
-    logits = method.forward(model, x)
-    aux = method.aux(model)
-    return trades_kl(method.forward(model, xa), logits.softmax(1)).mean(), logits, aux
+    xa = trades_attack(model, x, cfg) if xa is None else xa
+    logits = logits_fp32(model, x)
+    clean_aux = aux(model, cfg)
+    return trades_kl(logits_fp32(model, xa), logits.softmax(1)).mean(), logits, clean_aux
 
 
-def expert_path_term(method: "Method", model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
+    """TRADES (Zhang et al. 2019): CE(F(x), y) + beta KL(p(x) || p(x_adv)) + MoE aux losses. -> (loss, logits)"""
+    kl, logits, clean_aux = trades_term(model, x, cfg)
+    return F.cross_entropy(logits, y) + cfg.beta * kl + clean_aux, logits
+
+
+def expert_path_term(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config) -> torch.Tensor:
     """RT-ER / JTDMoE's KL term on one expert path (the routes or expert forced on `model`):
     (1/B) sum_n KL(f(x_n) || f(x'_n)), x' = label PGD (cross-entropy, random start) against that
     path, as in the dual-model paper and its code; --expert-attack kl: TRADES' KL attack."""
-    cfg = method.cfg
-    xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, keep_best=False) if cfg.expert_attack == "pgd" else None
-    return trades_term(method, model, x, xa)[0]
-
-
-def trades_loss(method: "Method", model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """TRADES: CE(F(x), y) + beta KL(p(x) || p(x_adv)) + MoE aux losses. -> (loss, logits)"""
-    kl, logits, aux = trades_term(method, model, x)
-    return F.cross_entropy(logits, y) + method.cfg.beta * kl + aux, logits
+    xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm) if cfg.expert_attack == "pgd" else None
+    return trades_term(model, x, cfg, xa)[0]
 
 
 class Method:
-    """A training method: owns its model(s), optimiser(s) and schedule; `step` trains on
-    one batch and returns 0-dim tensors to log, left on the device (the training loop reads
-    them once per epoch, so a step never waits for the GPU). Subclasses override `loss` (or `step`)."""
+    """A training method: owns its model(s), optimiser(s) and schedule(s); `step` trains on one
+    batch and returns 0-dim tensors to log, left on the device (the training loop reads them once
+    per epoch, so a step never waits for the GPU). Subclasses define `loss` (or `step`)."""
 
-    def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
+    def __init__(self, model: nn.Module, cfg: Config, total_steps: int, groups: Optional[list] = None):
+        """groups: the parameter lists that get an optimiser each (default: all parameters)."""
         self.model, self.cfg = model, cfg
-        self.opt = sgd(model.parameters(), cfg)
-        self.sched = cosine(self.opt, total_steps)
-        self.opts, self.scheds = [self.opt], [self.sched]  # subclasses with several optimisers extend these
-
-    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        with autocast_for(x.device):
-            return model(x).float()
-
-    def loss(self, x: torch.Tensor, y: torch.Tensor):
-        """-> (loss to minimise, logits for the training accuracy)"""
-        raise NotImplementedError
-
-    def aux(self, model: nn.Module) -> torch.Tensor:
-        return moe_aux_loss(model, self.cfg.balance_coef, self.cfg.z_coef)
+        self.opts = [sgd(g, cfg) for g in (groups or [model.parameters()])]
+        self.scheds = [cosine(o, total_steps) for o in self.opts]
+        self.opt = self.opts[0]
 
     def descend(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         """One step of `opt` on `loss`; only its parameters move, and no gradient is left behind."""
@@ -1582,7 +1529,8 @@ class Method:
         self.model.train()
         loss, logits = self.loss(x, y)
         self.descend(self.opt, loss)
-        self.sched.step()
+        for s in self.scheds:
+            s.step()
         return {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
 
     def state_dict(self) -> dict:
@@ -1606,29 +1554,22 @@ class Standard(Method):
     """Empirical risk minimisation: CE(F(x), y) + MoE auxiliary losses."""
 
     def loss(self, x, y):
-        logits = self.forward(self.model, x)
-        return F.cross_entropy(logits, y) + self.aux(self.model), logits
+        logits = logits_fp32(self.model, x)
+        return F.cross_entropy(logits, y) + aux(self.model, self.cfg), logits
 
 
 class PGDAT(Method):
-    """Madry et al. 2018: min_theta CE(F(x_adv), y), x_adv = PGD-`train_steps` on the current
-    model (last iterate), + MoE auxiliary losses of the adversarial forward."""
+    """Madry et al. 2018: min_theta CE(F(x_adv), y), x_adv = PGD on the current model (at_loss)."""
 
     def loss(self, x, y):
-        return at_loss(self, self.model, x, y)
+        return at_loss(self.model, x, y, self.cfg)
 
 
 class TRADES(Method):
     """Zhang et al. 2019: CE(F(x), y) + beta * KL(p(x) || p(x_adv)), x_adv maximising the KL."""
 
     def loss(self, x, y):
-        return trades_loss(self, self.model, x, y)
-
-
-def robust_loss(method: "Method", model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """The robust objective AdvMoE uses in both of its steps: PGD-AT CE or TRADES (--robust-loss).
-    -> (loss including the MoE auxiliary losses, logits)"""
-    return (trades_loss if method.cfg.robust_loss == "trades" else at_loss)(method, model, x, y)
+        return trades_loss(self.model, x, y, self.cfg)
 
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -1641,40 +1582,36 @@ class AdvMoE(Method):
     theta_R = all routers, theta_E = everything else, each with its own optimiser. Per batch:
       1. router step: x_adv = PGD against the current model; update theta_R only on the robust loss;
       2. expert step: regenerate x_adv against the updated model; update theta_E only.
-    The paper's finding is that plain AT of an MoE-CNN fails because routers and experts cannot
-    adapt to each other; alternating lets each adapt to the other's latest state.
-    Where the official code differs: it trains ONE image-level router (a small ResNet shared
-    by all layers) to predict y mod E under TRADES, so the classification loss never reaches
-    the router (issues on that repository report the mismatch and NaN router scores that
-    collapse routing onto expert 0). Here every MoE layer has its own router and both steps
-    minimise the same robust classification loss, as the paper describes. Both forwards run
-    in train mode, so BatchNorm running statistics are updated twice per batch (buffers, not
+    The robust loss is PGD-AT's CE or TRADES (--robust-loss). The paper's finding: plain AT of an
+    MoE-CNN fails because routers and experts cannot adapt to each other; alternating lets each
+    adapt to the other's latest state. Where the official code differs: it trains ONE image-level
+    router (a small ResNet shared by all layers) to predict y mod E under TRADES, so the
+    classification loss never reaches the router (issues on that repository report the mismatch
+    and NaN router scores that collapse routing onto expert 0). Here every MoE layer has its own
+    router and both steps minimise the same robust loss, as the paper describes. Both forwards
+    run in train mode, so BatchNorm running statistics are updated twice per batch (buffers, not
     parameters: the router step changes no parameter outside theta_R)."""
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
-        self.model, self.cfg = model, cfg
         router = router_parameters(model)
         check(len(router) > 0, "advmoe needs MoE layers (--arch moe-resnet18 or moe-vit)")
         ids = {id(p) for p in router}
-        experts = [p for p in model.parameters() if id(p) not in ids]
-        self.opt = sgd(experts, cfg)
-        self.router_opt = sgd(router, cfg, lr=cfg.lr if cfg.router_lr is None else cfg.router_lr)
-        self.sched = cosine(self.opt, total_steps)
-        self.router_sched = (cosine(self.router_opt, total_steps) if cfg.router_schedule == "cosine"
-                             else torch.optim.lr_scheduler.LambdaLR(self.router_opt, lambda t: 1.0))
-        self.opts, self.scheds = [self.opt, self.router_opt], [self.sched, self.router_sched]
+        self.model, self.cfg = model, cfg
+        self.opt, self.router_opt = sgd([p for p in model.parameters() if id(p) not in ids], cfg), sgd(router, cfg, cfg.router_lr)
+        constant = torch.optim.lr_scheduler.LambdaLR(self.router_opt, lambda t: 1.0) if cfg.router_schedule == "constant" else None
+        self.opts, self.scheds = [self.opt, self.router_opt], [cosine(self.opt, total_steps), constant or cosine(self.router_opt, total_steps)]
 
-    def _update(self, opt: torch.optim.Optimizer, x, y):
+    def update(self, opt: torch.optim.Optimizer, x, y):
         self.model.train()
-        loss, logits = robust_loss(self, self.model, x, y)
+        loss, logits = (trades_loss if self.cfg.robust_loss == "trades" else at_loss)(self.model, x, y, self.cfg)
         self.descend(opt, loss)  # only this optimiser's parameters move
         return loss, logits
 
     def router_step(self, x, y):
-        return self._update(self.router_opt, x, y)
+        return self.update(self.router_opt, x, y)
 
     def expert_step(self, x, y):
-        return self._update(self.opt, x, y)
+        return self.update(self.opt, x, y)
 
     def step(self, x, y):
         r_loss, _ = self.router_step(x, y)
@@ -1701,12 +1638,11 @@ class RTER(Method):
 
     def runner_up_term(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(1/B) sum_n KL(f_j(n)(x_n) || f_j(n)(x'_n)) with the runner-up routes fixed from clean x."""
-        routes = runner_up_routes(self.model, x)
-        with forced_routes(self.model, routes):  # the attack and both forwards run f_j(n) alone
-            return expert_path_term(self, self.model, x, y)
+        with forced_routes(self.model, runner_up_routes(self.model, x)):  # attack and forwards run f_j(n) alone
+            return expert_path_term(self.model, x, y, self.cfg)
 
     def loss(self, x, y):
-        ce, logits = at_loss(self, self.model, x, y)
+        ce, logits = at_loss(self.model, x, y, self.cfg)
         return ce + self.cfg.beta * self.runner_up_term(x, y), logits
 
 
@@ -1719,29 +1655,24 @@ class JTDMoE(Method):
               CE(f_D(x), y) on clean x, so f_S learns to complement a * f_R."""
 
     def __init__(self, model: "DualModel", cfg: Config, total_steps: int):
-        self.model, self.cfg = model, cfg
-        self.opt = sgd(model.robust.parameters(), cfg)
-        self.std_opt = sgd(model.standard.parameters(), cfg)
-        self.sched, self.std_sched = cosine(self.opt, total_steps), cosine(self.std_opt, total_steps)
-        self.opts, self.scheds = [self.opt, self.std_opt], [self.sched, self.std_sched]
+        super().__init__(model, cfg, total_steps, [model.robust.parameters(), model.standard.parameters()])
+        self.std_opt = self.opts[1]
 
     def robust_step(self, x, y):
-        f_r = self.model.robust
+        f_r, cfg = self.model.robust, self.cfg
         f_r.train()
-        xa = pgd(f_r, x, y, self.cfg.eps, self.cfg.alpha, self.cfg.train_steps, self.cfg.norm, keep_best=False)
-        logits = self.forward(f_r, xa)
-        loss = F.cross_entropy(logits, y) + self.aux(f_r)
+        loss = at_loss(f_r, x, y, cfg)[0]
         for i in range(moe_layers(f_r)[0].num_experts):
             with forced_expert(f_r, i):
-                loss = loss + self.cfg.beta * expert_path_term(self, f_r, x, y)
+                loss = loss + cfg.beta * expert_path_term(f_r, x, y, cfg)
         self.descend(self.opt, loss)
         return loss
 
     def standard_step(self, x, y):
         self.model.standard.train()
         with eval_mode(self.model.robust):
-            logits = self.forward(self.model, x)
-            loss = F.cross_entropy(logits, y) + self.aux(self.model.standard)
+            logits = logits_fp32(self.model, x)
+            loss = F.cross_entropy(logits, y) + aux(self.model.standard, self.cfg)
         self.descend(self.std_opt, loss)
         return loss, logits
 
@@ -1784,7 +1715,7 @@ PROBE_FACTORS = (1, 2, 4, 8, 16)  # eps multiples of the probe; L-inf radii are 
 
 def suite_attacks(cfg: Config, suite: str, num_classes: int, moe: bool) -> list[tuple[str, Callable]]:
     """The suite's attacks in the order they run: [(name, attack(model, x, y) -> x_adv)]."""
-    a = cfg.attack(cfg.eval_steps, cfg.eval_restarts)
+    a = AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm)
     if suite == "pgd":
         return [(a.describe(), a)]
     e, n = cfg.eps, cfg.apgd_steps
@@ -1830,7 +1761,7 @@ def masking_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     adversarial examples that exist (gradient masking, Athalye et al. 2018)."""
     radii = [min(f * cfg.eps, 1.0) if cfg.norm == "linf" else f * cfg.eps for f in PROBE_FACTORS]
     ok = predict(model, x) == y
-    accs = [(ok & (predict(model, pgd(model, x, y, r, None, cfg.eval_steps, cfg.norm)) == y)).float().mean().item()
+    accs = [(ok & (predict(model, pgd_worst(model, x, y, r, None, cfg.eval_steps, cfg.norm)) == y)).float().mean().item()
             for r in radii]
     return {"n": len(x), "eps": radii, "robust_acc": accs}
 
@@ -1867,7 +1798,7 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     layers = moe_layers(model)
     full = suite == "full"
     moe = full and analysis and len(layers) > 0
-    attack = cfg.attack(cfg.eval_steps, cfg.eval_restarts)
+    attack = AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm)
     attacks = names = None
     n, sums, E = 0, {}, (layers[0].num_experts if layers else 0)
     usage = [torch.zeros(m.num_experts, dtype=torch.long) for m in layers]
@@ -2005,7 +1936,7 @@ def config_from_dict(d: dict) -> Config:
 
 def build_run_model(cfg: Config, num_classes: int, image_size: int) -> nn.Module:
     """The model a run trains and evaluates: one network, or for jtdmoe a DualModel of two."""
-    mc = cfg.model_config(num_classes, image_size)
+    mc = model_config(cfg, num_classes, image_size)
     if cfg.method == "jtdmoe":
         return DualModel(build_model(mc), build_model(mc), cfg.dual_a, cfg.dual_mix)
     return build_model(mc)
@@ -2069,7 +2000,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     if cfg.compile:
         compile_model(method.model)
     selection = "val_clean_acc" if cfg.method == "standard" else "val_robust_acc"
-    metrics = {"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(cfg.model_config(data.num_classes, data.image_size)),
+    metrics = {"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_config(cfg, data.num_classes, data.image_size)),
                "params": count_params(method.model), "selection": selection, "history": history,
                "best_epoch": best["epoch"]}
     params = [p for m in method.opts for g in m.param_groups for p in g["params"]]
@@ -2101,7 +2032,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
             for xb, _ in batches(vx, vy, 256, runtime.device):
                 predict(method.model, xb)
         usage = expert_counts(method.model)
-        val = evaluate(method.model, vx, vy, cfg.attack(cfg.val_steps), runtime.device)
+        val = evaluate(method.model, vx, vy, AttackConfig(cfg.eps, cfg.alpha, cfg.val_steps, 1, cfg.norm), runtime.device)
         row = {"epoch": epoch + 1, **{f"train_{k}": v / n for k, v in sums.items()},
                "val_clean_acc": val["clean_acc"], "val_robust_acc": val["robust_acc"],
                "lr": method.opt.param_groups[0]["lr"], "time_s": round(time.time() - t0, 2),
@@ -2428,6 +2359,13 @@ def lipschitz_bound(model: nn.Module, x: torch.Tensor, norm: str = "l2", iters: 
     return {"bound": total, "moe": lb.moe}
 
 
+def _router_rows(layer: MoE, h: torch.Tensor, norm: str):
+    if layer.tokens:
+        return h.reshape(-1, h.shape[-1]), 1.0, h.shape[0]
+    scale = 1.0 if norm == "linf" else math.sqrt(h.shape[2] * h.shape[3])
+    return h.mean(dim=(2, 3)), scale, h.shape[0]
+
+
 def route_stability_radius(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
     """Per row, the smallest perturbation of the layer's input h (in `norm`) that can change
     the set of top-k experts. The router is linear on the pooled input (per image) or on the
@@ -2453,13 +2391,6 @@ def route_stability_radius(layer: MoE, h: torch.Tensor, norm: str = "linf") -> t
     valid &= dropped[:, None, :]
     radius = ratio.masked_fill(~valid, float("inf")).flatten(1).amin(1) * scale  # (N,)
     return radius.view(B, -1).amin(1)
-
-
-def _router_rows(layer: MoE, h: torch.Tensor, norm: str):
-    if layer.tokens:
-        return h.reshape(-1, h.shape[-1]), 1.0, h.shape[0]
-    scale = 1.0 if norm == "linf" else math.sqrt(h.shape[2] * h.shape[3])
-    return h.mean(dim=(2, 3)), scale, h.shape[0]
 
 
 def route_flip_direction(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
@@ -2644,7 +2575,7 @@ def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optiona
         for method in ("standard", "at"):
             c = dataclasses.replace(cfg, method=method, arch=arch, experts=4, top_k=1, train_steps=10)
             seed_everything(0)
-            model = rt.prepare(build_model(c.model_config(10, 32)))
+            model = rt.prepare(build_model(model_config(c, 10, 32)))
             if cfg.compile:
                 compile_model(model)
             m = METHOD_CLASSES[method](model, c, total_steps=10 ** 6)
@@ -2733,94 +2664,40 @@ def _eps(s: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = Config()
+    """One --flag per Config field (help, type, default and choices from the field), grouped as
+    the fields are, plus the flags that choose what to run."""
     p = _Parser(prog="moe_robust.py", formatter_class=_Help, allow_abbrev=False,
                 description="Robust sparse Mixture-of-Experts training. With no arguments: a one-minute CPU demo "
                             "(standard vs PGD-AT on the built-in synthetic data).")
-    a = p.add_argument_group("what to run")
-    a.add_argument("--method", choices=METHODS, default=d.method, help="training method")
-    a.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint (best.pt or last.pt) on the test set")
-    a.add_argument("--benchmark", action="store_true",
+    groups, types = {}, {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(Config):
+        m, flag = f.metadata, "--" + f.name.replace("_", "-")
+        if m["group"]:
+            g = groups[m["group"]] = p.add_argument_group(m["group"])
+        if f.type == "bool":  # a switch: --flag turns it on, --no-flag turns a default True off
+            g.add_argument(f"--no-{flag[2:]}" if f.default else flag, dest=f.name, help=m["help"],
+                           action="store_false" if f.default else "store_true")
+            continue
+        kind = _eps if f.name in ("eps", "alpha") else types[f.type.removeprefix("Optional[").rstrip("]")]
+        default = {"eps": "8/255", "out": None}.get(f.name, f.default)
+        g.add_argument(flag, type=kind, default=default, choices=m["choices"], help=m["help"])
+    g = groups["what to run"]
+    g.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint (best.pt or last.pt) on the test set")
+    g.add_argument("--benchmark", action="store_true",
                    help="images/s of standard and PGD-10 AT steps (ResNet-18, MoE-ResNet18, MoE-ViT at --width, "
                         "--batch-size) and the MoE layer's cost versus E; writes OUT/benchmark.json")
-    a.add_argument("--lipschitz", metavar="CKPT", help="Lipschitz estimates, bounds and certified accuracy of a checkpoint")
-    a.add_argument("--lipschitz-n", type=int, default=64, metavar="N", help="test examples the --lipschitz report uses")
-    a.add_argument("--demo", action="store_true", help="run the demo (what no arguments does)")
-    a = p.add_argument_group("data")
-    a.add_argument("--dataset", choices=DATASETS, default=d.dataset,
-                   help="data set; random: noise in CIFAR-10's shape, to time a full-size epoch")
-    a.add_argument("--data-dir", default=d.data_dir, help="where data sets live (CIFAR is downloaded here)")
-    a.add_argument("--image-size", type=int, default=None,
-                   help="image side for tinyimagenet/imagefolder, a multiple of 8 from 16 to 256 (default 64/32)")
-    a.add_argument("--train-limit", type=int, default=None, metavar="N", help="use only the first N training examples")
-    a.add_argument("--test-limit", type=int, default=None, metavar="N", help="use only the first N test examples")
-    a.add_argument("--val-size", type=int, default=None, metavar="N", help="held-out validation examples (default 10%%, at most 1000)")
-    a.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop + flip")
-    a = p.add_argument_group("model")
-    a.add_argument("--arch", choices=ARCHS, default=d.arch, help="architecture")
-    a.add_argument("--width", type=float, default=d.width, help="multiplier of every channel width (0.125 for CPU)")
-    a.add_argument("--experts", type=int, default=d.experts, help="experts E per MoE layer")
-    a.add_argument("--top-k", type=int, default=d.top_k, help="experts K used per image/token")
-    a.add_argument("--moe-blocks", default=d.moe_blocks, help="ResNet blocks that become MoE: 'all' or e.g. layer3.1,layer4.1")
-    a.add_argument("--expert-ratio", type=float, default=d.expert_ratio, help="expert inner width / block width (AdvMoE: 0.5)")
-    a.add_argument("--noisy-gating", action="store_true", help="Shazeer noisy top-k routing while training")
-    a = p.add_argument_group("optimisation")
-    a.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
-    a.add_argument("--batch-size", type=int, default=d.batch_size, help="images per training step")
-    a.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (cosine decay to 0)")
-    a.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    a.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay")
-    a.add_argument("--balance-coef", type=float, default=d.balance_coef, help="Switch balance loss weight")
-    a.add_argument("--z-coef", type=float, default=d.z_coef, help="router z-loss weight")
-    a.add_argument("--beta", type=float, default=d.beta,
-                   help="weight of the KL term: TRADES, RT-ER's runner-up term, JTDMoE's expert terms")
-    a.add_argument("--seed", type=int, default=d.seed, help="initial weights, data order, attacks' random starts")
-    a = p.add_argument_group("attack")
-    a.add_argument("--eps", type=_eps, default="8/255", help="radius in pixel units, e.g. 8/255 (L2: e.g. 0.5)")
-    a.add_argument("--alpha", type=_eps, default=None, help="PGD step size, e.g. 2/255 (default eps/4)")
-    a.add_argument("--norm", choices=NORMS, default=d.norm, help="threat model")
-    a.add_argument("--train-steps", type=int, default=d.train_steps, help="PGD steps while training")
-    a.add_argument("--val-steps", type=int, default=d.val_steps, help="PGD steps on the validation split each epoch")
-    a.add_argument("--eval-steps", type=int, default=d.eval_steps, help="PGD steps of the final test evaluation")
-    a.add_argument("--eval-restarts", type=int, default=d.eval_restarts, help="PGD restarts of the final test evaluation")
-    a.add_argument("--eval-suite", choices=EVAL_SUITES, default=d.eval_suite,
-                   help="autoattack: APGD-CE, APGD-T, Square, each on the points still robust; full: PGD, the same and "
-                        "soft-router PGD, plus masking probes, RA-E, RA-R, per-expert and routing statistics; pgd: PGD only")
-    a.add_argument("--apgd-steps", type=int, default=d.apgd_steps, help="APGD-CE and APGD-T iterations")
-    a.add_argument("--apgd-targets", type=int, default=d.apgd_targets, help="APGD-T target classes")
-    a.add_argument("--square-queries", type=int, default=d.square_queries, help="Square attack queries per example")
-    a = p.add_argument_group("advmoe (router-expert alternating training)")
-    a.add_argument("--router-lr", type=float, default=None, help="router learning rate (default --lr)")
-    a.add_argument("--router-schedule", choices=("cosine", "constant"), default=d.router_schedule, help="router lr schedule")
-    a.add_argument("--robust-loss", choices=("at", "trades"), default=d.robust_loss, help="robust loss of both steps")
-    a = p.add_argument_group("dual model and jtdmoe")
-    a.add_argument("--dual-a", type=float, default=d.dual_a, help="smoothing parameter a of f_D = (1-a) f_S + a f_R")
-    a.add_argument("--dual-mix", choices=DUAL_MIXES, default=d.dual_mix,
-                   help="logits: f_D mixes logits (the paper); normalized: each member's logits scaled to unit std first")
-    a.add_argument("--dual-sweep", default=d.dual_sweep, help="values of a the dual method evaluates")
-    a.add_argument("--standard-ckpt", default=None, help="dual: f_S from this checkpoint (else trained)")
-    a.add_argument("--robust-ckpt", default=None, help="dual: f_R from this checkpoint (else trained)")
-    a.add_argument("--robust-method", choices=("at", "trades", "advmoe", "rt-er"), default=d.robust_method,
-                   help="dual: how f_R is trained without --robust-ckpt")
-    a.add_argument("--expert-attack", choices=("pgd", "kl"), default=d.expert_attack,
-                   help="rt-er/jtdmoe: x' of each expert path's KL term by label PGD (the paper) or TRADES' KL attack")
-    a = p.add_argument_group("run")
-    a.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="auto: cuda when available")
-    a.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="auto: bf16 autocast + channels_last on CUDA, float32 on CPU; bf16 on CPU is the fast CPU path")
-    a.add_argument("--compile", action="store_true", help="torch.compile the dense parts and each expert (compile_model)")
-    a.add_argument("--out", default=None, help="output folder (default runs/<dataset>-<arch>-<method>)")
-    a.add_argument("--resume", action="store_true",
+    g.add_argument("--lipschitz", metavar="CKPT", help="Lipschitz estimates, bounds and certified accuracy of a checkpoint")
+    g.add_argument("--lipschitz-n", type=int, default=64, metavar="N", help="test examples the --lipschitz report uses")
+    g.add_argument("--demo", action="store_true", help="run the demo (what no arguments does)")
+    g = groups["run"]
+    g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last.pt with its saved settings (only --device may change)")
-    a.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in vars(args).items() if k in names and v is not None})
-    for name in ("image_size", "train_limit", "test_limit", "val_size", "alpha", "router_lr", "standard_ckpt", "robust_ckpt"):
-        setattr(cfg, name, getattr(args, name))  # None is a meaningful value for these
+    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
     return cfg
 
@@ -2867,7 +2744,7 @@ def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str
 
 
 # Which flags each way of running reads; anything else given with it is an error, not silently
-# dropped. Training reads every flag, except those of other methods (FLAG_METHODS).
+# dropped. Training reads every flag except those of other methods (the `methods` of each field).
 MODE_FLAGS = {
     "eval": {"eval", "eps", "alpha", "norm", "eval_steps", "eval_restarts", "eval_suite", "apgd_steps", "apgd_targets",
              "square_queries", "test_limit", "data_dir", "device", "precision", "seed", "out"},
@@ -2875,13 +2752,6 @@ MODE_FLAGS = {
     "benchmark": {"benchmark", "width", "batch_size", "moe_blocks", "device", "precision", "compile", "out"},
     "demo": {"demo", "device", "out"},
     "resume": {"resume", "out", "device"},  # a resumed run keeps its saved settings (bit-identical)
-}
-ADVMOE = ("advmoe",)
-FLAG_METHODS = {  # flag -> the methods that read it (dual: also through its f_R's --robust-method)
-    "router_lr": ADVMOE, "router_schedule": ADVMOE, "robust_loss": ADVMOE,
-    "expert_attack": ("rt-er", "jtdmoe"), "dual_a": ("dual", "jtdmoe"), "dual_mix": ("dual", "jtdmoe"),
-    "dual_sweep": ("dual",), "standard_ckpt": ("dual",), "robust_ckpt": ("dual",), "robust_method": ("dual",),
-    "beta": ("trades", "advmoe", "rt-er", "jtdmoe", "dual"), "lipschitz_n": (),
 }
 
 
@@ -2905,15 +2775,27 @@ def check_flags(args: argparse.Namespace, given: set) -> None:
         check(not extra, f"--resume continues the saved run with its own settings; drop {extra} (only --out and "
                          f"--device may change)" if mode == "resume" else f"{flag(mode)} does not use {extra}; leave it out")
         return
-    f_r = args.robust_method if args.method == "dual" else None
-    for dest in sorted(given & set(FLAG_METHODS)):
-        ok = FLAG_METHODS[dest]
-        check(args.method in ok or f_r in ok, f"{flag(dest)} is not read by --method {args.method}"
-              + (f"; it applies to --method {', '.join(ok)}" if ok else "; it applies to --lipschitz"))
+    check("lipschitz_n" not in given, "--lipschitz-n is not read by training; it applies to --lipschitz")
+    f_r = args.robust_method if args.method == "dual" else None  # dual also reads the flags of its f_R's method
+    for f in dataclasses.fields(Config):
+        ok = f.metadata["methods"]
+        check(f.name not in given or ok is None or args.method in ok or f_r in ok,
+              f"{flag(f.name)} is not read by --method {args.method}; it applies to --method {', '.join(ok or ())}")
 
 
 def _interrupt(signum, frame):  # SIGTERM (how schedulers stop jobs) goes the way of Ctrl-C
     raise KeyboardInterrupt(signum)
+
+
+def interrupted_note(args: argparse.Namespace, cfg: Optional[Config]) -> str:
+    """What an interruption left behind, naming the real folder."""
+    if cfg is None or args.eval or args.lipschitz or args.benchmark or args.demo:
+        return "interrupted; nothing was written"
+    out = Path(cfg.out)
+    lasts = [out / "last.pt"] + ([out / "standard" / "last.pt", out / "robust" / "last.pt"] if cfg.method == "dual" else [])
+    if any(p.is_file() for p in lasts):
+        return f"interrupted; every finished epoch is saved in {out}: continue with --resume --out {out}"
+    return f"interrupted before the first epoch finished; nothing to resume in {out}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -2962,17 +2844,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     return 0
-
-
-def interrupted_note(args: argparse.Namespace, cfg: Optional[Config]) -> str:
-    """What an interruption left behind, naming the real folder."""
-    if cfg is None or args.eval or args.lipschitz or args.benchmark or args.demo:
-        return "interrupted; nothing was written"
-    out = Path(cfg.out)
-    lasts = [out / "last.pt"] + ([out / "standard" / "last.pt", out / "robust" / "last.pt"] if cfg.method == "dual" else [])
-    if any(p.is_file() for p in lasts):
-        return f"interrupted; every finished epoch is saved in {out}: continue with --resume --out {out}"
-    return f"interrupted before the first epoch finished; nothing to resume in {out}"
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def test_forcing_expert_equals_running_it_and_forced_route_is_used():
     for i in range(3):
         with mr.forced_expert(layer, i):
             assert torch.allclose(layer(x), layer.experts[i](x), atol=1e-6)
-    assert layer.forced_expert is None  # context restored
+    assert layer.control is None  # context restored
     route = mr.Route(torch.tensor([[2], [0], [1], [2], [0]]), torch.full((5, 1), 0.5))
     with mr.forced_routes(layer, [route]):
         y = layer(x)
@@ -158,7 +158,7 @@ def trained(tmp_path_factory):
 @pytest.mark.parametrize("norm,eps", [("linf", 8 / 255), ("l2", 0.5)])
 def test_pgd_stays_in_ball_and_image(trained, norm, eps):
     model, x, y, _ = trained
-    xa = mr.pgd(model, x[:32], y[:32], eps=eps, steps=5, norm=norm, restarts=2)
+    xa = mr.pgd_worst(model, x[:32], y[:32], eps=eps, steps=5, norm=norm, restarts=2)
     d = (xa - x[:32]).flatten(1)
     size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
     assert (size <= eps + 1e-6).all()
@@ -819,14 +819,14 @@ def test_soft_router_attack_is_scored_on_the_hard_model(monkeypatch, trained):
     model.eval()
     judge = Recorder(model, y)
     torch.manual_seed(0)
-    xa = mr.pgd(mr.SoftRouted(model), x, y, eps=4 / 255, steps=5, judge=judge)
+    xa = mr.pgd_worst(mr.SoftRouted(model), x, y, eps=4 / 255, steps=5, judge=judge)
     assert not model.training  # the wrapper restores the model's own mode
     ever = torch.stack(judge.wrong).any(0)  # some iterate fooled the hard-routed model
     with torch.no_grad():
         assert ((model(xa).argmax(1) != y) | ~ever).all()
     calls = []  # the full suite's soft-router attack passes the hard model as judge
-    real, model = mr.pgd, small_moe(E=3).eval()
-    monkeypatch.setattr(mr, "pgd", lambda m, *a, **k: calls.append((type(m), k.get("judge"))) or real(m, *a, **k))
+    real, model = mr.pgd_worst, small_moe(E=3).eval()
+    monkeypatch.setattr(mr, "pgd_worst", lambda m, *a, **k: calls.append((type(m), k.get("judge"))) or real(m, *a, **k))
     data = mr.make_synthetic(16, 16)
     mr.evaluate_full(model, data.test_x, data.test_y, small_cfg(eval_suite="full", eval_steps=2, apgd_steps=2,
                                                                 apgd_targets=1, square_queries=2), torch.device("cpu"))
@@ -865,7 +865,7 @@ def test_expert_path_terms_use_label_pgd_against_that_path(monkeypatch, method):
 
     def spy(m, x, y, *a, **k):
         layers = mr.moe_layers(m)
-        forced = any(l.forced_route is not None or l.forced_expert is not None for l in layers)
+        forced = any(l.control is not None for l in layers)
         calls.append((forced, k.get("loss_fn", mr.ce_per_example), k.get("random_start", True), y.dtype))
         return real(m, x, y, *a, **k)
     monkeypatch.setattr(mr, "pgd", spy)
@@ -1058,7 +1058,7 @@ def test_certificate_survives_pgd_just_below_its_radius():
         rad = cert["radius"]
         assert (rad > 0).all()
         for n in range(0, 200, 20):
-            xa = mr.pgd(mlp, x[n:n + 1], y[n:n + 1], eps=0.999 * rad[n].item(), steps=30, norm=norm, restarts=2)
+            xa = mr.pgd_worst(mlp, x[n:n + 1], y[n:n + 1], eps=0.999 * rad[n].item(), steps=30, norm=norm, restarts=2)
             assert mlp(xa).argmax(1).item() == y[n].item()
     # the same check for an MoE model, where the route-stable radius also binds
     model = small_moe(4, E=3).eval()
@@ -1068,7 +1068,7 @@ def test_certificate_survives_pgd_just_below_its_radius():
     cert = mr.certify(model, x, y, "linf")
     assert (cert["radius"] <= cert["route_radius"]).all() and (cert["radius"] > 0).all()
     for n in range(4):
-        xa = mr.pgd(model, x[n:n + 1], y[n:n + 1], eps=0.999 * cert["radius"][n].item(), steps=10)
+        xa = mr.pgd_worst(model, x[n:n + 1], y[n:n + 1], eps=0.999 * cert["radius"][n].item(), steps=10)
         assert model(xa).argmax(1).item() == y[n].item()
         assert torch.equal(mr.current_routes(model, xa)[0].indices, mr.current_routes(model, x[n:n + 1])[0].indices)
 
@@ -1126,7 +1126,7 @@ def test_bf16_pgd_is_no_weaker_than_float32(trained):
     for precision in ("fp32", "bf16"):
         mr.set_precision(precision)
         torch.manual_seed(0)
-        xa = mr.pgd(model, x, y, eps=2 / 255, steps=10)
+        xa = mr.pgd_worst(model, x, y, eps=2 / 255, steps=10)
         mr.set_precision("fp32")
         accs[precision] = (mr.predict(model, xa) == y).float().mean().item()
     clean = (mr.predict(model, x) == y).float().mean().item()
@@ -1176,7 +1176,7 @@ def test_training_step_reads_back_only_the_expert_batch_sizes(monkeypatch, arch,
     """A training step never waits for the device except where sparse dispatch must learn each
     expert's batch size: one read per MoE layer and forward, no .item() and no tensor truth test."""
     cfg = mr.Config(**{**TINY, "arch": arch, "method": method, "train_steps": 2, "experts": 2})
-    model = mr.build_model(cfg.model_config(10, 32))
+    model = mr.build_model(mr.model_config(cfg, 10, 32))
     m = mr.METHOD_CLASSES[method](model, cfg, total_steps=10)
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     data = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (16,))
@@ -1197,10 +1197,10 @@ def test_fixed_experts_skip_the_grouping_and_match_the_reference(monkeypatch):
     layer = conv_moe(E=3)
     x = torch.randn(5, 8, 4, 4)
     counts = count_host_reads(monkeypatch)
-    layer.soft = True
-    assert torch.allclose(layer(x), dense_reference(layer, x), atol=1e-5)
-    layer.soft, layer.forced_expert = False, 2
-    assert torch.equal(layer(x), layer.experts[2](x))
+    with mr.soft_routing(layer):
+        assert torch.allclose(layer(x), dense_reference(layer, x), atol=1e-5)
+    with mr.forced_expert(layer, 2):
+        assert torch.equal(layer(x), layer.experts[2](x))
     assert counts["tolist"] == 0
     monkeypatch.undo()
     assert layer.counts.tolist() == [5, 5, 10]
@@ -1233,12 +1233,12 @@ def test_compiled_model_matches_eager_and_trains():
     """--compile: experts compiled with a dynamic batch size, the dispatch eager, the rest compiled."""
     torch.manual_seed(0)
     cfg = mr.Config(**{**TINY, "experts": 4, "train_steps": 1})
-    model = mr.build_model(cfg.model_config(10, 32)).eval()
+    model = mr.build_model(mr.model_config(cfg, 10, 32)).eval()
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
     ref = model(x)
     mr.compile_model(model)
     assert torch.allclose(model(x), ref, atol=1e-4)
-    assert set(model.state_dict()) == set(mr.build_model(cfg.model_config(10, 32)).state_dict())  # plain keys
+    assert set(model.state_dict()) == set(mr.build_model(mr.model_config(cfg, 10, 32)).state_dict())  # plain keys
     logs = mr.PGDAT(model, cfg, total_steps=4).step(x, y)
     assert torch.isfinite(logs["loss"])
 
@@ -1254,7 +1254,7 @@ def test_cuda_step_is_bf16_channels_last_fused_and_syncs_only_in_dispatch():
     y = torch.randint(0, 10, (64,), device="cuda")
     for arch in ("resnet18", "moe-resnet18"):
         cfg = mr.Config(**{**TINY, "arch": arch, "experts": 4, "train_steps": 3, "device": "cuda"})
-        model = rt.prepare(mr.build_model(cfg.model_config(10, 32)))
+        model = rt.prepare(mr.build_model(mr.model_config(cfg, 10, 32)))
         m = mr.PGDAT(model, cfg, total_steps=10)
         assert m.opt.param_groups[0]["fused"]
         xb, yb = next(mr.batches(x, y, 32, rt.device, shuffle=True, train_augment=True))
