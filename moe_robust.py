@@ -1,53 +1,42 @@
 """moe_robust.py: robust sparse Mixture-of-Experts training in one readable file.
 
-What this file holds, in the order it is defined (nothing is used before it is defined):
-  0. setup         device, dtype and autocast chosen in one place; errors a user can read
-  1. data          CIFAR-10/100, TinyImageNet, any image folder, a built-in `synthetic` set and
-                   `random` (for timing); uint8 tensors kept on the device, batched random-crop
-                   + flip there
-  2. MoE layer     sparse top-k routing (per image or per token), Switch balance loss,
-                   router z-loss, routing statistics, forcing an expert, a rank or a route
-  3. models        CIFAR ResNet-18 / MoE-ResNet18 (MoE residual branches), a small MoE-ViT,
-                   the dual model f_D = (1 - a) f_S + a f_R
-  4. attacks       PGD (L-inf, L2, restarts, worst case kept), APGD-CE, APGD-T, Square, a
-                   soft-router surrogate, a routing-only attack
-  5. methods       standard, PGD-AT, TRADES, AdvMoE (router/expert alternation), RT-ER
-                   (runner-up expert), JTDMoE (joint dual model)
-  6. evaluation    SA; RA under a cascade of attacks (AutoAttack's protocol; suites pgd,
-                   autoattack, full), gradient-masking probes; RA-E, RA-R, per-expert SA/RA,
-                   expert usage, class x expert, route flips
-  7. training      SGD + cosine; a held-out validation split picks the best-robust checkpoint;
-                   atomic checkpoints every epoch, --resume; the dual-model sweep
-  8. Lipschitz     local estimate, Jacobian spectral norm, global bound with MoE terms,
-                   route-stability radius, certified radius and accuracy
-  9. CLI           `python moe_robust.py --help`; with no arguments a one-minute CPU demo;
-                   `--benchmark`: training images/s and the MoE layer's cost versus E
+Sections, in dependency order (nothing is called before it is defined):
+  0. configuration  every setting of a run with its flag, help and allowed values
+  1. setup          device, dtype and autocast chosen in one place; atomic files, strict JSON
+  2. data           CIFAR-10/100, TinyImageNet, image folders, built-in `synthetic` and `random`;
+                    uint8 tensors on the device, random crop + flip there
+  3. MoE layer      sparse top-k routing (per image or token), Switch balance loss, z-loss;
+                    analysis controls: soft routing, forcing a route, a rank or an expert
+  4. models         CIFAR ResNet-18 / MoE-ResNet18, a small MoE-ViT, the dual model
+  5. attacks        PGD, APGD-CE, APGD-T, Square, a soft-router surrogate, a routing-only attack
+  6. methods        standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE
+  7. evaluation     SA; RA under a cascade of named attacks (AutoAttack's protocol), masking
+                    probes; RA-E, RA-R, per-expert SA/RA, expert usage, route flips
+  8. training       SGD + cosine, best-on-validation checkpoint, atomic checkpoints every epoch,
+                    bit-identical --resume; the dual-model sweep
+  9. Lipschitz      local estimate, Jacobian norm, product bounds (Gram iteration), route-stable
+                    radius, certified accuracy
+  10. CLI           `--help`; no arguments: a one-minute CPU demo; `--benchmark`
 
-Quick start (CPU, nothing downloaded):
-    pip install -r requirements.txt
-    python moe_robust.py                  # demo: standard vs PGD-AT MoE-ResNet18 on `synthetic`
-    python -m pytest -q test_moe_robust.py
-Measured (`python moe_robust.py`, 2 CPU cores, 58 s, one run; README.md has every number
-with its command): MoE-ResNet18 width 0.125, E=4 top-1, synthetic test set, PGD-10 8/255:
-    standard  0.946 clean / 0.000 robust;   PGD-AT  0.482 clean / 0.460 robust.
-On 3,677 real CIFAR-10 photographs (a small sample; README "Results on real images"), the same
-MoE at 10 epochs, 500 test images, the full cascade: PGD-AT 0.374 clean / 0.217 +- 0.023
-robust (3 seeds), AdvMoE 0.369 / 0.216 +- 0.007; standard 0.458 / 0.002.
-Speed (`python moe_robust.py --benchmark --device cpu [--precision bf16]`, 2 CPU cores, width
-1, batch 128): PGD-10 AT of MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 img/s
-in bf16 + channels_last, 1.03x and 1.02x the dense ResNet-18's. On CUDA: bf16 autocast,
-channels_last, fused SGD, data resident on the GPU and one host sync per MoE layer and
-forward (GPU figures are not yet measured).
+Quick start (CPU, nothing downloaded): pip install -r requirements.txt; python moe_robust.py
+(the demo: standard vs PGD-AT MoE-ResNet18 on `synthetic`); python -m pytest -q test_moe_robust.py
+Measured (`python moe_robust.py`, 2 CPU cores, 58 s; README.md has every number with its
+command): MoE-ResNet18 width 0.125, E=4 top-1, synthetic test set, PGD-10 8/255: standard 0.946
+clean / 0.000 robust; PGD-AT 0.482 / 0.460. On 3,677 real CIFAR-10 photographs (a small sample,
+README "Results on real images"), 10 epochs, 500 test images, the full cascade: PGD-AT 0.374 /
+0.217 +- 0.023 (3 seeds), AdvMoE 0.369 / 0.216 +- 0.007, standard 0.458 / 0.002.
+Speed (`--benchmark --device cpu [--precision bf16]`, 2 CPU cores, width 1, batch 128): PGD-10
+AT of MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 in bf16 + channels_last, 1.03x
+and 1.02x the dense ResNet-18's. On CUDA: bf16 autocast, channels_last, fused SGD, data on the
+GPU, one host sync per MoE layer and forward (GPU figures are not yet measured).
 
-Conventions: inputs are images in [0, 1]; every model normalises inside itself and its
-forward returns logits only; eps is in pixel units (8/255 means 8 grey levels).
-Papers are cited by short names; ../shared/METHODS.md in the project digests them:
-  Shazeer 2017 (sparsely-gated MoE), Switch 2021 (Fedus et al.), ST-MoE 2022 (z-loss),
-  V-MoE 2021 (Riquelme et al.), Madry 2018 (PGD-AT), TRADES 2019 (Zhang et al.),
-  APGD 2020 (Croce & Hein; APGD-T, AutoAttack), Square 2020 (Andriushchenko et al.),
-  Gram iteration 2023 (Delattre et al.), AdvMoE 2023 (Zhang et al., ICCV), Robust Experts 2025
-  (Pavlitska et al.), Dual model 2025 (Zhang, Xu, Hu, Wang, ICML), Puigcerver 2022
-  (adversarial robustness of MoE, Lipschitz constants).
+Conventions: inputs are images in [0, 1]; every model normalises inside itself and returns
+logits; eps is in pixel units (8/255 = 8 grey levels). Papers by short name: Shazeer 2017
+(sparsely-gated MoE), Switch 2021 (Fedus et al.), ST-MoE 2022 (z-loss), V-MoE 2021 (Riquelme et
+al.), Madry 2018 (PGD-AT), TRADES 2019 (Zhang et al.), APGD 2020 (Croce & Hein; APGD-T,
+AutoAttack), Square 2020 (Andriushchenko et al.), Gram iteration 2023 (Delattre et al.), AdvMoE
+2023 (Zhang et al., ICCV), Robust Experts 2025 (Pavlitska et al.), Dual model 2025 (Zhang, Xu,
+Hu, Wang, ICML), Puigcerver 2022 (adversarial robustness of MoE, Lipschitz constants).
 """
 from __future__ import annotations
 
@@ -75,15 +64,12 @@ import torch.nn.functional as F
 # 0. Configuration: every setting, its flag, help and allowed values; errors a user can read
 # ============================================================================================
 
-
 class UserError(Exception):
     """A mistake in what the user asked for. The CLI prints it as one line and exits 2."""
-
 
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
-
 
 METHODS = ("standard", "at", "trades", "advmoe", "rt-er", "dual", "jtdmoe")
 DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder", "random")
@@ -94,13 +80,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DUAL_MIXES = ("logits", "normalized")
 BLOCK_NAMES = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))  # ResNet-18's BasicBlocks
 
-
 def opt(default, help: str, choices=None, ge=None, gt=None, le=None, group=None, methods=None):
     """A Config field: its default, its --flag's help and allowed values (choices, ge/gt/le
     bounds), the --help group it opens and the methods that read it (None: every one)."""
     meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, group=group, methods=methods)
     return field(default=default, metadata=meta)
-
 
 def moe_block_set(spec: str) -> set:
     """'all' or a comma list of ResNet-18 block names -> the set of names."""
@@ -109,9 +93,7 @@ def moe_block_set(spec: str) -> set:
     check(not bad, f"unknown --moe-blocks {','.join(bad)}; allowed: all or a comma list of {', '.join(BLOCK_NAMES)}")
     return wanted
 
-
 DUAL = ("dual", "jtdmoe")
-
 
 @dataclass
 class Config:
@@ -215,7 +197,6 @@ class Config:
         check(bool(moe_block_set(self.moe_blocks)) or self.arch != "moe-resnet18",
               f"--moe-blocks {self.moe_blocks!r} makes no MoE layer; name blocks (e.g. layer4.1) or use --arch resnet18")
 
-
 # ============================================================================================
 # 1. Setup: device and precision chosen in one place; files written atomically
 # ============================================================================================
@@ -226,11 +207,9 @@ class Config:
 # reference numbers in README were taken in it.
 AMP_DTYPE: dict = {"cuda": torch.bfloat16, "cpu": None}
 
-
 def set_precision(precision: str = "auto") -> None:
     check(precision in PRECISIONS, f"unknown --precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
     AMP_DTYPE.update(cuda=None if precision == "fp32" else torch.bfloat16, cpu=torch.bfloat16 if precision == "bf16" else None)
-
 
 def autocast_for(device: torch.device):
     """The one autocast rule. Under bf16 the matrix products and convolutions run in bf16; every
@@ -239,7 +218,6 @@ def autocast_for(device: torch.device):
     kind = torch.device(device).type
     dtype = AMP_DTYPE.get(kind)
     return contextlib.nullcontext() if dtype is None else torch.autocast(kind, dtype=dtype)
-
 
 @contextlib.contextmanager
 def float32_evaluation():
@@ -257,11 +235,9 @@ def float32_evaluation():
         AMP_DTYPE.update(saved)
         cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
-
 @dataclass
 class Runtime:
     """Device, autocast dtype and memory format: chosen once here, used everywhere."""
-
     device: torch.device
     amp_dtype: Optional[torch.dtype]  # bf16 on CUDA, None (float32) on CPU unless --precision bf16
     channels_last: bool  # NHWC activations: faster convolutions on tensor cores and in oneDNN
@@ -276,7 +252,6 @@ class Runtime:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
-
 def make_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     """`auto` picks CUDA when present. bf16 autocast and channels_last on CUDA (float32 leftovers
     on TF32 tensor cores); on CPU float32 in the default layout, or bf16 + channels_last."""
@@ -290,13 +265,11 @@ def make_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     dtype = AMP_DTYPE[dev.type]
     return Runtime(dev, dtype, dev.type == "cuda" or dtype is not None)
 
-
 def seed_everything(seed: int) -> None:
     """Seeds torch (CPU and CUDA) and numpy. Called at the start of every epoch with a
     seed derived from (run seed, epoch), so a resumed run repeats the uninterrupted one."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write to a temporary file beside `path`, then rename: a crash never leaves half a file,
@@ -309,12 +282,10 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     finally:
         tmp.unlink(missing_ok=True)
 
-
 def remove_stale_temps(folder: Path) -> None:
     """Remove the temporary files of writes that a killed process never finished."""
     for p in Path(folder).glob(".*.tmp*"):
         p.unlink(missing_ok=True)
-
 
 def strict_json(obj):
     """obj with every non-finite float replaced by None: JSON has no NaN or Infinity."""
@@ -326,13 +297,11 @@ def strict_json(obj):
         return [strict_json(v) for v in obj]
     return obj
 
-
 def write_json(path: Path, obj) -> None:
     def w(p):
         with open(p, "w") as f:
             json.dump(strict_json(obj), f, indent=1, allow_nan=False)
     atomic_write(path, w)
-
 
 def read_json(path: Path) -> dict:
     """A JSON object from `path`; a clear error if it is not one (nothing is overwritten)."""
@@ -342,7 +311,6 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path} is not valid JSON ({type(e).__name__}); move it away or choose another --out") from None
     check(isinstance(obj, dict), f"{path} does not hold a JSON object; move it away or choose another --out")
     return obj
-
 
 def writable_folder(folder: str, flag: str = "--out") -> Path:
     """Create `folder` if needed and prove it is writable, before any work starts."""
@@ -357,16 +325,13 @@ def writable_folder(folder: str, flag: str = "--out") -> Path:
         raise UserError(f"{flag} {folder} is not a writable folder ({e.strerror or type(e).__name__})") from None
     return p
 
-
 # ============================================================================================
-# 1. Data: uint8 tensors in memory, float [0, 1] batches on the device
+# 2. Data: uint8 tensors in memory, float [0, 1] batches on the device
 # ============================================================================================
-# Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,).
-# Batches are cast to float in [0, 1] on the device; augmentation runs there on whole
-# batches (random crop with zero padding + horizontal flip, the standard CIFAR recipe).
-
- # Per-channel mean/std used by the Normalize layer inside each model (pixel units stay [0,1]).
-NORM_STATS = {
+# Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,). Batches
+# are cast to float in [0, 1] on the device and augmented there as whole batches (random crop
+# with zero padding + horizontal flip, the standard CIFAR recipe).
+NORM_STATS = {  # per-channel mean/std of the Normalize layer inside each model
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
@@ -374,7 +339,6 @@ NORM_STATS = {
     "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
     "random": ((0.5, 0.5, 0.5), (0.2887, 0.2887, 0.2887)),  # uniform [0, 1]: std 1/sqrt(12)
 }
-
 
 @dataclass
 class Dataset:
@@ -389,29 +353,21 @@ class Dataset:
     def image_size(self) -> int:
         return self.train_x.shape[-1]
 
-
-def make_synthetic(n_train: int = 6000, n_test: int = 1000, seed: int = 0, size: int = 32,
-                   num_classes: int = 10, strong: float = 0.2, weak: float = 4 / 255,
-                   noise: float = 0.02) -> Dataset:
-    """A deterministic, learnable 10-class 32x32 image set that needs no download.
-
-    Built so that standard training is accurate but not robust, adversarial training is
-    robust, and the two trade clean for robust accuracy, for the reason Ilyas et al. (2019)
-    give: data holds robust and non-robust features, and standard training uses both.
-    Every image is a smooth colour layout (4x4x3 cells, upsampled) made of two parts:
-      * a strong layout (cell contrast up to `strong` = 0.2) shared by a pair of classes
-        (classes c and c + 5): a robust feature, it names the pair;
-      * a weak layout of the class itself (cell contrast up to `weak` = 4/255): it alone
-        tells the two classes of a pair apart, and an L-inf attack of eps = 8/255 can turn
-        it into the other class's weak layout (|w_c - w_c'| <= 2 * 4/255 per pixel).
-    plus smooth per-image noise (`noise` per cell) and 1/255 pixel noise, stored as uint8.
-    Standard training reads both parts (clean accuracy near 1, robust accuracy low); a
-    robust model can trust only the pair (robust accuracy near 0.5, clean lower). The
-    layouts are fixed (seed 1234); `seed` draws the examples, the test set from its own stream.
-    """
-    check(num_classes % 2 == 0 and num_classes >= 2, f"synthetic needs an even number of classes, got {num_classes}")
-    base = torch.Generator().manual_seed(1234)
-    pairs = num_classes // 2
+def make_synthetic(n_train: int = 6000, n_test: int = 1000, seed: int = 0, size: int = 32, num_classes: int = 10,
+                   strong: float = 0.2, weak: float = 4 / 255, noise: float = 0.02) -> Dataset:
+    """A deterministic, learnable 10-class 32x32 image set that needs no download, built so that
+    standard training is accurate but not robust and adversarial training robust, for the reason
+    Ilyas et al. (2019) give: data holds robust and non-robust features, and standard training
+    uses both. Each image is a smooth colour layout (4x4x3 cells, upsampled) of two parts:
+      * a strong layout (cell contrast up to `strong`) shared by classes c and c + 5: a robust
+        feature that names the pair;
+      * a weak layout of the class itself (contrast up to `weak` = 4/255): it alone tells the
+        pair apart, and an L-inf attack of 8/255 can turn it into the other class's.
+    plus smooth per-image noise (`noise` per cell) and 1/255 pixel noise. A robust model can
+    trust only the pair (robust accuracy near 0.5). Layouts are fixed (seed 1234); `seed` draws
+    the examples, the test set from its own stream."""
+    check(num_classes % 2 == 0, f"synthetic needs an even number of classes, got {num_classes}")
+    base, pairs = torch.Generator().manual_seed(1234), num_classes // 2
     strong_layouts = strong * (torch.rand(pairs, 3, 4, 4, generator=base) * 2 - 1)  # (C/2, 3, 4, 4)
     weak_layouts = weak * (torch.randint(0, 2, (num_classes, 3, 4, 4), generator=base).float() * 2 - 1)  # (C, 3, 4, 4)
     cells = 0.5 + strong_layouts[torch.arange(num_classes) % pairs] + weak_layouts  # (C, 3, 4, 4)
@@ -422,169 +378,120 @@ def make_synthetic(n_train: int = 6000, n_test: int = 1000, seed: int = 0, size:
         x = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
         x = x + torch.randn(n, 3, size, size, generator=g) / 255
         return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
-
     tx, ty = draw(n_train, torch.Generator().manual_seed(seed * 2 + 1))
     vx, vy = draw(n_test, torch.Generator().manual_seed(seed * 2 + 2))
     return Dataset(tx, ty, vx, vy, num_classes, "synthetic")
 
-
 def make_random(n_train: int = 50000, n_test: int = 10000, seed: int = 0, size: int = 32) -> Dataset:
-    """Uniform-noise images with random labels in CIFAR-10's shape (50,000 / 10,000 of 3x32x32,
-    10 classes): nothing to learn, for timing a full-size epoch without a download."""
+    """Uniform noise with random labels in CIFAR-10's shape: for timing a full-size epoch offline."""
     g = torch.Generator().manual_seed(seed)
     draw = lambda n: (torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
                       torch.randint(0, 10, (n,), generator=g))
-    (tx, ty), (vx, vy) = draw(n_train), draw(n_test)
-    return Dataset(tx, ty, vx, vy, 10, "random")
-
-
-def _cifar_batches(root: Path, name: str) -> Optional[Path]:
-    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
-    return folder if folder.is_dir() else None
-
+    return Dataset(*draw(n_train), *draw(n_test), 10, "random")
 
 def load_cifar(name: str, data_dir: str) -> Dataset:
-    """CIFAR-10/100 from the standard python-pickle layout under `data_dir`.
-
-    Missing files are downloaded through torchvision (to `data_dir`); offline, the error
-    says where to put them. Files are read here rather than by torchvision's dataset class
-    so that only the layout matters (tests build tiny fake copies of it)."""
-    root = Path(data_dir)
-    folder = _cifar_batches(root, name)
-    if folder is None:
-        archive = "cifar-10-python.tar.gz" if name == "cifar10" else "cifar-100-python.tar.gz"
+    """CIFAR-10/100 from the standard python-pickle layout under `data_dir`, downloaded there
+    through torchvision when missing (offline, the error says where to put the archive). Read
+    here, not by torchvision's dataset class, so that only the layout matters."""
+    root, classes = Path(data_dir), 10 if name == "cifar10" else 100
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    if not folder.is_dir():
         try:
             import torchvision  # only needed for the download
-
-            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-            root.mkdir(parents=True, exist_ok=True)
-            cls(str(root), train=True, download=True)
+            (torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100)(
+                str(root), train=True, download=True)
         except Exception as e:  # offline, or no write access
-            raise UserError(f"{name} not found in {root}/ and the download failed ({type(e).__name__}); "
-                            f"put {archive} from https://www.cs.toronto.edu/~kriz/ extracted into {root}/") from None
-        folder = _cifar_batches(root, name)
-        check(folder is not None, f"{name}: download finished but no batches found in {root}/")
+            raise UserError(f"{name} not found in {root}/ and the download failed ({type(e).__name__}); put "
+                            f"{name.replace('cifar', 'cifar-')}-python.tar.gz from https://www.cs.toronto.edu/~kriz/ "
+                            f"extracted into {root}/") from None
 
-    def read(files):
-        xs, ys = [], []
-        for fn in files:
-            try:
-                with open(folder / fn, "rb") as f:
-                    d = pickle.load(f, encoding="latin1")
-            except Exception as e:
-                raise UserError(f"{name}: cannot read {folder / fn} ({type(e).__name__}); re-extract the archive") from None
-            bad = lambda why: UserError(f"{name}: {folder / fn} is not a CIFAR batch ({why}); re-extract the archive")
-            if not isinstance(d, dict) or "data" not in d or not ({"labels", "fine_labels"} & set(d)):
-                raise bad("expected a dict with 'data' and 'labels'")
-            try:
-                x = np.asarray(d["data"], dtype=np.uint8)
-                yl = np.asarray(d["labels"] if "labels" in d else d["fine_labels"], dtype=np.int64)
-            except (TypeError, ValueError, OverflowError):
-                raise bad("data or labels are not numbers") from None
-            if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or yl.shape != (len(x),):
-                raise bad(f"data {tuple(x.shape)}, labels {tuple(yl.shape)}; expected (N, 3072) and (N,)")
-            if len(yl) and (yl.min() < 0 or yl.max() >= classes):
-                raise bad(f"label {int(yl.max() if yl.max() >= classes else yl.min())} outside 0..{classes - 1}")
-            xs.append(x.reshape(-1, 3, 32, 32))
-            ys.append(yl)
-        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
-
-    classes = 10 if name == "cifar10" else 100
-
-    if name == "cifar10":
-        tx, ty = read([f"data_batch_{i}" for i in range(1, 6)])
-        vx, vy = read(["test_batch"])
-    else:
-        tx, ty = read(["train"])
-        vx, vy = read(["test"])
-    return Dataset(tx, ty, vx, vy, 10 if name == "cifar10" else 100, name)
-
+    def read(fn):
+        bad = lambda why: UserError(f"{name}: {folder / fn} is not a CIFAR batch ({why}); re-extract the archive")
+        try:
+            with open(folder / fn, "rb") as f:
+                d = pickle.load(f, encoding="latin1")
+        except Exception as e:
+            raise bad(f"cannot read it: {type(e).__name__}") from None
+        if not isinstance(d, dict) or "data" not in d or not ({"labels", "fine_labels"} & set(d)):
+            raise bad("expected a dict with 'data' and 'labels'")
+        try:
+            x, y = np.asarray(d["data"], np.uint8), np.asarray(d.get("labels", d.get("fine_labels")), np.int64)
+        except (TypeError, ValueError, OverflowError):
+            raise bad("data or labels are not numbers") from None
+        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (len(x),):
+            raise bad(f"data {tuple(x.shape)}, labels {tuple(y.shape)}; expected (N, 3072) and (N,)")
+        if len(y) and (y.min() < 0 or y.max() >= classes):
+            raise bad(f"label {int(y.max() if y.max() >= classes else y.min())} outside 0..{classes - 1}")
+        return torch.from_numpy(x.reshape(-1, 3, 32, 32)), torch.from_numpy(y)
+    parts = ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]) if name == "cifar10" else (["train"], ["test"])
+    (tx, ty), (vx, vy) = [map(torch.cat, zip(*map(read, files))) for files in parts]
+    return Dataset(tx, ty, vx, vy, classes, name)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 
-
-def _read_images(paths: list[Path], size: int) -> torch.Tensor:
-    """Read images as RGB, resize the shorter side to `size` and centre-crop: (N, 3, size, size) uint8."""
+def read_images(paths: list[Path], size: int) -> torch.Tensor:
+    """Images as RGB, shorter side resized to `size`, centre-cropped: (N, 3, size, size) uint8."""
     from PIL import Image  # Pillow comes with torchvision
-
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     for i, p in enumerate(paths):
         try:
             with Image.open(p) as im:
-                im = im.convert("RGB")
                 w, h = im.size
                 s = size / min(w, h)
-                im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
-                w, h = im.size
-                left, top = (w - size) // 2, (h - size) // 2
+                im = im.convert("RGB").resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+                left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
                 im = im.crop((left, top, left + size, top + size))
                 out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
         except Exception as e:
             raise UserError(f"cannot read image {p} ({type(e).__name__}: {e})") from None
     return out
 
-
-def _list_images(folder: Path) -> list[Path]:
+def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
 
-
 def load_tinyimagenet(data_dir: str, size: int = 64) -> Dataset:
-    """TinyImageNet-200 from its raw layout: train/<wnid>/images/*.JPEG and
-    val/images/*.JPEG with val/val_annotations.txt (file, wnid, box). Val is the test set."""
+    """TinyImageNet-200 from its raw layout: train/<wnid>/images/*.JPEG, and val/images/*.JPEG with
+    val/val_annotations.txt (file, wnid, box). Val is the test set."""
     root = Path(data_dir)
-    if not (root / "train").is_dir() and (root / "tiny-imagenet-200").is_dir():
-        root = root / "tiny-imagenet-200"
+    root = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() and not (root / "train").is_dir() else root
     ann = root / "val" / "val_annotations.txt"
     check((root / "train").is_dir() and ann.is_file(),
           f"tinyimagenet not found in {data_dir}/: expected train/<wnid>/images/ and val/val_annotations.txt "
           "(unzip tiny-imagenet-200.zip from http://cs231n.stanford.edu/tiny-imagenet-200.zip there)")
     wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    index = {w: i for i, w in enumerate(wnids)}
     paths, labels = [], []
-    for w in wnids:
-        folder = root / "train" / w / "images"
-        imgs = _list_images(folder if folder.is_dir() else root / "train" / w)
-        paths += imgs
-        labels += [index[w]] * len(imgs)
-    vpaths, vlabels = [], []
-    for line in ann.read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 2:
-            check(parts[1] in index, f"tinyimagenet: {ann} names class {parts[1]!r} that train/ lacks")
-            vpaths.append(root / "val" / "images" / parts[0])
-            vlabels.append(index[parts[1]])
-    check(len(paths) > 0 and len(vpaths) > 0, f"tinyimagenet: no images found under {root}/")
-    return Dataset(_read_images(paths, size), torch.tensor(labels), _read_images(vpaths, size),
-                   torch.tensor(vlabels), len(wnids), "tinyimagenet")
-
+    for i, w in enumerate(wnids):
+        imgs = list_images(root / "train" / w / "images" if (root / "train" / w / "images").is_dir() else root / "train" / w)
+        paths, labels = paths + imgs, labels + [i] * len(imgs)
+    val = [line.split()[:2] for line in ann.read_text().splitlines() if len(line.split()) >= 2]
+    for _, w in val:
+        check(w in wnids, f"tinyimagenet: {ann} names class {w!r} that train/ lacks")
+    check(len(paths) > 0 and len(val) > 0, f"tinyimagenet: no images found under {root}/")
+    return Dataset(read_images(paths, size), torch.tensor(labels), read_images([root / "val" / "images" / f for f, _ in val], size),
+                   torch.tensor([wnids.index(w) for _, w in val]), len(wnids), "tinyimagenet")
 
 def load_imagefolder(data_dir: str, size: int = 32) -> Dataset:
-    """Any `data_dir` with train/ and test/ (or val/) holding one sub-folder per class.
-    Images of any size are resized (shorter side) and centre-cropped to `size`."""
+    """Any `data_dir` with train/ and test/ (or val/) holding one sub-folder per class; images of
+    any size are resized (shorter side) and centre-cropped to `size`."""
     root = Path(data_dir)
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     check((root / "train").is_dir() and test_dir is not None,
           f"imagefolder: {data_dir}/ must hold train/ and test/ (or val/) with one sub-folder per class")
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     check(len(classes) >= 2, f"imagefolder: {root / 'train'}/ has {len(classes)} class folders; need at least 2")
+    kinds = ", ".join(IMAGE_EXTENSIONS)
 
     def split(folder: Path):
         paths, labels = [], []
         for c in sorted(p.name for p in folder.iterdir() if p.is_dir()):
             check(c in classes, f"imagefolder: class {c!r} in {folder}/ is not in train/")
-            imgs = _list_images(folder / c)
+            imgs = list_images(folder / c)
             check(len(imgs) > 0 or folder.name != "train",
-                  f"imagefolder: class folder {folder / c}/ has no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                  "remove it or add images")
-            paths += imgs
-            labels += [classes.index(c)] * len(imgs)
-        check(len(paths) > 0, f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}/")
-        return _read_images(paths, size), torch.tensor(labels)
-
-    tx, ty = split(root / "train")
-    vx, vy = split(test_dir)
-    return Dataset(tx, ty, vx, vy, len(classes), "imagefolder")
-
+                  f"imagefolder: class folder {folder / c}/ has no images ({kinds}); remove it or add images")
+            paths, labels = paths + imgs, labels + [classes.index(c)] * len(imgs)
+        check(len(paths) > 0, f"imagefolder: no images ({kinds}) under {folder}/")
+        return read_images(paths, size), torch.tensor(labels)
+    return Dataset(*split(root / "train"), *split(test_dir), len(classes), "imagefolder")
 
 def load_dataset(name: str, data_dir: str = "data", image_size: Optional[int] = None, seed: int = 0,
                  train_limit: Optional[int] = None, test_limit: Optional[int] = None) -> Dataset:
@@ -593,70 +500,50 @@ def load_dataset(name: str, data_dir: str = "data", image_size: Optional[int] = 
     if name in ("synthetic", "random"):  # generated in memory: keep the request to what fits
         for flag, v in (("--train-limit", train_limit), ("--test-limit", test_limit)):
             check(v is None or v <= 100_000, f"{flag} {v} too large for generated data ({name}); allowed: 1..100000")
-    if name == "synthetic":
-        n_train = train_limit if train_limit else 6000
-        n_test = test_limit if test_limit else 1000
-        data = make_synthetic(n_train, n_test, seed=0, size=image_size or 32)
-    elif name == "random":
-        data = make_random(train_limit or 50000, test_limit or 10000, seed=0, size=image_size or 32)
+        make, n = (make_synthetic, (6000, 1000)) if name == "synthetic" else (make_random, (50000, 10000))
+        data = make(train_limit or n[0], test_limit or n[1], seed=0, size=image_size or 32)
     else:
         check(name in ("cifar10", "cifar100") or Path(data_dir).is_dir(),
               f"--data-dir {data_dir!r} does not exist or is not a directory (needed for {name})")
-        if name in ("cifar10", "cifar100"):
-            check(image_size in (None, 32), f"{name} images are 32x32; --image-size {image_size} not allowed")
-            data = load_cifar(name, data_dir)
-        elif name == "tinyimagenet":
-            data = load_tinyimagenet(data_dir, image_size or 64)
-        else:
-            data = load_imagefolder(data_dir, image_size or 32)
-    if train_limit:
-        data.train_x, data.train_y = data.train_x[:train_limit], data.train_y[:train_limit]
-    if test_limit:
-        data.test_x, data.test_y = data.test_x[:test_limit], data.test_y[:test_limit]
+        check(name not in ("cifar10", "cifar100") or image_size in (None, 32),
+              f"{name} images are 32x32; --image-size {image_size} not allowed")
+        data = (load_cifar(name, data_dir) if name in ("cifar10", "cifar100") else
+                load_tinyimagenet(data_dir, image_size or 64) if name == "tinyimagenet" else
+                load_imagefolder(data_dir, image_size or 32))
+    data.train_x, data.train_y = data.train_x[:train_limit], data.train_y[:train_limit]  # [:None] keeps all
+    data.test_x, data.test_y = data.test_x[:test_limit], data.test_y[:test_limit]
     return data
 
-
 def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, seed: int):
-    """Hold out `n_val` training examples (a fixed random subset) for model selection.
-    The test set is never used to choose a checkpoint (robust overfitting, Rice et al. 2020)."""
+    """Hold out `n_val` training examples (a fixed random subset) for model selection: the test
+    set never chooses a checkpoint (robust overfitting, Rice et al. 2020)."""
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    val, train = perm[:n_val], perm[n_val:]
-    return x[train], y[train], x[val], y[val]
-
+    return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
 
 def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Random crop (zero padding `pad`) + horizontal flip of a float batch, on its device.
-    x: (B, C, H, W) -> (B, C, H, W). Uses the global torch RNG (seeded per epoch)."""
+    """Random crop (zero padding `pad`) + horizontal flip of a float batch (B, C, H, W), on its
+    device, with the global torch RNG (seeded per epoch)."""
     B, C, H, W = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (B,), device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (B,), device=x.device)
-    rows = (torch.arange(H, device=x.device)[None] + dy[:, None])  # (B, H)
-    cols = (torch.arange(W, device=x.device)[None] + dx[:, None])  # (B, W)
-    b = torch.arange(B, device=x.device)[:, None, None, None]
-    c = torch.arange(C, device=x.device)[None, :, None, None]
-    out = padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
-    flip = torch.rand(B, device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], out.flip(3), out)
-
+    dy, dx = (torch.randint(0, 2 * pad + 1, (B,), device=x.device) for _ in range(2))
+    rows = torch.arange(H, device=x.device)[None] + dy[:, None]  # (B, H)
+    cols = torch.arange(W, device=x.device)[None] + dx[:, None]  # (B, W)
+    b, c = torch.arange(B, device=x.device)[:, None, None, None], torch.arange(C, device=x.device)[None, :, None, None]
+    out = F.pad(x, (pad, pad, pad, pad))[b, c, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+    return torch.where((torch.rand(B, device=x.device) < 0.5)[:, None, None, None], out.flip(3), out)
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
             shuffle: bool = False, train_augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (float images in [0,1], labels) on `device`. Shuffling uses the global RNG.
-    Training keeps the whole uint8 set on the device (train() moves it there once: 150 MB
-    for CIFAR-10), so a batch is a gather, a cast and the augmentation, all on the device:
-    no host work, no copy, no synchronisation per step. Other callers may pass CPU tensors."""
+    """Yield (float images in [0,1], labels) on `device`; shuffling uses the global RNG. Training
+    keeps the whole uint8 set on the device (150 MB for CIFAR-10), so a batch is a gather, a cast
+    and the augmentation there: no host work, no copy, no sync per step."""
     order = torch.randperm(len(x), device=x.device) if shuffle else torch.arange(len(x), device=x.device)
     for i in range(0, len(x), batch_size):
         idx = order[i:i + batch_size]
         xb = x[idx].to(device, non_blocking=True).float().div_(255)
-        if train_augment:
-            xb = augment(xb, pad=max(1, xb.shape[-1] // 8))
-        yield xb, y[idx].to(device, non_blocking=True)
-
+        yield (augment(xb, pad=max(1, xb.shape[-1] // 8)) if train_augment else xb), y[idx].to(device, non_blocking=True)
 
 # ============================================================================================
-# 2. The sparse top-k MoE layer
+# 3. The sparse top-k MoE layer
 # ============================================================================================
 # Letters used in shape comments:
 #   B batch, T tokens per image, N rows routed (N = B per image, N = B*T per token),
@@ -669,28 +556,22 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
 # There is no capacity limit and no token dropping, so evaluation routing is deterministic
 # and independent of the rest of the batch.
 
-
 class Routing(NamedTuple):
     """What one MoE layer decided for its last batch (detached, for analysis)."""
-
     logits: torch.Tensor  # (N, E) router logits, float32
     probs: torch.Tensor  # (N, E) softmax of the logits
     indices: torch.Tensor  # (N, K') experts used per row, best first (K' = K, 1 when forced, E when soft)
     gates: torch.Tensor  # (N, K') their gate weights
     ranking: torch.Tensor  # (N, E) all experts by router probability, best first
 
-
 class Route(NamedTuple):
     """A route to force on one MoE layer: which experts each row uses and with which gates."""
-
     indices: torch.Tensor  # (N, K') long
     gates: torch.Tensor  # (N, K') float
-
 
 class AuxLoss(NamedTuple):
     balance: torch.Tensor  # Switch load-balancing loss: 1 when balanced, E when collapsed
     z: torch.Tensor  # ST-MoE router z-loss: mean(logsumexp(r)^2)
-
 
 class MoE(nn.Module):
     """Sparse top-k mixture of experts around any expert modules.
@@ -798,32 +679,26 @@ class MoE(nn.Module):
             return self.dispatch(rows, *self.route(rows)).reshape(B, T, -1)  # (B, T, D')
         return self.dispatch(x, *self.route(x.mean(dim=(2, 3))))  # router input (B, C), N = B; out (B, C', H', W')
 
-
 def moe_layers(model: nn.Module) -> list[MoE]:
     """All MoE layers of a model, in forward order (module registration order)."""
     return [m for m in model.modules() if isinstance(m, MoE)]
-
 
 def moe_aux_loss(model: nn.Module, balance_coef: float = 1e-2, z_coef: float = 1e-3) -> torch.Tensor:
     """Sum of balance_coef * L_bal + z_coef * L_z over every MoE layer of the last forward."""
     terms = [balance_coef * m.aux.balance + z_coef * m.aux.z for m in moe_layers(model) if m.aux is not None]
     return sum(terms[1:], terms[0]) if terms else torch.zeros(())  # (a CPU scalar adds to CUDA without a copy)
 
-
 def last_routing(model: nn.Module) -> list[Routing]:
     """The routing of every MoE layer for the model's last forward call."""
     return [m.routing for m in moe_layers(model)]
-
 
 def reset_routing_stats(model: nn.Module) -> None:
     for m in moe_layers(model):
         m.counts.zero_()
 
-
 def expert_counts(model: nn.Module) -> list[list[int]]:
     """Rows sent to each expert of each MoE layer since the last reset."""
     return [m.counts.tolist() for m in moe_layers(model)]
-
 
 @contextlib.contextmanager
 def routing_control(model: nn.Module, controls):
@@ -840,13 +715,11 @@ def routing_control(model: nn.Module, controls):
         for m, c in zip(layers, old):
             m.control = c
 
-
 def soft_routing(model: nn.Module):
     """Context: every MoE layer runs all experts, gated by the full softmax (a differentiable
     surrogate of hard top-k routing)."""
     return routing_control(model, lambda p, rank: (torch.arange(p.shape[1], device=p.device).expand_as(p), p,
                                                    list(range(p.shape[1]))))
-
 
 def forced_routes(model: nn.Module, routes: list[Route]):
     """Context: MoE layer l uses routes[l] (indices and gates) for every row (e.g. the clean routes, for RA-E)."""
@@ -857,18 +730,15 @@ def forced_routes(model: nn.Module, routes: list[Route]):
         return choose
     return routing_control(model, [control(r) for r in routes])
 
-
 def forced_rank(model: nn.Module, r: int):
     """Context: every MoE layer sends each row to its r-th ranked expert with gate 1 (r = 1: the runner-up)."""
     return routing_control(model, lambda p, rank: (rank[:, r:r + 1], p.new_ones(len(p), 1), None))
-
 
 def forced_expert(model: nn.Module, i: int):
     """Context: every MoE layer uses expert i with gate 1, so it computes the network f_i of the papers."""
     for m in moe_layers(model):
         check(0 <= i < m.num_experts, f"expert {i} not allowed; this layer has {m.num_experts} experts")
     return routing_control(model, lambda p, rank: (torch.full((len(p), 1), i, device=p.device), p.new_ones(len(p), 1), [i]))
-
 
 def current_routes(model: nn.Module, x: torch.Tensor, fixed_gates: Optional[float] = None) -> list[Route]:
     """The routes the model takes on x (eval mode, no gradient); gates as used, or all `fixed_gates`."""
@@ -880,9 +750,8 @@ def current_routes(model: nn.Module, x: torch.Tensor, fixed_gates: Optional[floa
     return [Route(r.indices, r.gates if fixed_gates is None else torch.full_like(r.gates, fixed_gates))
             for r in last_routing(model)]
 
-
 # ============================================================================================
-# 3. Models: CIFAR ResNet-18, MoE-ResNet18, MoE-ViT
+# 4. Models: CIFAR ResNet-18, MoE-ResNet18, MoE-ViT
 # ============================================================================================
 
 @dataclass
@@ -904,17 +773,14 @@ class ModelConfig:
     vit_depth: int = 6  # transformer blocks; MoE MLP in every other one (V-MoE)
     vit_heads: int = 3
 
-
 def model_config(cfg, num_classes: int, image_size: int) -> ModelConfig:
     """A run's ModelConfig: the fields of the same name in its Config, the data's classes and size."""
     shared = {f.name for f in dataclasses.fields(ModelConfig)} - {"num_classes", "image_size", "norm"}
     return ModelConfig(num_classes=num_classes, image_size=image_size, **{k: getattr(cfg, k) for k in shared if hasattr(cfg, k)},
                        norm=cfg.dataset if cfg.dataset in NORM_STATS else "imagenet")
 
-
 class Normalize(nn.Module):
     """(x - mean) / std per channel, inside the model so attacks work in pixel units."""
-
     def __init__(self, mean, std):
         super().__init__()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
@@ -923,13 +789,11 @@ class Normalize(nn.Module):
     def forward(self, x):
         return (x - self.mean) / self.std
 
-
 def residual_branch(inp: int, mid: int, out: int, stride: int) -> nn.Sequential:
     """conv3x3-BN-ReLU-conv3x3-BN: the residual branch of a BasicBlock (He et al. 2016)."""
     return nn.Sequential(
         nn.Conv2d(inp, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
         nn.Conv2d(mid, out, 3, 1, 1, bias=False), nn.BatchNorm2d(out))
-
 
 class BasicBlock(nn.Module):
     """relu(branch(x) + shortcut(x)). With experts > 0 the branch is an MoE of E branches,
@@ -953,7 +817,6 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         return F.relu(self.branch(x) + self.shortcut(x))
-
 
 class ResNet18(nn.Module):
     """CIFAR ResNet-18: 3x3 stem, no max-pool, stages of 64/128/256/512 x width channels.
@@ -985,7 +848,6 @@ class ResNet18(nn.Module):
     def forward(self, x):  # -> logits (B, classes)
         return self.fc(self.features(x))
 
-
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
@@ -999,14 +861,11 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v)  # (B, h, T, D/h)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
-
 def mlp(dim: int, hidden: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-
 class ViTBlock(nn.Module):
     """Pre-LN transformer block; the MLP is an MoE of MLPs (per-token routing) when experts > 0."""
-
     def __init__(self, dim: int, heads: int, experts: int = 0, k: int = 1, noisy: bool = False):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
@@ -1017,7 +876,6 @@ class ViTBlock(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
-
 
 class MoEViT(nn.Module):
     """A small ViT for 32x32 or 64x64 inputs: an 8x8 grid of patches (patch = size / 8) plus
@@ -1044,7 +902,6 @@ class MoEViT(nn.Module):
         t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1) + self.pos  # (B, T=65, D)
         return self.head(self.ln(self.blocks(t))[:, 0])
 
-
 def build_model(cfg: ModelConfig) -> nn.Module:
     check(cfg.arch in ARCHS, f"unknown --arch {cfg.arch!r}; allowed: {', '.join(ARCHS)}")
     check(cfg.width > 0, f"--width {cfg.width} must be > 0")
@@ -1054,7 +911,6 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     check(cfg.norm in NORM_STATS, f"unknown normalisation {cfg.norm!r}; allowed: {', '.join(NORM_STATS)}")
     return MoEViT(cfg) if cfg.arch == "moe-vit" else ResNet18(cfg)
 
-
 def count_params(model: nn.Module) -> dict:
     """Total parameters, and active ones per example (an MoE layer counts K of its E experts)."""
     total = sum(p.numel() for p in model.parameters())
@@ -1063,7 +919,6 @@ def count_params(model: nn.Module) -> dict:
         per_expert = sum(p.numel() for p in m.experts[0].parameters())
         inactive += (m.num_experts - m.k) * per_expert
     return {"total": total, "active": total - inactive}
-
 
 def compile_model(model: nn.Module) -> nn.Module:
     """torch.compile in place (`--compile`; state_dict keys stay plain). The sparse dispatch
@@ -1083,8 +938,6 @@ def compile_model(model: nn.Module) -> nn.Module:
         m.forward = torch.compiler.disable(m.forward)
     model.compile()
     return model
-
-
 
 class DualModel(nn.Module):
     """The dual model (Zhang, Xu, Hu, Wang, ICML 2025): f_D(x) = (1 - a) f_S(x) + a f_R(x) on
@@ -1109,15 +962,13 @@ class DualModel(nn.Module):
             zs, zr = zs / zs.std(-1, keepdim=True).clamp_min(1e-6), zr / zr.std(-1, keepdim=True).clamp_min(1e-6)
         return (1 - self.a) * zs + self.a * zr
 
-
 # ============================================================================================
-# 4. Attacks: PGD (Madry et al. 2018), APGD-CE / APGD-T and Square (AutoAttack's attacks)
+# 5. Attacks: PGD (Madry et al. 2018), APGD-CE / APGD-T and Square (AutoAttack's attacks)
 # ============================================================================================
 # x_0 = x + U(-eps, eps); x_{t+1} = clip_[0,1](Proj_eps(x_t + alpha * sign(grad_x loss))).
 # The model is put in eval mode (BatchNorm frozen, routing deterministic) and its mode is
 # restored afterwards; gradients are taken with respect to the input only (autograd.grad),
 # so no parameter gradient is left behind; the loss is computed in float32 under autocast.
-
 
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module):
@@ -1131,13 +982,11 @@ def eval_mode(*models: nn.Module):
         for m, w in zip(models, was):
             m.train(w)
 
-
 def per_example_norm(t: torch.Tensor, norm: str, keepdim: bool = True) -> torch.Tensor:
     """(B, ...) -> per-example L-inf or L2 norm in float32, (B, 1, ..., 1) or with keepdim=False (B,)."""
     n = t.flatten(1).float()
     n = n.abs().amax(1) if norm == "linf" else n.norm(dim=1)
     return n.view(-1, *([1] * (t.dim() - 1))) if keepdim else n
-
 
 def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     """Project a perturbation onto the eps-ball of the given norm."""
@@ -1145,16 +994,13 @@ def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
         return delta.clamp(-eps, eps)
     return delta * (eps / per_example_norm(delta, "l2").clamp_min(1e-12)).clamp(max=1.0)
 
-
 def ce_per_example(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y, reduction="none")
-
 
 def logits_fp32(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """model(x) under the process's autocast, as float32 logits (every loss in this file takes these)."""
     with autocast_for(x.device):
         return model(x).float()
-
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, alpha: Optional[float] = None,
         steps: int = 10, norm: str = "linf", random_start: bool = True, loss_fn: Callable = ce_per_example,
@@ -1179,7 +1025,6 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
             step = alpha * g.sign() if norm == "linf" else alpha * g / per_example_norm(g, "l2").clamp_min(1e-12)
             delta = (x + project(delta + step, eps, norm)).clamp(0, 1) - x  # in the ball, a valid image
     return (x + delta).detach()
-
 
 def pgd_worst(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, alpha: Optional[float] = None,
               steps: int = 10, norm: str = "linf", restarts: int = 1, loss_fn: Callable = ce_per_example,
@@ -1212,11 +1057,9 @@ def pgd_worst(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8
                 keep(xa, logits_fp32(model, xa))
     return best_x
 
-
 @dataclass
 class AttackConfig:
     """An L-inf or L2 PGD attack; `describe()` names it in reports."""
-
     eps: float = 8 / 255
     alpha: Optional[float] = None  # None: eps / 4
     steps: int = 20
@@ -1230,12 +1073,10 @@ class AttackConfig:
     def __call__(self, model, x, y, **kw):
         return pgd_worst(model, x, y, self.eps, self.alpha, self.steps, self.norm, self.restarts, **kw)
 
-
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with eval_mode(model), autocast_for(x.device):
         return model(x).argmax(1)
-
 
 @float32_evaluation()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Optional[AttackConfig],
@@ -1256,7 +1097,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Optiona
         out.update(robust_acc=robust / n, attack=attack.describe())
     return out
 
-
 def dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Targeted DLR loss (Croce & Hein 2020, eq. 7), per example, to maximise:
     -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), pi the classes sorted by logit. Invariant to
@@ -1265,7 +1105,6 @@ def dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) ->
     s = z.sort(1, descending=True).values
     zy, zt = z.gather(1, y[:, None])[:, 0], z.gather(1, target[:, None])[:, 0]
     return -(zy - zt) / (s[:, 0] - 0.5 * (s[:, 2] + s[:, 3]) + 1e-12)
-
 
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 100,
          norm: str = "linf", loss_fn: Callable = ce_per_example, rho: float = 0.75) -> torch.Tensor:
@@ -1325,7 +1164,6 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
                 since, k = 0, max(k - k_dec, k_min)
     return torch.where(view(found), adv, x_max).detach()
 
-
 @torch.no_grad()
 def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 100,
                   norm: str = "linf", targets: int = 9) -> torch.Tensor:
@@ -1350,12 +1188,10 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         x_adv[idx[fooled]], robust[idx[fooled]] = xa[fooled], False
     return x_adv
 
-
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """z_y - max_{j != y} z_j per example: negative exactly when x is misclassified."""
     z = logits.float()
     return z.gather(1, y[:, None])[:, 0] - z.masked_fill(F.one_hot(y, z.shape[1]).bool(), -float("inf")).amax(1)
-
 
 @torch.no_grad()
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, queries: int = 5000,
@@ -1399,7 +1235,6 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 
             x_best[idx[better]], best[idx[better]] = x_new[better], new[better]
     return x_best
 
-
 class SoftRouted(nn.Module):
     """The model with every MoE layer running all experts gated by the full softmax: a
     differentiable surrogate of hard top-k routing, whose gradient sees route changes."""
@@ -1412,7 +1247,6 @@ class SoftRouted(nn.Module):
     def forward(self, x):
         with soft_routing(self.model):
             return self.model(x)
-
 
 class RouterDeviation(nn.Module):
     """Per-example score of how far the routing of x has moved from given routes: the sum over
@@ -1432,7 +1266,6 @@ class RouterDeviation(nn.Module):
             total = total + ce.view(len(x), -1).mean(1)
         return total[:, None]
 
-
 def router_attack(model: nn.Module, x: torch.Tensor, attack: AttackConfig) -> torch.Tensor:
     """PGD that only tries to change the routes of x (see RouterDeviation)."""
     clean_top1 = [r.indices[:, 0] for r in current_routes(model, x)]
@@ -1440,9 +1273,8 @@ def router_attack(model: nn.Module, x: torch.Tensor, attack: AttackConfig) -> to
     return pgd_worst(score, x, torch.zeros(len(x), device=x.device), attack.eps, attack.alpha, attack.steps, attack.norm,
                attack.restarts, loss_fn=lambda out, _: out[:, 0])
 
-
 # ============================================================================================
-# 5. Training methods: standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE
+# 6. Training methods: standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE
 # ============================================================================================
 def sgd(params, cfg: Config, lr: Optional[float] = None) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum; on CUDA the fused kernel (one launch for all parameters).
@@ -1452,20 +1284,16 @@ def sgd(params, cfg: Config, lr: Optional[float] = None) -> torch.optim.Optimize
     return torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0, fused=fused or None)
 
-
 def cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine decay from the base learning rate to 0 over `total_steps` optimiser steps."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
 
-
 def aux(model: nn.Module, cfg: Config) -> torch.Tensor:
     return moe_aux_loss(model, cfg.balance_coef, cfg.z_coef)
-
 
 def trades_kl(logits_adv: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
     """Per-example KL(p_clean || softmax(logits_adv)), float32. TRADES eq. 5's inner term."""
     return F.kl_div(F.log_softmax(logits_adv.float(), 1), p_clean, reduction="none").sum(1)
-
 
 def trades_attack(model: nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tensor:
     """TRADES' inner maximisation: PGD on KL(p(x) || p(x')), started at x + 0.001 N(0, I)."""
@@ -1475,13 +1303,11 @@ def trades_attack(model: nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tenso
     xa = pgd(model, x0, p_clean, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, random_start=False, loss_fn=trades_kl)
     return project(xa - x, cfg.eps, cfg.norm).add(x).clamp(0, 1)
 
-
 def at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
     """PGD-AT (Madry et al. 2018): CE(F(x_adv), y) + MoE aux losses of that forward, x_adv =
     PGD-`train_steps` against the current model (last iterate). -> (loss, logits)"""
     logits = logits_fp32(model, pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm))
     return F.cross_entropy(logits, y) + aux(model, cfg), logits
-
 
 def trades_term(model: nn.Module, x: torch.Tensor, cfg: Config, xa: Optional[torch.Tensor] = None):
     """(1/B) sum_n KL(p(x_n) || p(x'_n)), x' = xa, or TRADES' attack on `model` (whatever routes
@@ -1491,12 +1317,10 @@ def trades_term(model: nn.Module, x: torch.Tensor, cfg: Config, xa: Optional[tor
     clean_aux = aux(model, cfg)
     return trades_kl(logits_fp32(model, xa), logits.softmax(1)).mean(), logits, clean_aux
 
-
 def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
     """TRADES (Zhang et al. 2019): CE(F(x), y) + beta KL(p(x) || p(x_adv)) + MoE aux losses. -> (loss, logits)"""
     kl, logits, clean_aux = trades_term(model, x, cfg)
     return F.cross_entropy(logits, y) + cfg.beta * kl + clean_aux, logits
-
 
 def expert_path_term(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config) -> torch.Tensor:
     """RT-ER / JTDMoE's KL term on one expert path (the routes or expert forced on `model`):
@@ -1504,7 +1328,6 @@ def expert_path_term(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Co
     path, as in the dual-model paper and its code; --expert-attack kl: TRADES' KL attack."""
     xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm) if cfg.expert_attack == "pgd" else None
     return trades_term(model, x, cfg, xa)[0]
-
 
 class Method:
     """A training method: owns its model(s), optimiser(s) and schedule(s); `step` trains on one
@@ -1549,33 +1372,25 @@ class Method:
         for s, st in zip(self.scheds, state["scheds"]):
             s.load_state_dict(st)
 
-
 class Standard(Method):
     """Empirical risk minimisation: CE(F(x), y) + MoE auxiliary losses."""
-
     def loss(self, x, y):
         logits = logits_fp32(self.model, x)
         return F.cross_entropy(logits, y) + aux(self.model, self.cfg), logits
 
-
 class PGDAT(Method):
     """Madry et al. 2018: min_theta CE(F(x_adv), y), x_adv = PGD on the current model (at_loss)."""
-
     def loss(self, x, y):
         return at_loss(self.model, x, y, self.cfg)
 
-
 class TRADES(Method):
     """Zhang et al. 2019: CE(F(x), y) + beta * KL(p(x) || p(x_adv)), x_adv maximising the KL."""
-
     def loss(self, x, y):
         return trades_loss(self.model, x, y, self.cfg)
-
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     """theta_R: the parameters of every router (and noisy-gating layer)."""
     return [p for m in moe_layers(model) for part in (m.router, m.noise) if part is not None for p in part.parameters()]
-
 
 class AdvMoE(Method):
     """AdvMoE (Zhang et al., ICCV 2023, Alg. 1): router-expert alternating adversarial training.
@@ -1620,13 +1435,11 @@ class AdvMoE(Method):
             s.step()
         return {"loss": loss.detach(), "router_loss": r_loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
 
-
 def runner_up_routes(model: nn.Module, x: torch.Tensor) -> list[Route]:
     """The runner-up path on clean x: at every MoE layer the expert its router ranks second
     (given the runner-up choices of the layers before), with gate 1. (N, 1) per layer."""
     with forced_rank(model, 1):
         return current_routes(model, x, fixed_gates=1.0)
-
 
 class RTER(Method):
     """RT-ER (dual-model paper, Zhang, Xu, Hu, Wang 2025): PGD-AT of the whole MoE plus a TRADES
@@ -1644,7 +1457,6 @@ class RTER(Method):
     def loss(self, x, y):
         ce, logits = at_loss(self.model, x, y, self.cfg)
         return ce + self.cfg.beta * self.runner_up_term(x, y), logits
-
 
 class JTDMoE(Method):
     """JTDMoE (dual-model paper): joint training of f_S and f_R inside f_D = (1 - a) f_S + a f_R,
@@ -1683,13 +1495,11 @@ class JTDMoE(Method):
             s.step()
         return {"loss": loss.detach(), "robust_loss": r_loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
 
-
 METHOD_CLASSES: dict[str, type] = {"standard": Standard, "at": PGDAT, "trades": TRADES, "advmoe": AdvMoE,
                                    "rt-er": RTER, "jtdmoe": JTDMoE}
 
-
 # ============================================================================================
-# 6. Evaluating an MoE honestly
+# 7. Evaluating an MoE honestly
 # ============================================================================================
 # SA: clean accuracy. RA: robust accuracy under a cascade of named attacks, each run only on
 # the examples every earlier attack left robust (AutoAttack's protocol), so an example counts
@@ -1712,7 +1522,6 @@ METHOD_CLASSES: dict[str, type] = {"standard": Standard, "at": PGDAT, "trades": 
 # attack flip (Puigcerver 2022 report the overlap of experts before and after an attack).
 PROBE_FACTORS = (1, 2, 4, 8, 16)  # eps multiples of the probe; L-inf radii are capped at 1
 
-
 def suite_attacks(cfg: Config, suite: str, num_classes: int, moe: bool) -> list[tuple[str, Callable]]:
     """The suite's attacks in the order they run: [(name, attack(model, x, y) -> x_adv)]."""
     a = AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm)
@@ -1728,7 +1537,6 @@ def suite_attacks(cfg: Config, suite: str, num_classes: int, moe: bool) -> list[
     if cfg.norm == "linf":
         out.append((f"Square-{cfg.square_queries}", lambda m, x, y: square(m, x, y, e, cfg.square_queries)))
     return out
-
 
 def attack_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list, ok: torch.Tensor,
                    context: Callable = lambda idx: contextlib.nullcontext()):
@@ -1748,12 +1556,10 @@ def attack_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: 
         after[name] = robust.clone()
     return after, x_adv
 
-
 def take_routes(routes: list[Route], idx: torch.Tensor, B: int) -> list[Route]:
     """The routes of images idx out of a batch of B (per-token routes keep all of an image's rows)."""
     pick = lambda t: t.view(B, -1, t.shape[-1])[idx].flatten(0, 1)
     return [Route(pick(r.indices), pick(r.gates)) for r in routes]
-
 
 def masking_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config) -> dict:
     """PGD's robust accuracy at growing eps (PROBE_FACTORS x eps) on float images x: it should
@@ -1764,7 +1570,6 @@ def masking_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     accs = [(ok & (predict(model, pgd_worst(model, x, y, r, None, cfg.eval_steps, cfg.norm)) == y)).float().mean().item()
             for r in radii]
     return {"n": len(x), "eps": radii, "robust_acc": accs}
-
 
 def masking_warnings(res: dict, n: int) -> list[str]:
     """What a reviewer should be told: signs that a gradient attack, or the suite, is fooled."""
@@ -1785,7 +1590,6 @@ def masking_warnings(res: dict, n: int) -> list[str]:
         if any(b > a + 0.02 for a, b in zip(accs, accs[1:])):
             warn.append("PGD's robust accuracy rises with eps somewhere in the probe: gradients may be masked")
     return warn
-
 
 @float32_evaluation()
 def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device,
@@ -1870,7 +1674,6 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     res["warnings"] = masking_warnings(res, n) if suite != "pgd" else []
     return res
 
-
 def format_report(res: dict, title: str = "test") -> str:
     """The evaluation report as readable lines."""
     lines = [f"{title}: SA {res['clean_acc']:.3f} | RA {res['robust_acc']:.3f} ({res['attack']})"]
@@ -1894,25 +1697,21 @@ def format_report(res: dict, title: str = "test") -> str:
     lines += [f"  WARNING: {w}" for w in res.get("warnings", [])] + ([f"  note: {res['note']}"] if "note" in res else [])
     return "\n".join(lines)
 
-
 # ============================================================================================
-# 7. The training loop: checkpoints, validation, resume, the dual model
+# 8. The training loop: checkpoints, validation, resume, the dual model
 # ============================================================================================
 CHECKPOINT_VERSION = 1
 RUN_FILES = ("last.pt", "best.pt", "metrics.json")  # a folder holding any of these holds a run
 
-
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temporary file, then rename: an interruption never leaves a broken file."""
     atomic_write(path, lambda p: torch.save(state, p))
-
 
 def check_checkpoint_file(path: str) -> Path:
     p = Path(path)
     check(not p.is_dir(), f"checkpoint {path!r} is a folder; give a checkpoint file such as {p / 'best.pt'}")
     check(p.is_file(), f"checkpoint {path!r} does not exist")
     return p
-
 
 def load_checkpoint(path: str) -> dict:
     p = check_checkpoint_file(path)
@@ -1928,11 +1727,9 @@ def load_checkpoint(path: str) -> dict:
     check(isinstance(state["config"], dict), f"checkpoint {path!r} is incomplete (its config is not a dict)")
     return state
 
-
 def config_from_dict(d: dict) -> Config:
     known = {f.name for f in dataclasses.fields(Config)}
     return Config(**{k: v for k, v in d.items() if k in known})
-
 
 def build_run_model(cfg: Config, num_classes: int, image_size: int) -> nn.Module:
     """The model a run trains and evaluates: one network, or for jtdmoe a DualModel of two."""
@@ -1941,14 +1738,11 @@ def build_run_model(cfg: Config, num_classes: int, image_size: int) -> nn.Module
         return DualModel(build_model(mc), build_model(mc), cfg.dual_a, cfg.dual_mix)
     return build_model(mc)
 
-
 def log(msg: str) -> None:
     print(msg, flush=True)
 
-
 def check_resume(resume: bool, overwrite: bool) -> None:
     check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
-
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
     """Train with `cfg.method`, validate each epoch, keep the best checkpoint, test it.
@@ -2061,7 +1855,6 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     log(format_report(metrics["test"], f"test (best val epoch {metrics['test']['epoch']})"))
     return metrics
 
-
 def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module, Config, dict]:
     """Rebuild the evaluated model of a checkpoint (best.pt or last.pt): (model, config, state)."""
     state = load_checkpoint(path)
@@ -2073,7 +1866,6 @@ def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module,
     except Exception as e:
         raise UserError(f"checkpoint {path!r} does not fit its own config ({type(e).__name__})") from None
     return runtime.prepare(model), cfg, state
-
 
 def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
     """--method dual: f_S and f_R from --standard-ckpt / --robust-ckpt, or trained here into
@@ -2121,9 +1913,8 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
     log(format_report(metrics["test"], f"dual model at a={cfg.dual_a}"))
     return metrics
 
-
 # ============================================================================================
-# 8. Lipschitz constants, route stability and certified radii (Puigcerver 2022; dual model)
+# 9. Lipschitz constants, route stability and certified radii (Puigcerver 2022; dual model)
 # ============================================================================================
 # Three estimates of how fast the logits F can change with the input, in a norm p (linf or
 # l2; the output is measured in the same norm):
@@ -2143,7 +1934,6 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
 # M_i is measured on the given inputs, so for an MoE the bound is *route-stable*, not global:
 # it holds between points of one route region near the measured inputs, and the report names
 # it `route_stable_{norm}`. A certificate holds only inside the route-stable radius.
-
 
 def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
                     steps: int = 20) -> torch.Tensor:
@@ -2180,7 +1970,6 @@ def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float = 8 / 255, nor
                 best = torch.maximum(best, ratio(diff, d))
     return best
 
-
 def jacobian_spectral_norm(model: nn.Module, x: torch.Tensor, iters: int = 30) -> torch.Tensor:
     """||J_F(x)||_2 per example by power iteration on J^T J: J v by forward-mode AD (jvp),
     J^T u by reverse mode (vjp). Examples are independent in eval mode, so one batched
@@ -2208,7 +1997,6 @@ def jacobian_spectral_norm(model: nn.Module, x: torch.Tensor, iters: int = 30) -
             v = w / view(w.flatten(1).norm(dim=1).clamp_min(1e-12))
     return sigma.detach()
 
-
 def gram_spectral_bound(K: torch.Tensor, iters: int = 10) -> torch.Tensor:
     """Upper bounds on the spectral norms of a batch of matrices K (..., m, n), real or complex,
     by Gram iteration (Delattre et al. 2023): with G_0 = K, G_{t+1} = G_t^H G_t, the spectral
@@ -2225,7 +2013,6 @@ def gram_spectral_bound(K: torch.Tensor, iters: int = 10) -> torch.Tensor:
         G = G.mH @ G
     return ((torch.linalg.matrix_norm(G, "fro").clamp_min(1e-300).log() + log_scale) / 2.0 ** iters).exp()
 
-
 def conv_spectral_bound(weight: torch.Tensor, in_hw: tuple[int, int], padding: tuple[int, int], iters: int = 10) -> float:
     """A provable upper bound on the L2 operator norm of a (strided, zero-padded) convolution on
     (C, H, W) inputs. Padding embeds the input isometrically in an (H + 2p) x (W + 2p) grid; on
@@ -2239,9 +2026,7 @@ def conv_spectral_bound(weight: torch.Tensor, in_hw: tuple[int, int], padding: t
     freq = torch.fft.fft2(weight.detach().double(), s=n).permute(2, 3, 0, 1)  # (H', W', C_out, C_in)
     return gram_spectral_bound(freq, iters).max().item()
 
-
 GELU_SLOPE = 1.1290  # max |d/dx x * Phi(x)|
-
 
 class LipschitzBound:
     """Upper bound of a (MoE-)ResNet18, dual model or Sequential/Linear/Conv stack in norm p
@@ -2351,20 +2136,17 @@ class LipschitzBound:
         self.moe.append({"experts_L": Ls, "M": M, "gate_r": r, "soft_bound": soft, "hard_route_bound": hard})
         return hard if m.k == 1 else soft
 
-
 def lipschitz_bound(model: nn.Module, x: torch.Tensor, norm: str = "l2", iters: int = 12) -> dict:
     """Global upper bound (see LipschitzBound) with the per-MoE-layer terms."""
     lb = LipschitzBound(model, norm, iters).measure(x)
     total = lb()
     return {"bound": total, "moe": lb.moe}
 
-
 def _router_rows(layer: MoE, h: torch.Tensor, norm: str):
     if layer.tokens:
         return h.reshape(-1, h.shape[-1]), 1.0, h.shape[0]
     scale = 1.0 if norm == "linf" else math.sqrt(h.shape[2] * h.shape[3])
     return h.mean(dim=(2, 3)), scale, h.shape[0]
-
 
 def route_stability_radius(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
     """Per row, the smallest perturbation of the layer's input h (in `norm`) that can change
@@ -2392,7 +2174,6 @@ def route_stability_radius(layer: MoE, h: torch.Tensor, norm: str = "linf") -> t
     radius = ratio.masked_fill(~valid, float("inf")).flatten(1).amin(1) * scale  # (N,)
     return radius.view(B, -1).amin(1)
 
-
 def route_flip_direction(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
     """For per-image routing and k = 1: the unit-norm perturbation of h (constant over space)
     that closes the binding logit gap fastest; h + (radius + a bit) * direction flips the route."""
@@ -2413,7 +2194,6 @@ def route_flip_direction(layer: MoE, h: torch.Tensor, norm: str = "linf") -> tor
         u = -d / d.norm(dim=1, keepdim=True) / math.sqrt(h.shape[2] * h.shape[3])
     return u[:, :, None, None].expand_as(h).clone()
 
-
 def moe_inputs(model: nn.Module, x: torch.Tensor) -> dict:
     """{MoE layer: the input it received} for one eval-mode forward of x."""
     inputs = {}
@@ -2426,7 +2206,6 @@ def moe_inputs(model: nn.Module, x: torch.Tensor) -> dict:
         for h in hooks:
             h.remove()
     return inputs
-
 
 def model_route_radius(model: nn.Module, x: torch.Tensor, norm: str = "linf", bound: Optional[LipschitzBound] = None):
     """Radius around each x (in input space, `norm`) inside which no route of any MoE layer
@@ -2444,7 +2223,6 @@ def model_route_radius(model: nn.Module, x: torch.Tensor, norm: str = "linf", bo
         radius = torch.minimum(radius, route_stability_radius(m, inputs[m], norm) / bound.prefix.get(m, 1.0))
     return radius
 
-
 def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "linf") -> dict:
     """Certified radius per example: a right prediction keeps its label within
     min(margin / (2 K), route-stable radius), K the global bound (for a dual model
@@ -2459,7 +2237,6 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "lin
     route = model_route_radius(model, x, norm, lb)
     radius = torch.where(correct, torch.minimum(margin / (2 * K), route), torch.zeros_like(margin))
     return {"radius": radius, "K": K, "lipschitz_radius": margin / (2 * K), "route_radius": route, "correct": correct}
-
 
 def expert_spread(model: nn.Module, x: torch.Tensor) -> list[float]:
     """Per MoE layer, mean over rows of ||f_top1(h) - f_top2(h)|| / ||f_top1(h)||: how different
@@ -2477,7 +2254,6 @@ def expert_spread(model: nn.Module, x: torch.Tensor) -> list[float]:
             a, b = outs[n, rank[:, 0]], outs[n, rank[:, 1]]
             spreads.append(((a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(1e-12)).mean().item())
     return spreads
-
 
 def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
                      local_steps: int = 5, jacobian_iters: int = 15) -> dict:
@@ -2503,11 +2279,9 @@ def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
     rep["median_route_radius"] = cert["route_radius"].median().item()
     return rep
 
-
 # ============================================================================================
-# 9. Benchmark, demo and command line
+# 10. Benchmark, demo and command line
 # ============================================================================================
-
 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
     """Wall-clock seconds of each of `repeats` calls of fn, waiting for the device each time."""
@@ -2521,7 +2295,6 @@ def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> list
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return times
-
 
 def benchmark_moe(device: str = "auto", batch: int = 256, channels: int = 64, size: int = 8,
                   experts: tuple = (1, 2, 4, 8, 16), repeats: int = 10, precision: str = "auto") -> dict:
@@ -2551,9 +2324,7 @@ def benchmark_moe(device: str = "auto", batch: int = 256, channels: int = 64, si
         log(f"MoE layer E={E:2d}: top-1 {results[f'E={E} top-1']:8.1f} us/example | all experts {results[f'E={E} all']:8.1f}")
     return results
 
-
 BENCH_ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
-
 
 def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optional[int] = None) -> dict:
     """Images per second of a training step, standard and PGD-10 AT, for dense ResNet-18,
@@ -2593,7 +2364,6 @@ def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optiona
             del m, model
     return results
 
-
 def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
     """`--benchmark`: training throughput (benchmark_training) and the MoE layer's cost versus E
     (benchmark_moe) on this device; printed and written to OUT/benchmark.json."""
@@ -2614,7 +2384,6 @@ def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
     log(f"-> {Path(out) / 'benchmark.json'}")
     return res
 
-
 def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
     """Standard training vs PGD-AT of a small MoE-ResNet18 on `synthetic`, about a minute on 2 CPU cores."""
     common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4,
@@ -2631,22 +2400,18 @@ def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
         log(f"{method:10s} {r['clean_acc']:6.3f} {r['robust_acc']:7.3f}")
     return results
 
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
         sys.stderr.write(f"error: {message} (see --help)\n")
         sys.exit(2)
 
-
 class _Help(argparse.HelpFormatter):
     """--help shows a default only where there is one worth showing, and only once."""
-
     def _get_help_string(self, action):
         h = action.help or ""
         if "default" in h or any(action.default is v for v in (None, True, False, argparse.SUPPRESS)):
             return h
         return h + " (default: %(default)s)"
-
 
 def _eps(s: str) -> float:
     """'8/255' or '0.031' -> float."""
@@ -2661,7 +2426,6 @@ def _eps(s: str) -> float:
     if not math.isfinite(v):
         raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
     return v
-
 
 def build_parser() -> argparse.ArgumentParser:
     """One --flag per Config field (help, type, default and choices from the field), grouped as
@@ -2695,12 +2459,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     return p
 
-
 def config_from_args(args: argparse.Namespace) -> Config:
     cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
     return cfg
-
 
 def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int]):
     """A checkpoint's model on the CLI's device and the first `test_limit` test examples of its
@@ -2711,7 +2473,6 @@ def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int])
     data_dir = overrides.data_dir if overrides.data_dir != "data" else saved.data_dir
     return rt, model, saved, load_dataset(saved.dataset, data_dir, saved.image_size, saved.seed, None, test_limit)
 
-
 def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str]) -> dict:
     """Test-set report of a saved checkpoint, with the attack and suite settings given on the CLI."""
     rt, model, saved, data = checkpoint_and_data(path, overrides, overrides.test_limit)
@@ -2721,7 +2482,6 @@ def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str]) -> dic
     write_json(dest / "eval.json", result)
     log(format_report(result["test"], path) + f"\n-> {dest / 'eval.json'}")
     return result
-
 
 def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str]) -> dict:
     """lipschitz_report on the first n test examples of a checkpoint's data set; written to
@@ -2742,7 +2502,6 @@ def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str
         + (f" | expert spread {', '.join(f'{v:.3f}' for v in rep.get('expert_spread', []))}") + f" -> {metrics_path}")
     return rep
 
-
 # Which flags each way of running reads; anything else given with it is an error, not silently
 # dropped. Training reads every flag except those of other methods (the `methods` of each field).
 MODE_FLAGS = {
@@ -2754,13 +2513,11 @@ MODE_FLAGS = {
     "resume": {"resume", "out", "device"},  # a resumed run keeps its saved settings (bit-identical)
 }
 
-
 def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set:
     """The dests of the flags present on the command line (a second parse without defaults)."""
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
-
 
 def check_flags(args: argparse.Namespace, given: set) -> None:
     """One way of running at a time, and no flag that it would ignore."""
@@ -2782,10 +2539,8 @@ def check_flags(args: argparse.Namespace, given: set) -> None:
         check(f.name not in given or ok is None or args.method in ok or f_r in ok,
               f"{flag(f.name)} is not read by --method {args.method}; it applies to --method {', '.join(ok or ())}")
 
-
 def _interrupt(signum, frame):  # SIGTERM (how schedulers stop jobs) goes the way of Ctrl-C
     raise KeyboardInterrupt(signum)
-
 
 def interrupted_note(args: argparse.Namespace, cfg: Optional[Config]) -> str:
     """What an interruption left behind, naming the real folder."""
@@ -2796,7 +2551,6 @@ def interrupted_note(args: argparse.Namespace, cfg: Optional[Config]) -> str:
     if any(p.is_file() for p in lasts):
         return f"interrupted; every finished epoch is saved in {out}: continue with --resume --out {out}"
     return f"interrupted before the first epoch finished; nothing to resume in {out}"
-
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -2844,7 +2598,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
