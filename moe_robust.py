@@ -1916,74 +1916,58 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
 # ============================================================================================
 # 9. Lipschitz constants, route stability and certified radii (Puigcerver 2022; dual model)
 # ============================================================================================
-# Three estimates of how fast the logits F can change with the input, in a norm p (linf or
-# l2; the output is measured in the same norm):
+# How fast can the logits F change with the input, in a norm p (linf or l2; output in the same)?
 #   local_lipschitz          max ||F(x') - F(x)|| / ||x' - x|| over an eps-ball by gradient
 #                            ascent: a lower bound on the local constant;
 #   jacobian_spectral_norm   ||J_F(x)||_2 by power iteration with jvp and vjp;
-#   lipschitz_bound          an upper bound: the product of per-layer operator norms (L2:
-#                            convolutions and linear maps by Gram iteration, a provable upper
-#                            bound; L-inf: row sums; BatchNorm in eval as max |gamma / sigma|,
-#                            residual blocks as L_shortcut + L_branch).
+#   lipschitz_bound          an upper bound: the product of per-layer operator norms (L2: Gram
+#                            iteration, a provable upper bound; L-inf: row sums; BatchNorm in
+#                            eval as max |gamma / sigma|; residual blocks L_shortcut + L_branch).
 # For a dense network the bound is global. An MoE layer F = sum_i g_i f_i with L_i-Lipschitz
-# experts, r_i-Lipschitz gates and outputs bounded by M_i is K-Lipschitz with
-# K = sum_i (L_i + M_i r_i) (dual-model paper; soft gates). With hard top-1 routing, inside the
-# region where the route cannot change only the chosen expert and its gate move:
-# K = max_i (L_i + M_i r_i). A hard router is not Lipschitz across route changes (two inputs a
-# hair apart on either side of a switch can differ by the whole gap between two experts), and
-# M_i is measured on the given inputs, so for an MoE the bound is *route-stable*, not global:
-# it holds between points of one route region near the measured inputs, and the report names
-# it `route_stable_{norm}`. A certificate holds only inside the route-stable radius.
+# experts, r_i-Lipschitz gates and outputs bounded by M_i is K-Lipschitz with K = sum_i (L_i +
+# M_i r_i) (dual-model paper; soft gates); with hard top-1 routing, where the route cannot
+# change only the chosen expert and its gate move: K = max_i (L_i + M_i r_i). A hard router is
+# not Lipschitz across route changes (two inputs a hair apart on either side of a switch differ
+# by the gap between two experts), and M_i is measured on the given inputs, so for an MoE the
+# bound is *route-stable*, not global: it holds within one route region near the measured
+# inputs (`route_stable_{norm}` in the report), and a certificate only inside the route-stable
+# radius.
 
 def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
                     steps: int = 20) -> torch.Tensor:
-    """Per-example lower bound on the local Lipschitz constant of x -> logits in the eps-ball,
-    input and output measured in `norm`. linf: for every output j and sign s, sign-gradient
-    ascent on s * (F_j(x + d) - F_j(x)) (the inf-norm of the change is the largest such term);
-    l2: normalised-gradient ascent on ||F(x + d) - F(x)||_2 (power iteration for a linear F).
-    The ratio is taken at every iterate; images are not clipped to [0, 1] (it is a property of
-    the function). Exact for F = Wx + b: max row L1 norm (linf), spectral norm (l2)."""
-    check(norm in NORMS, f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
-    x = x.detach()
-    best = torch.zeros(len(x), device=x.device)
+    """Per-example lower bound on the local Lipschitz constant of x -> logits in the eps-ball, in
+    `norm`. linf: for every output j and sign s, sign-gradient ascent on s * (F_j(x + d) - F_j(x))
+    (the inf-norm of the change is the largest such term); l2: normalised-gradient ascent on
+    ||F(x + d) - F(x)||_2 (power iteration for a linear F). The ratio is taken at every iterate;
+    images are not clipped (a property of the function). Exact for F = Wx + b. (B,)"""
+    x, best = x.detach(), torch.zeros(len(x), device=x.device)
     ratio = lambda out, inp: per_example_norm(out, norm, False) / per_example_norm(inp, norm, False).clamp_min(1e-12)
     with eval_mode(model):
         with torch.no_grad():
             f0 = model(x).float()
-        objectives = [(j, s) for j in range(f0.shape[1]) for s in (1.0, -1.0)] if norm == "linf" else [None]
-        for obj in objectives:
+        for obj in [(j, s) for j in range(f0.shape[1]) for s in (1.0, -1.0)] if norm == "linf" else [None]:
             d = torch.randn_like(x)
             d = eps * d / per_example_norm(d, norm).clamp_min(1e-12)
             for _ in range(steps):
                 d.requires_grad_(True)
                 diff = model(x + d).float() - f0
                 best = torch.maximum(best, ratio(diff, d).detach())
-                target = diff[:, obj[0]] * obj[1] if norm == "linf" else diff.pow(2).sum(1)
-                (g,) = torch.autograd.grad(target.sum(), d)
-                with torch.no_grad():
-                    if norm == "linf":
-                        d = (d + eps * g.sign()).clamp(-eps, eps)
-                    else:  # step to the sphere of radius eps along the gradient
-                        d = eps * g / per_example_norm(g, "l2").clamp_min(1e-12)
+                (g,) = torch.autograd.grad((diff[:, obj[0]] * obj[1] if obj else diff.pow(2).sum(1)).sum(), d)
+                with torch.no_grad():  # linf: a sign step, clipped; l2: to the eps-sphere along the gradient
+                    d = (d + eps * g.sign()).clamp(-eps, eps) if obj else eps * g / per_example_norm(g, "l2").clamp_min(1e-12)
             with torch.no_grad():
-                diff = model(x + d).float() - f0
-                best = torch.maximum(best, ratio(diff, d))
+                best = torch.maximum(best, ratio(model(x + d).float() - f0, d))
     return best
 
 def jacobian_spectral_norm(model: nn.Module, x: torch.Tensor, iters: int = 30) -> torch.Tensor:
-    """||J_F(x)||_2 per example by power iteration on J^T J: J v by forward-mode AD (jvp),
-    J^T u by reverse mode (vjp). Examples are independent in eval mode, so one batched
-    jvp/vjp serves them all. Returns (B,)."""
+    """||J_F(x)||_2 per example by power iteration on J^T J: J v by forward-mode AD (jvp), J^T u
+    by reverse mode (vjp); examples are independent in eval mode, so one batched pass serves all. (B,)"""
     import warnings
-
     import torch.autograd.forward_ad as fwAD
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
     x = x.detach()
-    view = lambda t: t.view(-1, *([1] * (x.dim() - 1)))
-    v = torch.randn_like(x)
-    v = v / view(v.flatten(1).norm(dim=1))
-    sigma = torch.zeros(len(x), device=x.device)
+    unit = lambda t: t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+    v, sigma = unit(torch.randn_like(x)), torch.zeros(len(x), device=x.device)
     with eval_mode(model), sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():
         # MATH: the fused attention kernels have no jvp; torch's jvp decompositions warn about torch.jit
         warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
@@ -1993,51 +1977,48 @@ def jacobian_spectral_norm(model: nn.Module, x: torch.Tensor, iters: int = 30) -
             with fwAD.dual_level():
                 jv = fwAD.unpack_dual(model(fwAD.make_dual(x, v))).tangent.float()  # (B, classes)
             sigma = jv.norm(dim=1)
-            (w,) = torch.autograd.grad(out, xr, jv, retain_graph=True)  # J^T J v
-            v = w / view(w.flatten(1).norm(dim=1).clamp_min(1e-12))
+            v = unit(torch.autograd.grad(out, xr, jv, retain_graph=True)[0])  # J^T J v, normalised
     return sigma.detach()
 
 def gram_spectral_bound(K: torch.Tensor, iters: int = 10) -> torch.Tensor:
-    """Upper bounds on the spectral norms of a batch of matrices K (..., m, n), real or complex,
-    by Gram iteration (Delattre et al. 2023): with G_0 = K, G_{t+1} = G_t^H G_t, the spectral
-    norm of G_t is ||K||_2^(2^t) <= ||G_t||_F, so ||K||_2 <= ||G_t||_F^(1 / 2^t) for every t,
-    and the bound tightens to ||K||_2 geometrically. Each G_t is rescaled by its Frobenius norm
-    (tracked in log space) so that nothing overflows; float64 throughout. Power iteration, in
-    contrast, approaches ||K||_2 from below and is no bound."""
+    """Upper bounds on the spectral norms of a batch of matrices K (..., m, n), real or complex, by
+    Gram iteration (Delattre et al. 2023): with G_0 = K, G_{t+1} = G_t^H G_t, ||G_t||_2 =
+    ||K||_2^(2^t) <= ||G_t||_F, so ||K||_2 <= ||G_t||_F^(1 / 2^t) for every t, tightening
+    geometrically. Each G_t is rescaled by its Frobenius norm (tracked in log space), float64.
+    Power iteration, in contrast, approaches ||K||_2 from below and is no bound."""
     G = K.to(torch.complex128 if K.is_complex() else torch.float64)
     log_scale = torch.zeros(G.shape[:-2], dtype=torch.float64, device=G.device)
     for _ in range(iters):
         f = torch.linalg.matrix_norm(G, "fro").clamp_min(1e-300)
-        G = G / f[..., None, None]
-        log_scale = 2 * (log_scale + f.log())
+        G, log_scale = G / f[..., None, None], 2 * (log_scale + f.log())
         G = G.mH @ G
     return ((torch.linalg.matrix_norm(G, "fro").clamp_min(1e-300).log() + log_scale) / 2.0 ** iters).exp()
 
 def conv_spectral_bound(weight: torch.Tensor, in_hw: tuple[int, int], padding: tuple[int, int], iters: int = 10) -> float:
     """A provable upper bound on the L2 operator norm of a (strided, zero-padded) convolution on
-    (C, H, W) inputs. Padding embeds the input isometrically in an (H + 2p) x (W + 2p) grid; on
-    that grid the convolution is a crop of the circular convolution, and the stride keeps a
-    subset of its outputs: neither increases the norm. The circular convolution is block-
-    diagonalised by the 2-D DFT (Sedghi et al. 2019): its norm is the largest spectral norm of
-    the per-frequency (C_out x C_in) matrices of the kernel's DFT, each bounded by Gram iteration."""
-    n = (in_hw[0] + 2 * padding[0], in_hw[1] + 2 * padding[1])
-    k = weight.shape[-2:]
-    n = (max(n[0], k[0]), max(n[1], k[1]))
+    (C, H, W) inputs. Padding embeds the input isometrically in an (H + 2p) x (W + 2p) grid, where
+    the convolution is a crop of the circular one, and the stride keeps a subset of its outputs:
+    neither increases the norm. The 2-D DFT block-diagonalises the circular convolution (Sedghi et
+    al. 2019): its norm is the largest spectral norm of the per-frequency C_out x C_in matrices."""
+    n = [max(s + 2 * p, k) for s, p, k in zip(in_hw, padding, weight.shape[-2:])]
     freq = torch.fft.fft2(weight.detach().double(), s=n).permute(2, 3, 0, 1)  # (H', W', C_out, C_in)
     return gram_spectral_bound(freq, iters).max().item()
 
 GELU_SLOPE = 1.1290  # max |d/dx x * Phi(x)|
 
+def operator_norm(W: torch.Tensor, norm: str, iters: int = 12) -> float:
+    """||W|| of a matrix: inf -> inf is the largest row L1 norm; L2 a Gram-iteration bound."""
+    return W.abs().sum(1).max().item() if norm == "linf" else gram_spectral_bound(W.detach(), iters).item()
+
 class LipschitzBound:
-    """Upper bound of a (MoE-)ResNet18, dual model or Sequential/Linear/Conv stack in norm p
-    (linf: inf -> inf operator norms; l2: spectral norms, each a provable upper bound by Gram
-    iteration). Global for a dense model; route-stable with MoE layers (see the section's
-    comment). Call `measure(x)` first:
-    it records each module's input shape and, for MoE layers, M_i = max ||f_i(h)|| over the
-    given inputs (an empirical bound, valid around those inputs up to L_i times the radius)."""
+    """Upper bound of a (MoE-)ResNet18, dual model or Sequential/Linear/Conv stack in norm p.
+    Global for a dense model; route-stable with MoE layers (see the section's comment). Call
+    `measure(x)` first: it records each module's input shape and, for MoE layers, M_i = max
+    ||f_i(h)|| over the given inputs (valid around them up to L_i times the radius). Calling the
+    object returns the bound and fills `moe` (per-MoE-layer terms) and `prefix` (the bound of the
+    map from the model input to each MoE layer's input)."""
 
     def __init__(self, model: nn.Module, norm: str = "l2", iters: int = 12):
-        check(norm in NORMS, f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
         check(not any(isinstance(m, Attention) for m in model.modules()),
               "no global Lipschitz bound for moe-vit: dot-product self-attention is not globally Lipschitz (Kim et al. 2021)")
         self.model, self.norm, self.iters = model, norm, iters
@@ -2045,16 +2026,12 @@ class LipschitzBound:
 
     @torch.no_grad()
     def measure(self, x: torch.Tensor) -> "LipschitzBound":
-        hooks = []
-
         def hook(m, inp, out):
             self.shapes[m] = tuple(inp[0].shape[1:])
             if isinstance(m, MoE):
-                h = inp[0]
-                M = [per_example_norm(e(h), self.norm, keepdim=False).max().item() for e in m.experts]
+                M = [per_example_norm(e(inp[0]), self.norm, keepdim=False).max().item() for e in m.experts]
                 self.M[m] = [max(a, b) for a, b in zip(self.M.get(m, M), M)]
-        for m in self.model.modules():
-            hooks.append(m.register_forward_hook(hook))
+        hooks = [m.register_forward_hook(hook) for m in self.model.modules()]
         with eval_mode(self.model):
             self.model(x)
         for h in hooks:
@@ -2062,22 +2039,19 @@ class LipschitzBound:
         return self
 
     def __call__(self) -> float:
-        """The bound of the whole model; also fills self.moe (per-MoE-layer terms) and
-        self.prefix (bound of the map from the model input to each MoE layer's input)."""
         check(len(self.shapes) > 0, "call LipschitzBound.measure(x) first")
         self.moe = []
         return self.bound(self.model, 1.0)
 
     def bound(self, m: nn.Module, before: float) -> float:
         """Bound of module m; `before` is the bound of everything up to m's input."""
-        p = self.norm
         if isinstance(m, DualModel):
             check(m.mix == "logits", "the Lipschitz bound of a dual model holds for --dual-mix logits only")
             return (1 - m.a) * self.bound(m.standard, before) + m.a * self.bound(m.robust, before)
         if isinstance(m, ResNet18):
             L = self.chain([m.normalize, m.stem, m.layer1, m.layer2, m.layer3, m.layer4], before)
-            hw = self.out_hw(m.layer4)
-            pool = 1.0 if p == "linf" else 1.0 / math.sqrt(hw)
+            _, H, W = self.shapes[m.layer4[-1]]  # the last block keeps its input's spatial size
+            pool = 1.0 if self.norm == "linf" else 1.0 / math.sqrt(H * W)  # the average pool
             return L * pool * self.bound(m.fc, before * L * pool)
         if isinstance(m, nn.Sequential):
             return self.chain(list(m), before)
@@ -2088,20 +2062,16 @@ class LipschitzBound:
         if isinstance(m, Normalize):
             return (1 / m.std).max().item()
         if isinstance(m, nn.Linear):
-            W = m.weight.detach()
-            return W.abs().sum(1).max().item() if p == "linf" else gram_spectral_bound(W, self.iters).item()
+            return operator_norm(m.weight, self.norm, self.iters)
         if isinstance(m, nn.Conv2d):
-            W = m.weight.detach()
             check(m.groups == 1 and m.dilation == (1, 1), "the Lipschitz bound handles plain convolutions only")
-            if p == "linf":
-                return W.abs().sum(dim=(1, 2, 3)).max().item()
-            return conv_spectral_bound(W, self.shapes[m][1:], m.padding, self.iters)
+            if self.norm == "linf":
+                return m.weight.detach().abs().sum(dim=(1, 2, 3)).max().item()
+            return conv_spectral_bound(m.weight, self.shapes[m][1:], m.padding, self.iters)
         if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             return (m.weight.detach().abs() / torch.sqrt(m.running_var + m.eps)).max().item()
-        if isinstance(m, (nn.ReLU, nn.Identity, nn.Flatten, nn.Dropout)):
-            return 1.0
-        if isinstance(m, nn.GELU):
-            return GELU_SLOPE
+        if isinstance(m, (nn.ReLU, nn.Identity, nn.Flatten, nn.Dropout, nn.GELU)):
+            return GELU_SLOPE if isinstance(m, nn.GELU) else 1.0
         raise UserError(f"no Lipschitz bound for layer type {type(m).__name__}")
 
     def chain(self, modules: list, before: float) -> float:
@@ -2110,88 +2080,63 @@ class LipschitzBound:
             L *= self.bound(sub, before * L)
         return L
 
-    def out_hw(self, m: nn.Module) -> int:
-        """Spatial size H*W of m's output, from the shape recorded at its last block's input."""
-        last = list(m.modules())[-1]
-        for sub in m.modules():
-            if isinstance(sub, BasicBlock):
-                last = sub
-        C, H, W = self.shapes[last]
-        return H * W  # the last block of a stage keeps the spatial size of its input
-
     def moe_bound(self, m: MoE, before: float) -> float:
-        """Soft-gate bound sum_i (L_i + M_i r_i) and hard-route bound max_i (L_i + M_i r_i).
-        r_i: the gate g_i = softmax(W pool(h))_i has |dg_i| <= 1/2 ||dr|| (a row of the
-        softmax Jacobian has norm <= 1/2), so r_i <= ||W|| / 2 (l2: times 1 / sqrt(HW) for the pool)."""
+        """Soft-gate bound sum_i (L_i + M_i r_i) and hard-route bound max_i (L_i + M_i r_i). r_i: the
+        gate g_i = softmax(W pool(h))_i has |dg_i| <= 1/2 ||dr|| (a row of the softmax Jacobian has
+        norm <= 1/2), so r_i <= ||W|| / 2 (l2: times 1 / sqrt(HW) for the pool)."""
         self.prefix[m] = before
         Ls = [self.bound(e, before) for e in m.experts]
-        W = m.router.weight.detach()
-        Wn = W.abs().sum(1).max().item() if self.norm == "linf" else gram_spectral_bound(W, self.iters).item()
-        shape = self.shapes[m]
-        pool = 1.0 if (self.norm == "linf" or m.tokens) else 1.0 / math.sqrt(shape[1] * shape[2])
-        r = 0.5 * Wn * pool
+        pool = 1.0 if (self.norm == "linf" or m.tokens) else 1.0 / math.sqrt(self.shapes[m][1] * self.shapes[m][2])
+        r = 0.5 * operator_norm(m.router.weight, self.norm, self.iters) * pool
         M = self.M.get(m, [float("inf")] * m.num_experts)
         terms = [L + Mi * r for L, Mi in zip(Ls, M)]
-        soft, hard = sum(terms), max(terms)
-        self.moe.append({"experts_L": Ls, "M": M, "gate_r": r, "soft_bound": soft, "hard_route_bound": hard})
-        return hard if m.k == 1 else soft
+        self.moe.append({"experts_L": Ls, "M": M, "gate_r": r, "soft_bound": sum(terms), "hard_route_bound": max(terms)})
+        return max(terms) if m.k == 1 else sum(terms)
 
 def lipschitz_bound(model: nn.Module, x: torch.Tensor, norm: str = "l2", iters: int = 12) -> dict:
-    """Global upper bound (see LipschitzBound) with the per-MoE-layer terms."""
+    """The upper bound of LipschitzBound measured on x, with the per-MoE-layer terms."""
     lb = LipschitzBound(model, norm, iters).measure(x)
-    total = lb()
-    return {"bound": total, "moe": lb.moe}
+    return {"bound": lb(), "moe": lb.moe}
 
-def _router_rows(layer: MoE, h: torch.Tensor, norm: str):
+def router_rows(layer: MoE, h: torch.Tensor, norm: str):
+    """What the layer's router sees of h: (rows (N, D), input-norm scale of the pooling, B)."""
     if layer.tokens:
         return h.reshape(-1, h.shape[-1]), 1.0, h.shape[0]
-    scale = 1.0 if norm == "linf" else math.sqrt(h.shape[2] * h.shape[3])
-    return h.mean(dim=(2, 3)), scale, h.shape[0]
+    return h.mean(dim=(2, 3)), 1.0 if norm == "linf" else math.sqrt(h.shape[2] * h.shape[3]), h.shape[0]
 
 def route_stability_radius(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
-    """Per row, the smallest perturbation of the layer's input h (in `norm`) that can change
-    the set of top-k experts. The router is linear on the pooled input (per image) or on the
-    token: a kept expert i is overtaken by a dropped j when the logit gap r_i - r_j, which
-    moves at most ||w_i - w_j||_* per unit of input (dual norm: L1 for linf, L2 for l2), is
-    closed. Exact for the layer: radius = min_{i kept, j dropped} (r_i - r_j) / ||w_i - w_j||_*,
-    times sqrt(HW) in l2 for pooling (a constant-over-space perturbation is the worst case).
-    h: (B, C, H, W) or (B, T, D) -> (B,) per image (min over its tokens) ."""
-    rows, scale, B = _router_rows(layer, h, norm)
+    """Per image, the smallest perturbation of the layer's input h (in `norm`) that can change its
+    set of top-k experts. The router is linear in the pooled input (or the token): a kept expert i
+    is overtaken by a dropped j when the gap r_i - r_j, which moves at most ||w_i - w_j||_* per
+    unit of input (dual norm: L1 for linf, L2 for l2), closes. Exact for the layer: min over i
+    kept, j dropped of (r_i - r_j) / ||w_i - w_j||_*, times sqrt(HW) in l2 for the pooling (a
+    constant-over-space perturbation is the worst case). h: (B, C, H, W) or (B, T, D) -> (B,)"""
+    rows, scale, B = router_rows(layer, h, norm)
     W, b = layer.router.weight.detach().float(), layer.router.bias.detach().float()
-    logits = rows.float() @ W.T + b  # (N, E)
-    E, k = layer.num_experts, layer.k
-    if k == E:
+    logits, E = rows.float() @ W.T + b, layer.num_experts  # (N, E)
+    if layer.k == E:
         return torch.full((B,), float("inf"), device=h.device)
-    kept = logits.topk(k, dim=1).indices  # (N, K)
-    dropped = torch.ones_like(logits, dtype=torch.bool).scatter(1, kept, False)
+    kept = logits.topk(layer.k, dim=1).indices  # (N, K)
     diff_w = W[:, None, :] - W[None, :, :]  # (E, E, D)
     dual = diff_w.abs().sum(-1) if norm == "linf" else diff_w.norm(dim=-1)  # (E, E)
-    gap = logits[:, :, None] - logits[:, None, :]  # (N, E, E): r_i - r_j
-    ratio = gap / dual.clamp_min(1e-12)
-    valid = torch.zeros_like(gap, dtype=torch.bool)
-    valid.scatter_(1, kept[:, :, None].expand(-1, -1, E), True)
-    valid &= dropped[:, None, :]
-    radius = ratio.masked_fill(~valid, float("inf")).flatten(1).amin(1) * scale  # (N,)
-    return radius.view(B, -1).amin(1)
+    ratio = (logits[:, :, None] - logits[:, None, :]) / dual.clamp_min(1e-12)  # (N, E, E): (r_i - r_j) / ||.||_*
+    valid = torch.zeros_like(ratio, dtype=torch.bool).scatter_(1, kept[:, :, None].expand(-1, -1, E), True)
+    valid &= torch.ones_like(logits, dtype=torch.bool).scatter(1, kept, False)[:, None, :]  # i kept, j dropped
+    return (ratio.masked_fill(~valid, float("inf")).flatten(1).amin(1) * scale).view(B, -1).amin(1)
 
 def route_flip_direction(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
-    """For per-image routing and k = 1: the unit-norm perturbation of h (constant over space)
-    that closes the binding logit gap fastest; h + (radius + a bit) * direction flips the route."""
+    """For per-image top-1 routing: the unit perturbation of h (constant over space) that closes
+    the binding logit gap fastest; h + (radius + a bit) * direction flips the route."""
     check(not layer.tokens and layer.k == 1, "route_flip_direction is for per-image top-1 routing")
-    rows, _, B = _router_rows(layer, h, norm)
+    rows, _, B = router_rows(layer, h, norm)
     W, b = layer.router.weight.detach().float(), layer.router.bias.detach().float()
     logits = rows.float() @ W.T + b
     i = logits.argmax(1)  # (B,)
     diff = W[i][:, None, :] - W[None, :, :]  # (B, E, D): w_i - w_j
     dual = diff.abs().sum(-1) if norm == "linf" else diff.norm(dim=-1)
-    gap = logits.gather(1, i[:, None]) - logits
-    ratio = (gap / dual.clamp_min(1e-12)).scatter(1, i[:, None], float("inf"))
-    j = ratio.argmin(1)
-    d = diff[torch.arange(B), j]  # (B, D)
-    if norm == "linf":
-        u = -d.sign()
-    else:
-        u = -d / d.norm(dim=1, keepdim=True) / math.sqrt(h.shape[2] * h.shape[3])
+    ratio = ((logits.gather(1, i[:, None]) - logits) / dual.clamp_min(1e-12)).scatter(1, i[:, None], float("inf"))
+    d = diff[torch.arange(B), ratio.argmin(1)]  # (B, D)
+    u = -d.sign() if norm == "linf" else -d / d.norm(dim=1, keepdim=True) / math.sqrt(h.shape[2] * h.shape[3])
     return u[:, :, None, None].expand_as(h).clone()
 
 def moe_inputs(model: nn.Module, x: torch.Tensor) -> dict:
@@ -2208,51 +2153,42 @@ def moe_inputs(model: nn.Module, x: torch.Tensor) -> dict:
     return inputs
 
 def model_route_radius(model: nn.Module, x: torch.Tensor, norm: str = "linf", bound: Optional[LipschitzBound] = None):
-    """Radius around each x (in input space, `norm`) inside which no route of any MoE layer
-    can change: min over layers of (layer-input radius) / (bound of the map x -> layer input).
-    Exact for an MoE layer that sees the input directly; a bound otherwise. (B,)"""
-    layers = moe_layers(model)
-    if not layers:
-        return torch.full((len(x),), float("inf"), device=x.device)
+    """Radius around each x (input space, `norm`) inside which no route of any MoE layer can
+    change: min over layers of (layer-input radius) / (bound of the map x -> layer input). Exact
+    for an MoE layer that sees the input directly; a bound otherwise. (B,)"""
+    radius = torch.full((len(x),), float("inf"), device=x.device)
+    if not moe_layers(model):
+        return radius
     if bound is None:
         bound = LipschitzBound(model, norm).measure(x)
         bound()
-    inputs = moe_inputs(model, x)
-    radius = torch.full((len(x),), float("inf"), device=x.device)
-    for m in layers:
-        radius = torch.minimum(radius, route_stability_radius(m, inputs[m], norm) / bound.prefix.get(m, 1.0))
+    for m, h in moe_inputs(model, x).items():
+        radius = torch.minimum(radius, route_stability_radius(m, h, norm) / bound.prefix.get(m, 1.0))
     return radius
 
 def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "linf") -> dict:
-    """Certified radius per example: a right prediction keeps its label within
-    min(margin / (2 K), route-stable radius), K the global bound (for a dual model
-    K_D = (1 - a) K_S + a K_R), since each logit moves by at most K ||d||. 0 if wrong."""
+    """Certified radius per example: a right prediction keeps its label within min(margin / (2 K),
+    route-stable radius), K the bound (dual model: K_D = (1 - a) K_S + a K_R), since each logit
+    moves by at most K ||d||; 0 if wrong. (margin: top-1 minus top-2 logit.)"""
     lb = LipschitzBound(model, norm).measure(x)
     K = lb()
     with torch.no_grad(), eval_mode(model):
-        out = model(x).float()
-    top2 = out.topk(2, dim=1)
-    correct = top2.indices[:, 0] == y
-    margin = top2.values[:, 0] - top2.values[:, 1]
+        top2 = model(x).float().topk(2, dim=1)
+    correct, gap = top2.indices[:, 0] == y, top2.values[:, 0] - top2.values[:, 1]
     route = model_route_radius(model, x, norm, lb)
-    radius = torch.where(correct, torch.minimum(margin / (2 * K), route), torch.zeros_like(margin))
-    return {"radius": radius, "K": K, "lipschitz_radius": margin / (2 * K), "route_radius": route, "correct": correct}
+    radius = torch.where(correct, torch.minimum(gap / (2 * K), route), torch.zeros_like(gap))
+    return {"radius": radius, "K": K, "lipschitz_radius": gap / (2 * K), "route_radius": route, "correct": correct}
 
 def expert_spread(model: nn.Module, x: torch.Tensor) -> list[float]:
     """Per MoE layer, mean over rows of ||f_top1(h) - f_top2(h)|| / ||f_top1(h)||: how different
     the two top-weighted experts' outputs are (Puigcerver 2022: large spread hurts robustness)."""
-    spreads = []
-    inputs = moe_inputs(model, x)  # also leaves each layer's routing of x in m.routing
+    spreads, inputs = [], moe_inputs(model, x)  # also leaves each layer's routing of x in m.routing
     with torch.no_grad(), eval_mode(model):
-        for m in moe_layers(model):
-            if m.num_experts < 2:
-                continue
+        for m in (m for m in moe_layers(model) if m.num_experts >= 2):
             rows = inputs[m].reshape(-1, inputs[m].shape[-1]) if m.tokens else inputs[m]
-            rank = m.routing.ranking
-            outs = torch.stack([e(rows) for e in m.experts], 1)  # (N, E, ...)
-            n = torch.arange(len(rows))
-            a, b = outs[n, rank[:, 0]], outs[n, rank[:, 1]]
-            spreads.append(((a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(1e-12)).mean().item())
+            outs, n, rank = torch.stack([e(rows) for e in m.experts], 1), torch.arange(len(rows)), m.routing.ranking
+            a, b = outs[n, rank[:, 0]].flatten(1), outs[n, rank[:, 1]].flatten(1)  # (N, E, ...) -> top-1, top-2
+            spreads.append(((a - b).norm(dim=1) / a.norm(dim=1).clamp_min(1e-12)).mean().item())
     return spreads
 
 def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
@@ -2274,9 +2210,8 @@ def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
             rep[f"moe_{p}"] = b["moe"]
     rep["expert_spread"] = expert_spread(model, x)
     cert = certify(model, x, y, norm)
-    rep["certified_acc"] = (cert["radius"] >= eps).float().mean().item()
-    rep["median_certified_radius"] = cert["radius"].median().item()
-    rep["median_route_radius"] = cert["route_radius"].median().item()
+    rep.update(certified_acc=(cert["radius"] >= eps).float().mean().item(), median_certified_radius=cert["radius"].median().item(),
+               median_route_radius=cert["route_radius"].median().item())
     return rep
 
 # ============================================================================================
