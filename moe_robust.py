@@ -2218,43 +2218,34 @@ def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
 # 10. Benchmark, demo and command line
 # ============================================================================================
 
-def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> list[float]:
-    """Wall-clock seconds of each of `repeats` calls of fn, waiting for the device each time."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return times
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of one call of fn, waiting for the device before and after."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
 
 def benchmark_moe(device: str = "auto", batch: int = 256, channels: int = 64, size: int = 8,
                   experts: tuple = (1, 2, 4, 8, 16), repeats: int = 10, precision: str = "auto") -> dict:
-    """The MoE layer's cost versus E at fixed k = 1: forward + backward time per example of
-    one MoE of conv residual branches on (B, C, 8, 8) maps, sparse top-1 against running all
-    E experts (soft routing), best of `repeats`. Sparse dispatch should keep the top-1 cost
-    flat in E (each example still runs one expert) while all-experts grows linearly.
-    -> {"E=4 top-1": us/example, "E=4 all": us/example, ...}"""
+    """The MoE layer's cost versus E at k = 1: forward + backward time per example of an MoE of
+    conv residual branches on (B, C, 8, 8) maps, sparse top-1 against all E experts (soft
+    routing), best of `repeats`. Sparse dispatch keeps top-1 flat in E; all-experts grows
+    linearly. -> {"E=4 top-1": us/example, "E=4 all": us/example, ...}"""
     rt = make_runtime(device, precision)
     x = torch.rand(batch, channels, size, size, device=rt.device)
-    if rt.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    results = {}
+    x, results = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x, {}
     for E in experts:
         torch.manual_seed(0)
         layer = rt.prepare(MoE([residual_branch(channels, channels, channels, 1) for _ in range(E)], channels, k=1))
-        for name, soft in ((f"E={E} top-1", False), (f"E={E} all", True)):
-            layer.soft = soft
-
+        for name, ctx in ((f"E={E} top-1", contextlib.nullcontext), (f"E={E} all", lambda: soft_routing(layer))):
             def fwd_bwd():
-                with rt.autocast():
+                with rt.autocast(), ctx():
                     out = layer(x)
                 out.float().square().mean().backward()
             fwd_bwd()  # warm-up
-            results[name] = round(min(_timed(fwd_bwd, rt.device, repeats)) / batch * 1e6, 2)
+            results[name] = round(min(timed(fwd_bwd, rt.device) for _ in range(repeats)) / batch * 1e6, 2)
             layer.zero_grad(set_to_none=True)
         log(f"MoE layer E={E:2d}: top-1 {results[f'E={E} top-1']:8.1f} us/example | all experts {results[f'E={E} all']:8.1f}")
     return results
@@ -2262,74 +2253,64 @@ def benchmark_moe(device: str = "auto", batch: int = 256, channels: int = 64, si
 BENCH_ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
 
 def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optional[int] = None) -> dict:
-    """Images per second of a training step, standard and PGD-10 AT, for dense ResNet-18,
-    MoE-ResNet18 (E = 4, k = 1, MoE in --moe-blocks) and MoE-ViT (E = 4, k = 1), at cfg's
-    width, batch size, device, precision and --compile, on random CIFAR-10-shaped uint8 data
-    kept on the device and fed through the real loop (batches + augment + Method.step).
-    -> {arch: {"standard": img/s, "at": img/s, "at_step_s": seconds, ...}}"""
+    """Images per second of a training step, standard and PGD-10 AT, for ResNet-18, MoE-ResNet18
+    and MoE-ViT (E = 4, k = 1) at cfg's width, batch size, device, precision and --compile, on
+    random CIFAR-10-shaped uint8 data on the device fed through the real loop (batches + augment
+    + Method.step). -> {arch: {"standard": img/s, "at": img/s, "at_step_s": seconds, ...}}"""
     rt = make_runtime(cfg.device, cfg.precision)
-    on_cuda = rt.device.type == "cuda"
-    iters = iters or (20 if on_cuda else 2)
-    warmup = warmup or ((10 if cfg.compile else 3) if on_cuda else (3 if cfg.compile else 1))  # compiling happens here
-    B, n = cfg.batch_size, cfg.batch_size * (iters + warmup)
-    gen = torch.Generator().manual_seed(0)
+    cuda = rt.device.type == "cuda"
+    iters = iters or (20 if cuda else 2)
+    warmup = warmup or ((10 if cfg.compile else 3) if cuda else (3 if cfg.compile else 1))  # compiling happens here
+    B, n, gen = cfg.batch_size, cfg.batch_size * (iters + warmup), torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen).to(rt.device)
     y = torch.randint(0, 10, (n,), generator=gen).to(rt.device)
-    results = {}
-    for arch in BENCH_ARCHS:
-        results[arch] = {}
-        for method in ("standard", "at"):
-            c = dataclasses.replace(cfg, method=method, arch=arch, experts=4, top_k=1, train_steps=10)
-            seed_everything(0)
-            model = rt.prepare(build_model(model_config(c, 10, 32)))
-            if cfg.compile:
-                compile_model(model)
-            m = METHOD_CLASSES[method](model, c, total_steps=10 ** 6)
-            data = batches(x, y, B, rt.device, shuffle=True, train_augment=True)
-            for _ in range(warmup):
-                m.step(*next(data))
-            if on_cuda:
-                torch.cuda.reset_peak_memory_stats()
-            seconds = sum(_timed(lambda: m.step(*next(data)), rt.device, iters))
-            results[arch][method] = round(B * iters / seconds, 1)
-            results[arch][f"{method}_step_s"] = round(seconds / iters, 4)
-            if on_cuda:
-                results[arch][f"{method}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-            log(f"{arch:13s} {method:8s} {results[arch][method]:9.1f} img/s  ({seconds / iters * 1e3:.1f} ms/step, batch {B})")
-            del m, model
+    results = {arch: {} for arch in BENCH_ARCHS}
+    for arch, method in [(a, m) for a in BENCH_ARCHS for m in ("standard", "at")]:
+        c = dataclasses.replace(cfg, method=method, arch=arch, experts=4, top_k=1, train_steps=10)
+        seed_everything(0)
+        model = rt.prepare(build_model(model_config(c, 10, 32)))
+        step = METHOD_CLASSES[method](compile_model(model) if cfg.compile else model, c, total_steps=10 ** 6).step
+        data = batches(x, y, B, rt.device, shuffle=True, train_augment=True)
+        for _ in range(warmup):
+            step(*next(data))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        seconds = sum(timed(lambda: step(*next(data)), rt.device) for _ in range(iters))
+        r = results[arch]
+        r[method], r[f"{method}_step_s"] = round(B * iters / seconds, 1), round(seconds / iters, 4)
+        if cuda:
+            r[f"{method}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        log(f"{arch:13s} {method:8s} {r[method]:9.1f} img/s  ({seconds / iters * 1e3:.1f} ms/step, batch {B})")
     return results
 
 def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
-    """`--benchmark`: training throughput (benchmark_training) and the MoE layer's cost versus E
-    (benchmark_moe) on this device; printed and written to OUT/benchmark.json."""
+    """`--benchmark`: training throughput and the MoE layer's cost versus E on this device;
+    printed and written to OUT/benchmark.json."""
     writable_folder(out)
     rt = make_runtime(cfg.device, cfg.precision)
     name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    log(f"benchmark on {name} | torch {torch.__version__} | precision {rt.amp_dtype or torch.float32} | "
-        f"channels_last {rt.channels_last} | compile {cfg.compile} | width {cfg.width} | batch {cfg.batch_size}")
-    steps = benchmark_training(cfg)
-    ratio = {m: round(steps["moe-resnet18"][m] / steps["resnet18"][m], 3) for m in ("standard", "at")}
-    log(f"MoE-ResNet18 / ResNet-18 throughput: standard {ratio['standard']:.2f}, PGD-10 AT {ratio['at']:.2f}")
-    layer = benchmark_moe(cfg.device, precision=cfg.precision)
     res = {"device": name, "torch": torch.__version__, "precision": str(rt.amp_dtype or torch.float32),
-           "channels_last": rt.channels_last, "compile": cfg.compile, "width": cfg.width, "batch_size": cfg.batch_size,
-           "train_images_per_s": steps, "moe_over_dense": ratio, "moe_layer_us_per_example": layer,
-           "moe_layer_shape": "batch 256, 64 channels, 8x8 maps, forward + backward"}
+           "channels_last": rt.channels_last, "compile": cfg.compile, "width": cfg.width, "batch_size": cfg.batch_size}
+    log("benchmark: " + " | ".join(f"{k} {v}" for k, v in res.items()))
+    res["train_images_per_s"] = steps = benchmark_training(cfg)
+    res["moe_over_dense"] = ratio = {m: round(steps["moe-resnet18"][m] / steps["resnet18"][m], 3) for m in ("standard", "at")}
+    log(f"MoE-ResNet18 / ResNet-18 throughput: standard {ratio['standard']:.2f}, PGD-10 AT {ratio['at']:.2f}")
+    res["moe_layer_us_per_example"] = benchmark_moe(cfg.device, precision=cfg.precision)
+    res["moe_layer_shape"] = "batch 256, 64 channels, 8x8 maps, forward + backward"
     write_json(Path(out) / "benchmark.json", res)
     log(f"-> {Path(out) / 'benchmark.json'}")
     return res
 
 def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
     """Standard training vs PGD-AT of a small MoE-ResNet18 on `synthetic`, about a minute on 2 CPU cores."""
-    common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4,
-                  batch_size=64, lr=0.05, train_limit=2400, test_limit=500, train_steps=5, val_steps=5,
-                  eval_steps=10, eval_suite="pgd", device=device)
+    common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4, batch_size=64,
+                  lr=0.05, train_limit=2400, test_limit=500, train_steps=5, val_steps=5, eval_steps=10, eval_suite="pgd",
+                  device=device)
     writable_folder(out)
     results = {}
     for method in ("standard", "at"):
         log(f"\n== demo: {method} ==")
-        m = train(Config(method=method, out=f"{out}/{method}", **common), overwrite=True)
-        results[method] = m["test"]
+        results[method] = train(Config(method=method, out=f"{out}/{method}", **common), overwrite=True)["test"]
     log(f"\n{'method':10s} {'clean':>6s} {'robust':>7s}   ({results['at']['attack']}, synthetic test set)")
     for method, r in results.items():
         log(f"{method:10s} {r['clean_acc']:6.3f} {r['robust_acc']:7.3f}")
@@ -2351,11 +2332,8 @@ class _Help(argparse.HelpFormatter):
 def _eps(s: str) -> float:
     """'8/255' or '0.031' -> float."""
     try:
-        if "/" in s:
-            a, b = s.split("/")
-            v = float(a) / float(b)
-        else:
-            v = float(s)
+        a, _, b = s.partition("/")
+        v = float(a) / float(b) if b else float(s)
     except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"{s!r} is not a number or a fraction like 8/255") from None
     if not math.isfinite(v):
