@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import operator
 import os
 import pickle
 import signal
@@ -135,16 +136,17 @@ class Config:
     val_steps: int = opt(10, "PGD steps on the validation split each epoch", ge=0)
     eval_steps: int = opt(20, "PGD steps of the final test evaluation", ge=0)
     eval_restarts: int = opt(1, "PGD restarts of the final test evaluation", ge=1)
-    eval_suite: str = opt("full", "autoattack: APGD-CE, APGD-T, Square, each on the points still robust; full: PGD, "
-                                  "the same and soft-router PGD, plus masking probes, RA-E, RA-R, per-expert and routing "
-                                  "statistics; pgd: PGD only", EVAL_SUITES)
+    eval_suite: str = opt("full", "autoattack: APGD-CE, APGD-T, Square, each on the points still robust; full: "
+                                  "PGD, the same and soft-router PGD, plus masking probes, RA-E, RA-R, per-expert and "
+                                  "routing statistics; pgd: PGD only", EVAL_SUITES)
     apgd_steps: int = opt(100, "APGD-CE and APGD-T iterations (AutoAttack: 100)", ge=1)
     apgd_targets: int = opt(9, "APGD-T target classes (AutoAttack: 9)", ge=1)
     square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1)
     router_lr: Optional[float] = opt(None, "router learning rate (default --lr)", ge=0,
                                      group="advmoe (router-expert alternating training)", methods=("advmoe",))
     router_schedule: str = opt("cosine", "router lr schedule", ("cosine", "constant"), methods=("advmoe",))
-    robust_loss: str = opt("at", "robust loss of both steps: PGD-AT CE or TRADES", ("at", "trades"), methods=("advmoe",))
+    robust_loss: str = opt("at", "robust loss of both steps: PGD-AT CE or TRADES", ("at", "trades"),
+                           methods=("advmoe",))
     dual_a: float = opt(0.5, "smoothing parameter a of f_D = (1-a) f_S + a f_R (fixed in jtdmoe)", ge=0, le=1,
                         group="dual model and jtdmoe", methods=DUAL)
     dual_mix: str = opt("logits", "logits: f_D mixes logits (the paper); normalized: each member's logits scaled to "
@@ -153,8 +155,8 @@ class Config:
                           methods=("dual",))
     standard_ckpt: Optional[str] = opt(None, "dual: f_S from this checkpoint (else trained)", methods=("dual",))
     robust_ckpt: Optional[str] = opt(None, "dual: f_R from this checkpoint (else trained)", methods=("dual",))
-    robust_method: str = opt("rt-er", "dual: how f_R is trained without --robust-ckpt", ("at", "trades", "advmoe", "rt-er"),
-                             methods=("dual",))
+    robust_method: str = opt("rt-er", "dual: how f_R is trained without --robust-ckpt",
+                             ("at", "trades", "advmoe", "rt-er"), methods=("dual",))
     expert_attack: str = opt("pgd", "rt-er/jtdmoe: x' of each expert path's KL term by label PGD (the paper and its "
                                     "code) or TRADES' KL attack", ("pgd", "kl"), methods=("rt-er", "jtdmoe"))
     device: str = opt("auto", "auto: cuda when available", ("auto", "cpu", "cuda"), group="run")
@@ -180,14 +182,13 @@ class Config:
             if v is None or isinstance(v, bool):
                 continue
             check(not isinstance(v, float) or math.isfinite(v), f"{flag} {v} is not a finite number")
-            check(not m["choices"] or v in m["choices"], f"unknown {flag} {v!r}; allowed: {', '.join(m['choices'] or ())}")
-            for op, b, ok in ((">=", m["ge"], lambda b: v >= b), (">", m["gt"], lambda b: v > b), ("<=", m["le"], lambda b: v <= b)):
-                if b is not None:
-                    check(ok(b), f"{flag} {v} not allowed; need {f.name.replace('_', '-')} {op} {b:g}")
+            check(v in (m["choices"] or [v]), f"unknown {flag} {v!r}; allowed: {', '.join(m['choices'] or ())}")
+            for op, b, ok in ((">=", m["ge"], operator.ge), (">", m["gt"], operator.gt), ("<=", m["le"], operator.le)):
+                check(b is None or ok(v, b), f"{flag} {v} not allowed; need {flag[2:]} {op} {b}")
         size = self.image_size
         check(size is None or (16 <= size <= 256 and size % 8 == 0),  # 16: layer4 still sees 2x2 maps;
               f"--image-size {size} not allowed; need a multiple of 8 from 16 to 256")  # 8: the ViT's 8x8 grid
-        check(self.top_k <= self.experts, f"--top-k {self.top_k} not allowed with --experts {self.experts}; need k <= E")
+        check(self.top_k <= self.experts, f"--top-k {self.top_k} not allowed with --experts {self.experts}; need k<=E")
         self.sweep_values()
         robust = self.robust_method if self.method == "dual" else self.method
         check(robust not in ("advmoe", "rt-er", "jtdmoe") or self.arch != "resnet18",
@@ -195,13 +196,14 @@ class Config:
         check(robust != "rt-er" or self.experts >= 2,
               f"--method rt-er needs a runner-up expert: --experts {self.experts} must be >= 2")
         check(bool(moe_block_set(self.moe_blocks)) or self.arch != "moe-resnet18",
-              f"--moe-blocks {self.moe_blocks!r} makes no MoE layer; name blocks (e.g. layer4.1) or use --arch resnet18")
+              f"--moe-blocks {self.moe_blocks!r} makes no MoE layer; name blocks (layer4.1) or use --arch resnet18")
 
 # ============================================================================================
 # 1. Setup: device and precision chosen in one place; files written atomically
 # ============================================================================================
-# The autocast dtype per device type: process-wide, like torch.backends flags. make_runtime
-# sets it, every forward in this file asks autocast_for, float32_evaluation turns it off.
+# The autocast dtype per device type: process-wide, like torch.backends flags. make_runtime sets
+# it; a training step (Method.step) opens autocast_for around its forwards, attack included, and
+# float32_evaluation turns it off. Attacks and models never choose a precision themselves.
 # auto: bf16 on CUDA, float32 on CPU. `--precision bf16` on CPU is the fast CPU path on a
 # processor with AVX512-BF16 or AMX (README); float32 stays the CPU default because the
 # reference numbers in README were taken in it.
@@ -209,7 +211,8 @@ AMP_DTYPE: dict = {"cuda": torch.bfloat16, "cpu": None}
 
 def set_precision(precision: str = "auto") -> None:
     check(precision in PRECISIONS, f"unknown --precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    AMP_DTYPE.update(cuda=None if precision == "fp32" else torch.bfloat16, cpu=torch.bfloat16 if precision == "bf16" else None)
+    AMP_DTYPE.update(cuda=None if precision == "fp32" else torch.bfloat16,
+                     cpu=torch.bfloat16 if precision == "bf16" else None)
 
 def autocast_for(device: torch.device):
     """The one autocast rule. Under bf16 the matrix products and convolutions run in bf16; every
@@ -229,8 +232,10 @@ def float32_evaluation():
     tf32 = cuda.allow_tf32, torch.backends.cudnn.allow_tf32
     set_precision("fp32")
     cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 has a 10-bit mantissa
-    try:
-        yield
+    try:  # and an autocast region the caller may have opened, switched off inside
+        with torch.autocast("cpu", enabled=False), (torch.autocast("cuda", enabled=False) if torch.cuda.is_available()
+                                                     else contextlib.nullcontext()):
+            yield
     finally:
         AMP_DTYPE.update(saved)
         cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
@@ -308,7 +313,7 @@ def read_json(path: Path) -> dict:
     try:
         obj = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({type(e).__name__}); move it away or choose another --out") from None
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__}); move it away or use another --out") from None
     check(isinstance(obj, dict), f"{path} does not hold a JSON object; move it away or choose another --out")
     return obj
 
@@ -453,7 +458,8 @@ def load_tinyimagenet(data_dir: str, size: int = 64) -> Dataset:
     """TinyImageNet-200 from its raw layout: train/<wnid>/images/*.JPEG, and val/images/*.JPEG with
     val/val_annotations.txt (file, wnid, box). Val is the test set."""
     root = Path(data_dir)
-    root = root / "tiny-imagenet-200" if (root / "tiny-imagenet-200").is_dir() and not (root / "train").is_dir() else root
+    if not (root / "train").is_dir() and (root / "tiny-imagenet-200").is_dir():
+        root = root / "tiny-imagenet-200"
     ann = root / "val" / "val_annotations.txt"
     check((root / "train").is_dir() and ann.is_file(),
           f"tinyimagenet not found in {data_dir}/: expected train/<wnid>/images/ and val/val_annotations.txt "
@@ -461,14 +467,16 @@ def load_tinyimagenet(data_dir: str, size: int = 64) -> Dataset:
     wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
     paths, labels = [], []
     for i, w in enumerate(wnids):
-        imgs = list_images(root / "train" / w / "images" if (root / "train" / w / "images").is_dir() else root / "train" / w)
+        folder = root / "train" / w
+        imgs = list_images(folder / "images" if (folder / "images").is_dir() else folder)
         paths, labels = paths + imgs, labels + [i] * len(imgs)
     val = [line.split()[:2] for line in ann.read_text().splitlines() if len(line.split()) >= 2]
     for _, w in val:
         check(w in wnids, f"tinyimagenet: {ann} names class {w!r} that train/ lacks")
     check(len(paths) > 0 and len(val) > 0, f"tinyimagenet: no images found under {root}/")
-    return Dataset(read_images(paths, size), torch.tensor(labels), read_images([root / "val" / "images" / f for f, _ in val], size),
-                   torch.tensor([wnids.index(w) for _, w in val]), len(wnids), "tinyimagenet")
+    vx = read_images([root / "val" / "images" / f for f, _ in val], size)
+    return Dataset(read_images(paths, size), torch.tensor(labels), vx, torch.tensor([wnids.index(w) for _, w in val]),
+                   len(wnids), "tinyimagenet")
 
 def load_imagefolder(data_dir: str, size: int = 32) -> Dataset:
     """Any `data_dir` with train/ and test/ (or val/) holding one sub-folder per class; images of
@@ -540,7 +548,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
     for i in range(0, len(x), batch_size):
         idx = order[i:i + batch_size]
         xb = x[idx].to(device, non_blocking=True).float().div_(255)
-        yield (augment(xb, pad=max(1, xb.shape[-1] // 8)) if train_augment else xb), y[idx].to(device, non_blocking=True)
+        xb = augment(xb, pad=max(1, xb.shape[-1] // 8)) if train_augment else xb
+        yield xb, y[idx].to(device, non_blocking=True)
 
 # ============================================================================================
 # 3. The sparse top-k MoE layer
@@ -667,7 +676,8 @@ class MoE(nn.Module):
             y = self.experts[e](x[r])  # (c, ...) only this expert's rows
             if out is None:  # in the experts' memory format (channels_last under bf16), so no transposes
                 cl = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
-                out = y.new_zeros((N,) + y.shape[1:]).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+                out = y.new_zeros((N,) + y.shape[1:])
+                out = out.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
             out.index_add_(0, r, y * bcast(slot_gates[start:start + c], y))
             start += c
         return out
@@ -738,13 +748,13 @@ def forced_expert(model: nn.Module, i: int):
     """Context: every MoE layer uses expert i with gate 1, so it computes the network f_i of the papers."""
     for m in moe_layers(model):
         check(0 <= i < m.num_experts, f"expert {i} not allowed; this layer has {m.num_experts} experts")
-    return routing_control(model, lambda p, rank: (torch.full((len(p), 1), i, device=p.device), p.new_ones(len(p), 1), [i]))
+    return routing_control(model, lambda p, rank: (rank.new_full((len(p), 1), i), p.new_ones(len(p), 1), [i]))
 
 def current_routes(model: nn.Module, x: torch.Tensor, fixed_gates: Optional[float] = None) -> list[Route]:
     """The routes the model takes on x (eval mode, no gradient); gates as used, or all `fixed_gates`."""
     was = model.training
     model.eval()
-    with torch.no_grad(), autocast_for(x.device):  # the precision the caller's own forwards use
+    with torch.no_grad():  # in the caller's precision
         model(x)
     model.train(was)
     return [Route(r.indices, r.gates if fixed_gates is None else torch.full_like(r.gates, fixed_gates))
@@ -776,8 +786,8 @@ class ModelConfig:
 def model_config(cfg, num_classes: int, image_size: int) -> ModelConfig:
     """A run's ModelConfig: the fields of the same name in its Config, the data's classes and size."""
     shared = {f.name for f in dataclasses.fields(ModelConfig)} - {"num_classes", "image_size", "norm"}
-    return ModelConfig(num_classes=num_classes, image_size=image_size, **{k: getattr(cfg, k) for k in shared if hasattr(cfg, k)},
-                       norm=cfg.dataset if cfg.dataset in NORM_STATS else "imagenet")
+    return ModelConfig(num_classes=num_classes, image_size=image_size, norm=cfg.dataset if cfg.dataset in NORM_STATS
+                       else "imagenet", **{k: getattr(cfg, k) for k in shared if hasattr(cfg, k)})
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel, inside the model so attacks work in pixel units."""
@@ -903,12 +913,7 @@ class MoEViT(nn.Module):
         return self.head(self.ln(self.blocks(t))[:, 0])
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    check(cfg.arch in ARCHS, f"unknown --arch {cfg.arch!r}; allowed: {', '.join(ARCHS)}")
-    check(cfg.width > 0, f"--width {cfg.width} must be > 0")
-    check(cfg.experts >= 1, f"--experts {cfg.experts} must be >= 1")
-    check(1 <= cfg.top_k <= cfg.experts, f"--top-k {cfg.top_k} not allowed with --experts {cfg.experts}; need 1 <= k <= E")
-    check(0 < cfg.expert_ratio <= 4, f"--expert-ratio {cfg.expert_ratio} must be in (0, 4]")
-    check(cfg.norm in NORM_STATS, f"unknown normalisation {cfg.norm!r}; allowed: {', '.join(NORM_STATS)}")
+    """The network of a ModelConfig (its values are checked where a run's Config is validated)."""
     return MoEViT(cfg) if cfg.arch == "moe-vit" else ResNet18(cfg)
 
 def count_params(model: nn.Module) -> dict:
@@ -997,11 +1002,6 @@ def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
 def ce_per_example(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y, reduction="none")
 
-def logits_fp32(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """model(x) under the process's autocast, as float32 logits (every loss in this file takes these)."""
-    with autocast_for(x.device):
-        return model(x).float()
-
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, alpha: Optional[float] = None,
         steps: int = 10, norm: str = "linf", random_start: bool = True, loss_fn: Callable = ce_per_example,
         on_iterate: Optional[Callable] = None) -> torch.Tensor:
@@ -1013,12 +1013,15 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
     x, delta = x.detach(), torch.zeros_like(x)
     if random_start and eps > 0:  # uniform in the L-inf ball; L2: a random direction, a uniform radius
         d = torch.empty_like(x).uniform_(-eps, eps) if norm == "linf" else torch.randn_like(x)
-        delta = d if norm == "linf" else d / per_example_norm(d, "l2") * eps * torch.rand(len(x), 1, 1, 1, device=x.device)
+        if norm == "l2":
+            delta = d / per_example_norm(d, "l2") * eps * torch.rand(len(x), 1, 1, 1, device=x.device)
+        else:
+            delta = d
     delta = (x + delta).clamp(0, 1) - x
     with eval_mode(model):  # BatchNorm frozen, routing deterministic; the caller's mode comes back
         for _ in range(steps):
             xa = (x + delta).requires_grad_(True)
-            logits = logits_fp32(model, xa)
+            logits = model(xa).float()
             if on_iterate is not None:
                 on_iterate(xa.detach(), logits.detach())
             (g,) = torch.autograd.grad(loss_fn(logits, y).sum(), xa)  # the input's gradient only
@@ -1043,7 +1046,7 @@ def pgd_worst(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8
         nonlocal best_x, best
         if judge is not None:
             with torch.no_grad():
-                logits = logits_fp32(judge, xa)
+                logits = judge(xa).float()
         score = loss_fn(logits, y)
         if y.dtype == torch.long:  # a misclassified point beats any loss
             score = score + 1e6 * (logits.argmax(1) != y).float()
@@ -1054,7 +1057,7 @@ def pgd_worst(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8
         for r in range(restarts + 1):  # r = 0: the clean point
             xa = x if r == 0 else pgd(model, x, y, eps, alpha, steps, norm, loss_fn=loss_fn, on_iterate=keep)
             with torch.no_grad():
-                keep(xa, logits_fp32(model, xa))
+                keep(xa, model(xa).float())
     return best_x
 
 @dataclass
@@ -1075,7 +1078,7 @@ class AttackConfig:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with eval_mode(model), autocast_for(x.device):
+    with eval_mode(model):
         return model(x).argmax(1)
 
 @float32_evaluation()
@@ -1127,8 +1130,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
 
     def forward(xa):  # -> loss (B,), its input gradient, misclassified (B,)
         xa = xa.clone().requires_grad_(True)
-        with autocast_for(x.device):
-            logits = model(xa).float()
+        logits = model(xa).float()
         loss = loss_fn(logits, y)
         (g,) = torch.autograd.grad(loss.sum(), xa)
         return loss.detach(), g, logits.argmax(1) != y
@@ -1171,7 +1173,7 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     `targets` classes with the highest clean logits after the label (AutoAttack: 9), each run
     only on the examples no earlier target has fooled. Needs at least 4 classes (DLR).
     Returns x_adv (B, C, H, W): a misclassified point where one was found, else the input."""
-    with eval_mode(model), autocast_for(x.device):
+    with eval_mode(model):
         logits = model(x).float()
     check(logits.shape[1] >= 4, f"APGD-T's DLR loss needs at least 4 classes, the model has {logits.shape[1]}")
     order = logits.argsort(1, descending=True)
@@ -1208,9 +1210,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 
     B, C, H, W = x.shape
     cols, rows = torch.arange(W, device=x.device), torch.arange(H, device=x.device)
 
-    def loss(xa, yy):
-        with autocast_for(x.device):
-            return margin(model(xa), yy)
+    loss = lambda xa, yy: margin(model(xa), yy)
 
     with eval_mode(model):
         stripes = eps * (torch.randint(0, 2, (B, C, 1, W), device=x.device) * 2 - 1)
@@ -1270,8 +1270,7 @@ def router_attack(model: nn.Module, x: torch.Tensor, attack: AttackConfig) -> to
     """PGD that only tries to change the routes of x (see RouterDeviation)."""
     clean_top1 = [r.indices[:, 0] for r in current_routes(model, x)]
     score = RouterDeviation(model, clean_top1).train(model.training)  # so pgd restores the model's own mode
-    return pgd_worst(score, x, torch.zeros(len(x), device=x.device), attack.eps, attack.alpha, attack.steps, attack.norm,
-               attack.restarts, loss_fn=lambda out, _: out[:, 0])
+    return attack(score, x, torch.zeros(len(x), device=x.device), loss_fn=lambda out, _: out[:, 0])
 
 # ============================================================================================
 # 6. Training methods: standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE
@@ -1286,7 +1285,8 @@ def sgd(params, cfg: Config, lr: Optional[float] = None) -> torch.optim.Optimize
 
 def cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine decay from the base learning rate to 0 over `total_steps` optimiser steps."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) /
+                                                                                 total_steps)))
 
 def aux(model: nn.Module, cfg: Config) -> torch.Tensor:
     return moe_aux_loss(model, cfg.balance_coef, cfg.z_coef)
@@ -1298,7 +1298,7 @@ def trades_kl(logits_adv: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
 def trades_attack(model: nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tensor:
     """TRADES' inner maximisation: PGD on KL(p(x) || p(x')), started at x + 0.001 N(0, I)."""
     with torch.no_grad(), eval_mode(model):
-        p_clean = logits_fp32(model, x).softmax(1)
+        p_clean = model(x).float().softmax(1)
     x0 = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
     xa = pgd(model, x0, p_clean, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, random_start=False, loss_fn=trades_kl)
     return project(xa - x, cfg.eps, cfg.norm).add(x).clamp(0, 1)
@@ -1306,16 +1306,16 @@ def trades_attack(model: nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tenso
 def at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
     """PGD-AT (Madry et al. 2018): CE(F(x_adv), y) + MoE aux losses of that forward, x_adv =
     PGD-`train_steps` against the current model (last iterate). -> (loss, logits)"""
-    logits = logits_fp32(model, pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm))
+    logits = model(pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm)).float()
     return F.cross_entropy(logits, y) + aux(model, cfg), logits
 
 def trades_term(model: nn.Module, x: torch.Tensor, cfg: Config, xa: Optional[torch.Tensor] = None):
     """(1/B) sum_n KL(p(x_n) || p(x'_n)), x' = xa, or TRADES' attack on `model` (whatever routes
     or experts are forced on it). -> (kl, clean logits, MoE aux losses of the clean forward)"""
     xa = trades_attack(model, x, cfg) if xa is None else xa
-    logits = logits_fp32(model, x)
+    logits = model(x).float()
     clean_aux = aux(model, cfg)
-    return trades_kl(logits_fp32(model, xa), logits.softmax(1)).mean(), logits, clean_aux
+    return trades_kl(model(xa).float(), logits.softmax(1)).mean(), logits, clean_aux
 
 def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
     """TRADES (Zhang et al. 2019): CE(F(x), y) + beta KL(p(x) || p(x_adv)) + MoE aux losses. -> (loss, logits)"""
@@ -1350,7 +1350,8 @@ class Method:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         self.model.train()
-        loss, logits = self.loss(x, y)
+        with autocast_for(x.device):  # the forwards (attack included) in the run's precision; backward outside
+            loss, logits = self.loss(x, y)
         self.descend(self.opt, loss)
         for s in self.scheds:
             s.step()
@@ -1375,7 +1376,7 @@ class Method:
 class Standard(Method):
     """Empirical risk minimisation: CE(F(x), y) + MoE auxiliary losses."""
     def loss(self, x, y):
-        logits = logits_fp32(self.model, x)
+        logits = self.model(x).float()
         return F.cross_entropy(logits, y) + aux(self.model, self.cfg), logits
 
 class PGDAT(Method):
@@ -1412,13 +1413,17 @@ class AdvMoE(Method):
         check(len(router) > 0, "advmoe needs MoE layers (--arch moe-resnet18 or moe-vit)")
         ids = {id(p) for p in router}
         self.model, self.cfg = model, cfg
-        self.opt, self.router_opt = sgd([p for p in model.parameters() if id(p) not in ids], cfg), sgd(router, cfg, cfg.router_lr)
-        constant = torch.optim.lr_scheduler.LambdaLR(self.router_opt, lambda t: 1.0) if cfg.router_schedule == "constant" else None
-        self.opts, self.scheds = [self.opt, self.router_opt], [cosine(self.opt, total_steps), constant or cosine(self.router_opt, total_steps)]
+        self.opt = sgd([p for p in model.parameters() if id(p) not in ids], cfg)
+        self.router_opt = sgd(router, cfg, cfg.router_lr)  # lr None: --lr
+        self.opts = [self.opt, self.router_opt]
+        constant = torch.optim.lr_scheduler.LambdaLR(self.router_opt, lambda t: 1.0)
+        self.scheds = [cosine(self.opt, total_steps),
+                       cosine(self.router_opt, total_steps) if cfg.router_schedule == "cosine" else constant]
 
     def update(self, opt: torch.optim.Optimizer, x, y):
         self.model.train()
-        loss, logits = (trades_loss if self.cfg.robust_loss == "trades" else at_loss)(self.model, x, y, self.cfg)
+        with autocast_for(x.device):
+            loss, logits = (trades_loss if self.cfg.robust_loss == "trades" else at_loss)(self.model, x, y, self.cfg)
         self.descend(opt, loss)  # only this optimiser's parameters move
         return loss, logits
 
@@ -1473,17 +1478,18 @@ class JTDMoE(Method):
     def robust_step(self, x, y):
         f_r, cfg = self.model.robust, self.cfg
         f_r.train()
-        loss = at_loss(f_r, x, y, cfg)[0]
-        for i in range(moe_layers(f_r)[0].num_experts):
-            with forced_expert(f_r, i):
-                loss = loss + cfg.beta * expert_path_term(f_r, x, y, cfg)
+        with autocast_for(x.device):
+            loss = at_loss(f_r, x, y, cfg)[0]
+            for i in range(moe_layers(f_r)[0].num_experts):
+                with forced_expert(f_r, i):
+                    loss = loss + cfg.beta * expert_path_term(f_r, x, y, cfg)
         self.descend(self.opt, loss)
         return loss
 
     def standard_step(self, x, y):
         self.model.standard.train()
-        with eval_mode(self.model.robust):
-            logits = logits_fp32(self.model, x)
+        with eval_mode(self.model.robust), autocast_for(x.device):
+            logits = self.model(x).float()
             loss = F.cross_entropy(logits, y) + aux(self.model.standard, self.cfg)
         self.descend(self.std_opt, loss)
         return loss, logits
@@ -1531,7 +1537,8 @@ def suite_attacks(cfg: Config, suite: str, num_classes: int, moe: bool) -> list[
     out = [(a.describe(), a)] if suite == "full" else []
     out.append((f"APGD-CE-{n}", lambda m, x, y: apgd(m, x, y, e, n, cfg.norm)))
     if num_classes >= 4:  # the DLR loss needs 4 classes
-        out.append((f"APGD-T-{n} x{cfg.apgd_targets}", lambda m, x, y: apgd_targeted(m, x, y, e, n, cfg.norm, cfg.apgd_targets)))
+        out.append((f"APGD-T-{n} x{cfg.apgd_targets}",
+                    lambda m, x, y: apgd_targeted(m, x, y, e, n, cfg.norm, cfg.apgd_targets)))
     if suite == "full" and moe:
         out.append((f"soft-router {a.describe()}", lambda m, x, y: a(SoftRouted(m), x, y, judge=m)))
     if cfg.norm == "linf":
@@ -1567,8 +1574,8 @@ def masking_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     adversarial examples that exist (gradient masking, Athalye et al. 2018)."""
     radii = [min(f * cfg.eps, 1.0) if cfg.norm == "linf" else f * cfg.eps for f in PROBE_FACTORS]
     ok = predict(model, x) == y
-    accs = [(ok & (predict(model, pgd_worst(model, x, y, r, None, cfg.eval_steps, cfg.norm)) == y)).float().mean().item()
-            for r in radii]
+    attacks = [AttackConfig(r, None, cfg.eval_steps, 1, cfg.norm) for r in radii]
+    accs = [(ok & (predict(model, a(model, x, y)) == y)).float().mean().item() for a in attacks]
     return {"n": len(x), "eps": radii, "robust_acc": accs}
 
 def masking_warnings(res: dict, n: int) -> list[str]:
@@ -1656,7 +1663,8 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     acc = lambda k: sums.get(k, 0) / max(1, n)
     res = {"clean_acc": acc("clean"), "robust_acc": acc("robust"), "attack": "cascade: " + " > ".join(names),
            "attacks": names, "robust_after": {k: acc(k) for k in names}}
-    res["fooled_by"] = {k: round(before - acc(k), 6) for k, before in zip(names, [acc("clean")] + [acc(k) for k in names])}
+    before = [acc("clean")] + [acc(k) for k in names]
+    res["fooled_by"] = {k: round(b - acc(k), 6) for k, b in zip(names, before)}
     if cfg.norm == "l2" and suite != "pgd":
         res["note"] = "Square is L-inf only here: this L2 suite has no gradient-free attack"
     if full and analysis:
@@ -1666,9 +1674,9 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
         res["routing"] = {"usage": [u.tolist() for u in usage],
                           "route_flip_attack": [f / max(1, r) for f, r in zip(flips_adv, rows)]}
     if moe:
-        res.update(ra_e=acc("ra_e"), ra_r=acc("ra_r"), ra_e_attacks=[k for k in names if k.startswith(("PGD", "APGD-CE"))],
-                   per_expert=[{"expert": i, "clean_acc": acc(f"expert{i}_clean"), "robust_acc": acc(f"expert{i}_robust")}
-                               for i in range(E)])
+        res.update(ra_e=acc("ra_e"), ra_r=acc("ra_r"), ra_e_attacks=[k for k, _ in fixed],
+                   per_expert=[{"expert": i, "clean_acc": acc(f"expert{i}_clean"),
+                                "robust_acc": acc(f"expert{i}_robust")} for i in range(E)])
         res["routing"].update(class_expert=[c.tolist() for c in class_expert],
                               route_flip_router_attack=[f / max(1, r) for f, r in zip(flips_router, rows)])
     res["warnings"] = masking_warnings(res, n) if suite != "pgd" else []
@@ -1684,7 +1692,8 @@ def format_report(res: dict, title: str = "test") -> str:
         lines.append(f"  masking probe, PGD RA by eps ({p['n']} images): "
                      + ", ".join(f"{e:.3g}: {a:.3f}" for e, a in zip(p["eps"], p["robust_acc"])))
     if "ra_e" in res:
-        lines.append(f"  RA-E (clean routes, experts attacked) {res['ra_e']:.3f} | RA-R (only routing attacked) {res['ra_r']:.3f}")
+        lines.append(f"  RA-E (clean routes, experts attacked) {res['ra_e']:.3f} | "
+                     f"RA-R (only routing attacked) {res['ra_r']:.3f}")
         lines.append("  per expert SA/RA: " + ", ".join(f"f{e['expert']} {e['clean_acc']:.3f}/{e['robust_acc']:.3f}"
                                                      for e in res["per_expert"]))
     if "routing" in res:
@@ -1694,7 +1703,7 @@ def format_report(res: dict, title: str = "test") -> str:
         extra = (", routing attack " + ", ".join(f"{f:.2f}" for f in r["route_flip_router_attack"])
                  if "route_flip_router_attack" in r else "")
         lines.append(f"  routes flipped per layer: suite's adversarial examples {flips}{extra}")
-    lines += [f"  WARNING: {w}" for w in res.get("warnings", [])] + ([f"  note: {res['note']}"] if "note" in res else [])
+    lines += [f"  WARNING: {w}" for w in res.get("warnings", [])] + [f"  note: {res.get('note')}"] * ("note" in res)
     return "\n".join(lines)
 
 # ============================================================================================
@@ -1723,7 +1732,7 @@ def load_checkpoint(path: str) -> dict:
           f"checkpoint {path!r} is not a moe-robust checkpoint (version {CHECKPOINT_VERSION})")
     missing = [k for k in ("num_classes", "image_size", "epoch") if k not in state]
     missing += [] if "model" in state or "method" in state else ["model"]
-    check(not missing, f"checkpoint {path!r} is incomplete (no {', '.join(missing)}); it was not written by moe_robust.py")
+    check(not missing, f"checkpoint {path!r} is incomplete (no {', '.join(missing)}); not written by moe_robust.py")
     check(isinstance(state["config"], dict), f"checkpoint {path!r} is incomplete (its config is not a dict)")
     return state
 
@@ -1744,112 +1753,108 @@ def log(msg: str) -> None:
 def check_resume(resume: bool, overwrite: bool) -> None:
     check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
-    """Train with `cfg.method`, validate each epoch, keep the best checkpoint, test it.
+def train_epoch(method: Method, x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device,
+                epoch: int) -> dict:
+    """One pass over (x, y) with method.step. Logs are summed on the device and read back once;
+    a non-finite loss or weight stops the run before anything of this epoch is saved (the last
+    good checkpoint stays). -> {"train_loss": mean, ..., "images": n, "seconds": training time}"""
+    t0, sums, n = time.time(), {}, 0
+    first_bad = torch.tensor(-1, device=device)  # first step with a non-finite log, found on the device
+    for step, (xb, yb) in enumerate(batches(x, y, cfg.batch_size, device, shuffle=True, train_augment=cfg.augment)):
+        logs = method.step(xb, yb)
+        for k, v in logs.items():  # summed on the device: no host sync per step
+            sums[k] = sums.get(k, 0.0) + v.double() * len(xb)
+        bad = ~torch.isfinite(torch.stack([v.float() for v in logs.values()])).all()
+        first_bad, n = torch.where(bad & (first_bad < 0), step + 1, first_bad), n + len(xb)
+    sums, bad_step = {k: v.item() for k, v in sums.items()}, first_bad.item()  # the epoch's one read-back
+    params = [p for o in method.opts for g in o.param_groups for p in g["params"]]
+    if bad_step > 0 or not all(bool(p.isfinite().all()) for p in params):
+        where = f"step {bad_step}/{math.ceil(len(x) / cfg.batch_size)}" if bad_step > 0 else "its weights"
+        kept = f"epoch {epoch} is kept in {Path(cfg.out) / 'last.pt'}" if epoch > 0 else "nothing was saved"
+        raise UserError(f"training diverged in epoch {epoch + 1}, {where}: the loss is not finite (lr {cfg.lr}); "
+                        f"lower --lr; {kept}")
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {**{f"train_{k}": v / n for k, v in sums.items()}, "images": n, "seconds": time.time() - t0}
 
-    Files in cfg.out: last.pt (everything, every epoch), best.pt (best validation epoch),
-    metrics.json (config, per-epoch history, final test numbers). With resume=True the run
-    continues from last.pt and repeats, on CPU, what the uninterrupted run would have done:
-    every epoch reseeds the RNG from (seed, epoch). Method 'dual' is run by run_dual (below)."""
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
+    """Train with `cfg.method`, validate each epoch, keep the best checkpoint, test it. Files in
+    cfg.out: last.pt (everything, every epoch), best.pt (best validation epoch), metrics.json
+    (config, per-epoch history, final test report). resume=True continues from last.pt and
+    repeats, on CPU, what the uninterrupted run would have done: every epoch reseeds the RNG
+    from (seed, epoch). Method 'dual' is run by run_dual (below)."""
     check_resume(resume, overwrite)
     check(cfg.method != "dual", "method 'dual' trains nothing itself: call run_dual")
-    out = Path(cfg.out)
+    out, state = Path(cfg.out), None
     last = out / "last.pt"
     if resume:
         check(last.is_file(), f"nothing to resume: {last} does not exist (an interrupted first epoch saves nothing)")
         state = load_checkpoint(str(last))
         check("method" in state and "history" in state, f"{last} is not a training checkpoint (no optimiser state)")
-        saved = config_from_dict(state["config"])
-        saved.out, saved.device = cfg.out, cfg.device
-        cfg = saved
+        cfg = dataclasses.replace(config_from_dict(state["config"]), out=cfg.out, device=cfg.device)
     else:
         found = [f for f in RUN_FILES if (out / f).exists()]
         check(overwrite or not found, f"--out {cfg.out} already holds a run ({', '.join(found)}); pass --resume to "
                                       "continue it, --overwrite to start afresh, or choose another --out")
-        state = None
     cfg.validate()
     writable_folder(cfg.out)
     remove_stale_temps(out)
-    if overwrite:
-        for f in RUN_FILES + ("eval.json",):
-            (out / f).unlink(missing_ok=True)
+    for f in RUN_FILES + ("eval.json",) if overwrite else ():
+        (out / f).unlink(missing_ok=True)
     runtime = make_runtime(cfg.device, cfg.precision)
-    if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.train_limit, cfg.test_limit)
+    data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.train_limit, cfg.test_limit)
     n_val = cfg.val_size or min(1000, max(1, len(data.train_x) // 10))
     check(n_val < len(data.train_x), f"--val-size {n_val} leaves no training data ({len(data.train_x)} examples)"
           if cfg.val_size else f"{len(data.train_x)} training example(s) (--train-limit {cfg.train_limit}) leave none "
           f"after the {n_val} held out for validation; need at least 2")
-    tx, ty, vx, vy = split_validation(data.train_x, data.train_y, n_val, cfg.seed)
-    tx, ty, vx, vy = (t.to(runtime.device) for t in (tx, ty, vx, vy))  # uint8 on the device, once
-    steps_per_epoch = math.ceil(len(tx) / cfg.batch_size)
+    tx, ty, vx, vy = (t.to(runtime.device) for t in split_validation(data.train_x, data.train_y, n_val, cfg.seed))
     seed_everything(cfg.seed)  # the initial weights
-    model = runtime.prepare(build_run_model(cfg, data.num_classes, data.image_size))
-    method = METHOD_CLASSES[cfg.method](model, cfg, cfg.epochs * steps_per_epoch)
+    shape = (data.num_classes, data.image_size)
+    model = runtime.prepare(build_run_model(cfg, *shape))
+    method = METHOD_CLASSES[cfg.method](model, cfg, cfg.epochs * math.ceil(len(tx) / cfg.batch_size))
     history, best, start = [], {"epoch": -1, "score": -1.0}, 0
     if state is not None:
         method.load_state_dict(state["method"])
         history, best, start = state["history"], state["best"], state["epoch"] + 1
-        log(f"resumed {last} at epoch {start}/{cfg.epochs}" + (": all epochs done, testing again" if start >= cfg.epochs else ""))
+        log(f"resumed {last} at epoch {start}/{cfg.epochs}" + ": all epochs done, testing" * (start >= cfg.epochs))
     if cfg.compile:
         compile_model(method.model)
     selection = "val_clean_acc" if cfg.method == "standard" else "val_robust_acc"
-    metrics = {"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_config(cfg, data.num_classes, data.image_size)),
-               "params": count_params(method.model), "selection": selection, "history": history,
-               "best_epoch": best["epoch"]}
-    params = [p for m in method.opts for g in m.param_groups for p in g["params"]]
+    params = count_params(method.model)
+    metrics = {"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_config(cfg, *shape)),
+               "params": params, "selection": selection, "history": history, "best_epoch": best["epoch"]}
     log(f"{cfg.method} | {cfg.arch} on {cfg.dataset} ({len(tx)} train / {n_val} val / {len(data.test_x)} test) | "
-        f"{metrics['params']['total'] / 1e6:.2f}M params ({metrics['params']['active'] / 1e6:.2f}M active) | {runtime.device}")
+        f"{params['total'] / 1e6:.2f}M params ({params['active'] / 1e6:.2f}M active) | {runtime.device}")
+    saved = {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg), "num_classes": data.num_classes,
+             "image_size": data.image_size}
     for epoch in range(start, cfg.epochs):
         seed_everything(cfg.seed * 100003 + epoch)
-        t0, sums, n = time.time(), {}, 0
-        first_bad = torch.tensor(-1, device=runtime.device)  # first step with a non-finite loss, found on the device
-        for step, (xb, yb) in enumerate(batches(tx, ty, cfg.batch_size, runtime.device, shuffle=True, train_augment=cfg.augment)):
-            logs = method.step(xb, yb)
-            for k, v in logs.items():  # summed on the device: no host sync per step
-                sums[k] = sums.get(k, 0.0) + v.double() * len(xb)
-            bad = ~torch.isfinite(torch.stack([v.float() for v in logs.values()])).all()
-            first_bad = torch.where(bad & (first_bad < 0), step + 1, first_bad)
-            n += len(xb)
-        sums = {k: v.item() for k, v in sums.items()}  # the epoch's one read-back
-        diverged = first_bad.item() > 0 or not all(bool(p.isfinite().all()) for p in params)
-        if diverged:  # stop before anything of this epoch is saved: the last good checkpoint stays
-            where = f"step {first_bad.item()}/{steps_per_epoch}" if first_bad.item() > 0 else "its weights"
-            kept = f"epoch {epoch} is kept in {last}" if epoch > 0 else "nothing was saved"
-            raise UserError(f"training diverged in epoch {epoch + 1}, {where}: the loss is not finite (lr {cfg.lr}); "
-                            f"lower --lr; {kept}")
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize()
-        train_time = time.time() - t0
-        reset_routing_stats(method.model)  # expert usage on the clean validation split
-        with float32_evaluation():  # in the precision every reported number uses
+        t0, row = time.time(), train_epoch(method, tx, ty, cfg, runtime.device, epoch)
+        n, seconds = row.pop("images"), row.pop("seconds")
+        reset_routing_stats(method.model)  # expert usage on the clean validation split, in float32 like every report
+        with float32_evaluation():
             for xb, _ in batches(vx, vy, 256, runtime.device):
                 predict(method.model, xb)
         usage = expert_counts(method.model)
-        val = evaluate(method.model, vx, vy, AttackConfig(cfg.eps, cfg.alpha, cfg.val_steps, 1, cfg.norm), runtime.device)
-        row = {"epoch": epoch + 1, **{f"train_{k}": v / n for k, v in sums.items()},
-               "val_clean_acc": val["clean_acc"], "val_robust_acc": val["robust_acc"],
+        val = evaluate(method.model, vx, vy, AttackConfig(cfg.eps, cfg.alpha, cfg.val_steps, 1, cfg.norm),
+                       runtime.device)
+        row = {"epoch": epoch + 1, **row, "val_clean_acc": val["clean_acc"], "val_robust_acc": val["robust_acc"],
                "lr": method.opt.param_groups[0]["lr"], "time_s": round(time.time() - t0, 2),
-               "images_per_s": round(n / train_time, 1), "expert_usage": usage}
+               "images_per_s": round(n / seconds, 1), "expert_usage": usage}
         history.append(row)
         if row[selection] > best["score"]:
             best = {"epoch": epoch + 1, "score": row[selection]}
-            save_checkpoint(out / "best.pt", {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg),
-                                              "epoch": epoch, "model": method.model.state_dict(),
-                                              "num_classes": data.num_classes, "image_size": data.image_size})
-        save_checkpoint(last, {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg), "epoch": epoch,
-                               "method": method.state_dict(), "history": history, "best": best,
-                               "num_classes": data.num_classes, "image_size": data.image_size})
+            save_checkpoint(out / "best.pt", {**saved, "epoch": epoch, "model": method.model.state_dict()})
+        save_checkpoint(last, {**saved, "epoch": epoch, "method": method.state_dict(), "history": history,
+                               "best": best})
         metrics["best_epoch"] = best["epoch"]
         write_json(out / "metrics.json", metrics)
-        log(f"epoch {epoch + 1:3d}/{cfg.epochs} | loss {row['train_loss']:.3f} acc {row['train_acc']:.3f} | "
-            f"val clean {row['val_clean_acc']:.3f} robust {row['val_robust_acc']:.3f} | "
-            f"{row['time_s']:.1f}s {row['images_per_s']:.0f} img/s")
-    # final test of the best validation checkpoint, with the (stronger) evaluation attack
-    best_state = load_checkpoint(str(out / "best.pt"))
-    model = method.model
-    model.load_state_dict(best_state["model"])
-    metrics["test"] = evaluate_full(model, data.test_x, data.test_y, cfg, runtime.device)
+        log(f"epoch {epoch + 1:3d}/{cfg.epochs} | loss {row['train_loss']:.3f} acc {row['train_acc']:.3f} | val "
+            f"clean {row['val_clean_acc']:.3f} robust {row['val_robust_acc']:.3f} | {row['time_s']:.1f}s "
+            f"{row['images_per_s']:.0f} img/s")
+    best_state = load_checkpoint(str(out / "best.pt"))  # the final test: best validation epoch, the full evaluation
+    method.model.load_state_dict(best_state["model"])
+    metrics["test"] = evaluate_full(method.model, data.test_x, data.test_y, cfg, runtime.device)
     metrics["test"]["epoch"] = best_state["epoch"] + 1
     write_json(out / "metrics.json", metrics)
     log(format_report(metrics["test"], f"test (best val epoch {metrics['test']['epoch']})"))
@@ -1870,13 +1875,14 @@ def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module,
 def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
     """--method dual: f_S and f_R from --standard-ckpt / --robust-ckpt, or trained here into
     OUT/standard (standard training) and OUT/robust (--robust-method, RT-ER by default); then
-    f_D = (1 - a) f_S + a f_R is evaluated for every a of --dual-sweep (clean and robust
-    accuracy, robust = minimum over the suite's attacks) and fully at a = --dual-a."""
+    f_D = (1 - a) f_S + a f_R is evaluated for every a of --dual-sweep (SA, and RA as the minimum
+    over the suite's attacks) and fully at a = --dual-a."""
     check_resume(resume, overwrite)
     cfg.validate()
     out = Path(cfg.out)
     training = [f for f in ("last.pt", "best.pt") if (out / f).exists()]
-    check(not training, f"--out {cfg.out} holds a training run ({', '.join(training)}), not a dual run; choose another --out")
+    check(not training, f"--out {cfg.out} holds a training run ({', '.join(training)}), not a dual run; "
+                        "choose another --out")
     if (out / "metrics.json").exists():
         check(overwrite or resume, f"--out {cfg.out} already holds a dual run; pass --overwrite to redo it, "
                                    "--resume to finish it, or choose another --out")
@@ -1884,31 +1890,28 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
               f"--out {cfg.out} holds a training run's metrics.json, not a dual run; choose another --out")
     writable_folder(cfg.out)
     runtime = make_runtime(cfg.device, cfg.precision)
-    if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.train_limit, cfg.test_limit)
-    members = {}
-    for role, ckpt, method in (("standard", cfg.standard_ckpt, "standard"), ("robust", cfg.robust_ckpt, cfg.robust_method)):
+    data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.train_limit, cfg.test_limit)
+    members = []
+    roles = (("standard", cfg.standard_ckpt, "standard"), ("robust", cfg.robust_ckpt, cfg.robust_method))
+    for role, ckpt, method in roles:
         if ckpt is None:
             sub = dataclasses.replace(cfg, method=method, out=str(out / role))
             log(f"\n== dual model: training f_{role[0].upper()} ({method}) into {sub.out} ==")
             train(sub, resume=resume and (out / role / "last.pt").exists(), overwrite=overwrite, data=data)
             ckpt = str(out / role / "best.pt")
         model, _, state = load_model(ckpt, runtime)
-        check(state["num_classes"] == data.num_classes, f"{ckpt} has {state['num_classes']} classes, "
-                                                        f"{cfg.dataset} has {data.num_classes}")
-        members[role] = model
+        check(state["num_classes"] == data.num_classes,
+              f"{ckpt} has {state['num_classes']} classes, {cfg.dataset} has {data.num_classes}")
+        members.append(model)
+    report = lambda a, **kw: evaluate_full(DualModel(*members, a, cfg.dual_mix), data.test_x, data.test_y, cfg,
+                                           runtime.device, **kw)
     metrics = {"config": dataclasses.asdict(cfg), "dual_sweep": []}
-    log(f"\n== dual model sweep over a (f_D = (1 - a) f_S + a f_R) ==")
+    log("\n== dual model sweep over a (f_D = (1 - a) f_S + a f_R) ==")
     for a in cfg.sweep_values():
-        r = evaluate_full(DualModel(members["standard"], members["robust"], a, cfg.dual_mix), data.test_x, data.test_y, cfg,
-                          runtime.device, analysis=False)
-        metrics["dual_sweep"].append({"a": a, "clean_acc": r["clean_acc"], "robust_acc": r["robust_acc"],
-                                      "robust_after": r["robust_after"]})
+        r = report(a, analysis=False)
+        metrics["dual_sweep"].append({"a": a, **{k: r[k] for k in ("clean_acc", "robust_acc", "robust_after")}})
         log(f"a={a:4.2f}  SA {r['clean_acc']:.3f}  RA {r['robust_acc']:.3f}")
-    metrics["test"] = evaluate_full(DualModel(members["standard"], members["robust"], cfg.dual_a, cfg.dual_mix), data.test_x,
-                                    data.test_y, cfg, runtime.device)
-    metrics["test"]["a"] = cfg.dual_a
-    out.mkdir(parents=True, exist_ok=True)
+    metrics["test"] = {**report(cfg.dual_a), "a": cfg.dual_a}
     write_json(out / "metrics.json", metrics)
     log(format_report(metrics["test"], f"dual model at a={cfg.dual_a}"))
     return metrics
@@ -1954,7 +1957,10 @@ def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float = 8 / 255, nor
                 best = torch.maximum(best, ratio(diff, d).detach())
                 (g,) = torch.autograd.grad((diff[:, obj[0]] * obj[1] if obj else diff.pow(2).sum(1)).sum(), d)
                 with torch.no_grad():  # linf: a sign step, clipped; l2: to the eps-sphere along the gradient
-                    d = (d + eps * g.sign()).clamp(-eps, eps) if obj else eps * g / per_example_norm(g, "l2").clamp_min(1e-12)
+                    if obj:
+                        d = (d + eps * g.sign()).clamp(-eps, eps)
+                    else:
+                        d = eps * g / per_example_norm(g, "l2").clamp_min(1e-12)
             with torch.no_grad():
                 best = torch.maximum(best, ratio(model(x + d).float() - f0, d))
     return best
@@ -1994,7 +2000,8 @@ def gram_spectral_bound(K: torch.Tensor, iters: int = 10) -> torch.Tensor:
         G = G.mH @ G
     return ((torch.linalg.matrix_norm(G, "fro").clamp_min(1e-300).log() + log_scale) / 2.0 ** iters).exp()
 
-def conv_spectral_bound(weight: torch.Tensor, in_hw: tuple[int, int], padding: tuple[int, int], iters: int = 10) -> float:
+def conv_spectral_bound(weight: torch.Tensor, in_hw: tuple[int, int], padding: tuple[int, int],
+                        iters: int = 10) -> float:
     """A provable upper bound on the L2 operator norm of a (strided, zero-padded) convolution on
     (C, H, W) inputs. Padding embeds the input isometrically in an (H + 2p) x (W + 2p) grid, where
     the convolution is a crop of the circular one, and the stride keeps a subset of its outputs:
@@ -2020,7 +2027,8 @@ class LipschitzBound:
 
     def __init__(self, model: nn.Module, norm: str = "l2", iters: int = 12):
         check(not any(isinstance(m, Attention) for m in model.modules()),
-              "no global Lipschitz bound for moe-vit: dot-product self-attention is not globally Lipschitz (Kim et al. 2021)")
+              "no global Lipschitz bound for moe-vit: dot-product self-attention is not globally Lipschitz "
+              "(Kim et al. 2021)")
         self.model, self.norm, self.iters = model, norm, iters
         self.shapes, self.M, self.moe, self.prefix = {}, {}, [], {}
 
@@ -2090,7 +2098,7 @@ class LipschitzBound:
         r = 0.5 * operator_norm(m.router.weight, self.norm, self.iters) * pool
         M = self.M.get(m, [float("inf")] * m.num_experts)
         terms = [L + Mi * r for L, Mi in zip(Ls, M)]
-        self.moe.append({"experts_L": Ls, "M": M, "gate_r": r, "soft_bound": sum(terms), "hard_route_bound": max(terms)})
+        self.moe.append(dict(experts_L=Ls, M=M, gate_r=r, soft_bound=sum(terms), hard_route_bound=max(terms)))
         return max(terms) if m.k == 1 else sum(terms)
 
 def lipschitz_bound(model: nn.Module, x: torch.Tensor, norm: str = "l2", iters: int = 12) -> dict:
@@ -2210,7 +2218,8 @@ def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
             rep[f"moe_{p}"] = b["moe"]
     rep["expert_spread"] = expert_spread(model, x)
     cert = certify(model, x, y, norm)
-    rep.update(certified_acc=(cert["radius"] >= eps).float().mean().item(), median_certified_radius=cert["radius"].median().item(),
+    rep.update(certified_acc=(cert["radius"] >= eps).float().mean().item(),
+               median_certified_radius=cert["radius"].median().item(),
                median_route_radius=cert["route_radius"].median().item())
     return rep
 
@@ -2247,7 +2256,8 @@ def benchmark_moe(device: str = "auto", batch: int = 256, channels: int = 64, si
             fwd_bwd()  # warm-up
             results[name] = round(min(timed(fwd_bwd, rt.device) for _ in range(repeats)) / batch * 1e6, 2)
             layer.zero_grad(set_to_none=True)
-        log(f"MoE layer E={E:2d}: top-1 {results[f'E={E} top-1']:8.1f} us/example | all experts {results[f'E={E} all']:8.1f}")
+        log(f"MoE layer E={E:2d}: top-1 {results[f'E={E} top-1']:8.1f} us/example | "
+            f"all experts {results[f'E={E} all']:8.1f}")
     return results
 
 BENCH_ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
@@ -2288,12 +2298,14 @@ def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
     printed and written to OUT/benchmark.json."""
     writable_folder(out)
     rt = make_runtime(cfg.device, cfg.precision)
-    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    cuda = rt.device.type == "cuda"
+    name = torch.cuda.get_device_name(rt.device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     res = {"device": name, "torch": torch.__version__, "precision": str(rt.amp_dtype or torch.float32),
            "channels_last": rt.channels_last, "compile": cfg.compile, "width": cfg.width, "batch_size": cfg.batch_size}
     log("benchmark: " + " | ".join(f"{k} {v}" for k, v in res.items()))
     res["train_images_per_s"] = steps = benchmark_training(cfg)
-    res["moe_over_dense"] = ratio = {m: round(steps["moe-resnet18"][m] / steps["resnet18"][m], 3) for m in ("standard", "at")}
+    ratio = {m: round(steps["moe-resnet18"][m] / steps["resnet18"][m], 3) for m in ("standard", "at")}
+    res["moe_over_dense"] = ratio
     log(f"MoE-ResNet18 / ResNet-18 throughput: standard {ratio['standard']:.2f}, PGD-10 AT {ratio['at']:.2f}")
     res["moe_layer_us_per_example"] = benchmark_moe(cfg.device, precision=cfg.precision)
     res["moe_layer_shape"] = "batch 256, 64 channels, 8x8 maps, forward + backward"
@@ -2303,9 +2315,9 @@ def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
 
 def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
     """Standard training vs PGD-AT of a small MoE-ResNet18 on `synthetic`, about a minute on 2 CPU cores."""
-    common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4, batch_size=64,
-                  lr=0.05, train_limit=2400, test_limit=500, train_steps=5, val_steps=5, eval_steps=10, eval_suite="pgd",
-                  device=device)
+    common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4,
+                  batch_size=64, lr=0.05, train_limit=2400, test_limit=500, train_steps=5, val_steps=5,
+                  eval_steps=10, eval_suite="pgd", device=device)
     writable_folder(out)
     results = {}
     for method in ("standard", "at"):
@@ -2363,7 +2375,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--benchmark", action="store_true",
                    help="images/s of standard and PGD-10 AT steps (ResNet-18, MoE-ResNet18, MoE-ViT at --width, "
                         "--batch-size) and the MoE layer's cost versus E; writes OUT/benchmark.json")
-    g.add_argument("--lipschitz", metavar="CKPT", help="Lipschitz estimates, bounds and certified accuracy of a checkpoint")
+    g.add_argument("--lipschitz", metavar="CKPT", help="Lipschitz estimates, bounds, certified accuracy of a CKPT")
     g.add_argument("--lipschitz-n", type=int, default=64, metavar="N", help="test examples the --lipschitz report uses")
     g.add_argument("--demo", action="store_true", help="run the demo (what no arguments does)")
     g = groups["run"]
@@ -2377,19 +2389,21 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
     return cfg
 
-def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int]):
-    """A checkpoint's model on the CLI's device and the first `test_limit` test examples of its
-    data set (from --data-dir when given). -> (runtime, model, saved config, Dataset)"""
+def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int], out: Optional[str]):
+    """A checkpoint's model on the CLI's device, the first `test_limit` test examples of its data
+    set (from --data-dir when given) and the folder the report goes to (proven writable before
+    the work: --out, else the checkpoint's). -> (runtime, model, saved config, Dataset, folder)"""
     rt = make_runtime(overrides.device, overrides.precision)
     model, saved, _ = load_model(path, rt)
     seed_everything(overrides.seed)  # attacks' random starts and power iterations repeat run to run
     data_dir = overrides.data_dir if overrides.data_dir != "data" else saved.data_dir
-    return rt, model, saved, load_dataset(saved.dataset, data_dir, saved.image_size, saved.seed, None, test_limit)
+    data = load_dataset(saved.dataset, data_dir, saved.image_size, saved.seed, None, test_limit)
+    dest = writable_folder(out or str(Path(path).parent), "--out" if out else "the checkpoint's folder")
+    return rt, model, saved, data, dest
 
 def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str]) -> dict:
     """Test-set report of a saved checkpoint, with the attack and suite settings given on the CLI."""
-    rt, model, saved, data = checkpoint_and_data(path, overrides, overrides.test_limit)
-    dest = writable_folder(out or str(Path(path).parent), "--out" if out else "the checkpoint's folder")  # before the work
+    rt, model, saved, data, dest = checkpoint_and_data(path, overrides, overrides.test_limit, out)
     result = {"checkpoint": path, "config": dataclasses.asdict(saved),
               "test": evaluate_full(model, data.test_x, data.test_y, overrides, rt.device)}
     write_json(dest / "eval.json", result)
@@ -2397,22 +2411,18 @@ def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str]) -> dic
     return result
 
 def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str]) -> dict:
-    """lipschitz_report on the first n test examples of a checkpoint's data set; written to
-    the `lipschitz` entry of OUT/metrics.json (OUT: the checkpoint's folder by default)."""
-    check(n >= 1, f"--lipschitz-n {n} must be >= 1")
-    rt, model, saved, data = checkpoint_and_data(path, overrides, n)
-    dest = writable_folder(out or str(Path(path).parent), "--out" if out else "the checkpoint's folder")
+    """lipschitz_report on the first n test examples of a checkpoint's data set, written to the
+    `lipschitz` entry of OUT/metrics.json (OUT: the checkpoint's folder by default)."""
+    rt, model, saved, data, dest = checkpoint_and_data(path, overrides, n, out)
     metrics_path = dest / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.exists() else {}  # a broken file stops us before the work
     x, y = data.test_x.to(rt.device).float() / 255, data.test_y.to(rt.device)
-    rep = lipschitz_report(model, x, y, overrides.eps, overrides.norm)
-    rep["checkpoint"] = path
-    metrics["lipschitz"] = rep
+    metrics["lipschitz"] = rep = {**lipschitz_report(model, x, y, overrides.eps, overrides.norm), "checkpoint": path}
     write_json(metrics_path, metrics)
     keys = ("local_linf", "local_l2", "jacobian_l2", "global_linf", "global_l2", "route_stable_linf", "route_stable_l2",
             "certified_acc", "median_route_radius")
     log(f"{path}: " + " | ".join(f"{k} {rep[k]:.4g}" for k in keys if k in rep)
-        + (f" | expert spread {', '.join(f'{v:.3f}' for v in rep.get('expert_spread', []))}") + f" -> {metrics_path}")
+        + f" | expert spread {', '.join(f'{v:.3f}' for v in rep.get('expert_spread', []))} -> {metrics_path}")
     return rep
 
 # Which flags each way of running reads; anything else given with it is an error, not silently
@@ -2442,8 +2452,9 @@ def check_flags(args: argparse.Namespace, given: set) -> None:
     mode = modes[0] if modes else ("resume" if resume else None)
     if mode is not None:
         extra = ", ".join(flag(d) for d in sorted(given - MODE_FLAGS[mode]))
-        check(not extra, f"--resume continues the saved run with its own settings; drop {extra} (only --out and "
-                         f"--device may change)" if mode == "resume" else f"{flag(mode)} does not use {extra}; leave it out")
+        check(not extra, f"--resume continues the saved run with its own settings; drop {extra} (only --out "
+                         f"and --device may change)" if mode == "resume" else
+                         f"{flag(mode)} does not use {extra}; leave it out")
         return
     check("lipschitz_n" not in given, "--lipschitz-n is not read by training; it applies to --lipschitz")
     f_r = args.robust_method if args.method == "dual" else None  # dual also reads the flags of its f_R's method
@@ -2460,7 +2471,7 @@ def interrupted_note(args: argparse.Namespace, cfg: Optional[Config]) -> str:
     if cfg is None or args.eval or args.lipschitz or args.benchmark or args.demo:
         return "interrupted; nothing was written"
     out = Path(cfg.out)
-    lasts = [out / "last.pt"] + ([out / "standard" / "last.pt", out / "robust" / "last.pt"] if cfg.method == "dual" else [])
+    lasts = [out / "last.pt", out / "standard" / "last.pt", out / "robust" / "last.pt"]  # (dual: its members')
     if any(p.is_file() for p in lasts):
         return f"interrupted; every finished epoch is saved in {out}: continue with --resume --out {out}"
     return f"interrupted before the first epoch finished; nothing to resume in {out}"

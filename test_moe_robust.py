@@ -1111,7 +1111,7 @@ def test_precision_is_chosen_in_one_place():
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
     rt = mr.make_runtime("cpu", "bf16")  # the fast CPU path: bf16 autocast + channels_last
     assert rt.amp_dtype == torch.bfloat16 and rt.channels_last
-    with mr.autocast_for(torch.device("cpu")):  # attacks and methods follow the same rule
+    with mr.autocast_for(torch.device("cpu")):  # what a training step opens around its forwards
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
     model = rt.prepare(mr.build_model(mr.ModelConfig(width=0.0625, experts=2)))
     assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -1126,7 +1126,8 @@ def test_bf16_pgd_is_no_weaker_than_float32(trained):
     for precision in ("fp32", "bf16"):
         mr.set_precision(precision)
         torch.manual_seed(0)
-        xa = mr.pgd_worst(model, x, y, eps=2 / 255, steps=10)
+        with mr.autocast_for(x.device):  # as a training step runs its attack
+            xa = mr.pgd_worst(model, x, y, eps=2 / 255, steps=10)
         mr.set_precision("fp32")
         accs[precision] = (mr.predict(model, xa) == y).float().mean().item()
     clean = (mr.predict(model, x) == y).float().mean().item()
@@ -1326,7 +1327,8 @@ def test_routes_and_usage_are_read_in_the_precision_of_their_use(monkeypatch, tm
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)  # a bf16 training-style forward
     trained_logits = mr.last_routing(model)[0].logits
-    mr.current_routes(model, x)  # RT-ER's runner-up and RA-E's clean routes come from here
+    with mr.autocast_for(x.device):  # RT-ER's step reads its runner-up routes inside its autocast
+        mr.current_routes(model, x)
     assert torch.equal(mr.last_routing(model)[0].logits, trained_logits)
     seen = []  # the per-epoch expert-usage pass runs in float32, like every reported number
     real = mr.predict
