@@ -973,7 +973,8 @@ class DualModel(nn.Module):
 # x_0 = x + U(-eps, eps); x_{t+1} = clip_[0,1](Proj_eps(x_t + alpha * sign(grad_x loss))).
 # The model is put in eval mode (BatchNorm frozen, routing deterministic) and its mode is
 # restored afterwards; gradients are taken with respect to the input only (autograd.grad),
-# so no parameter gradient is left behind; the loss is computed in float32 under autocast.
+# so no parameter gradient is left behind; the loss is computed on float32 logits, in whatever
+# precision the caller runs (a training step's autocast, or evaluation's float32).
 
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module):
@@ -1011,12 +1012,11 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
     Returns the last iterate (B, C, H, W), detached: what PGD-AT trains on."""
     alpha = eps / 4 if alpha is None else alpha
     x, delta = x.detach(), torch.zeros_like(x)
-    if random_start and eps > 0:  # uniform in the L-inf ball; L2: a random direction, a uniform radius
-        d = torch.empty_like(x).uniform_(-eps, eps) if norm == "linf" else torch.randn_like(x)
-        if norm == "l2":
-            delta = d / per_example_norm(d, "l2") * eps * torch.rand(len(x), 1, 1, 1, device=x.device)
-        else:
-            delta = d
+    if random_start and eps > 0 and norm == "linf":  # uniform in the L-inf ball
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+    elif random_start and eps > 0:  # L2: a random direction, a uniform radius
+        d = torch.randn_like(x)
+        delta = d / per_example_norm(d, "l2") * eps * torch.rand(len(x), 1, 1, 1, device=x.device)
     delta = (x + delta).clamp(0, 1) - x
     with eval_mode(model):  # BatchNorm frozen, routing deterministic; the caller's mode comes back
         for _ in range(steps):
@@ -1416,9 +1416,9 @@ class AdvMoE(Method):
         self.opt = sgd([p for p in model.parameters() if id(p) not in ids], cfg)
         self.router_opt = sgd(router, cfg, cfg.router_lr)  # lr None: --lr
         self.opts = [self.opt, self.router_opt]
-        constant = torch.optim.lr_scheduler.LambdaLR(self.router_opt, lambda t: 1.0)
-        self.scheds = [cosine(self.opt, total_steps),
-                       cosine(self.router_opt, total_steps) if cfg.router_schedule == "cosine" else constant]
+        router_sched = (cosine(self.router_opt, total_steps) if cfg.router_schedule == "cosine"
+                        else torch.optim.lr_scheduler.LambdaLR(self.router_opt, lambda t: 1.0))
+        self.scheds = [cosine(self.opt, total_steps), router_sched]
 
     def update(self, opt: torch.optim.Optimizer, x, y):
         self.model.train()
@@ -2073,8 +2073,8 @@ class LipschitzBound:
             return operator_norm(m.weight, self.norm, self.iters)
         if isinstance(m, nn.Conv2d):
             check(m.groups == 1 and m.dilation == (1, 1), "the Lipschitz bound handles plain convolutions only")
-            if self.norm == "linf":
-                return m.weight.detach().abs().sum(dim=(1, 2, 3)).max().item()
+            if self.norm == "linf":  # each output is a row of C_in x k x k weights
+                return operator_norm(m.weight.flatten(1), "linf")
             return conv_spectral_bound(m.weight, self.shapes[m][1:], m.padding, self.iters)
         if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             return (m.weight.detach().abs() / torch.sqrt(m.running_var + m.eps)).max().item()
@@ -2106,11 +2106,13 @@ def lipschitz_bound(model: nn.Module, x: torch.Tensor, norm: str = "l2", iters: 
     lb = LipschitzBound(model, norm, iters).measure(x)
     return {"bound": lb(), "moe": lb.moe}
 
-def router_rows(layer: MoE, h: torch.Tensor, norm: str):
-    """What the layer's router sees of h: (rows (N, D), input-norm scale of the pooling, B)."""
-    if layer.tokens:
-        return h.reshape(-1, h.shape[-1]), 1.0, h.shape[0]
-    return h.mean(dim=(2, 3)), 1.0 if norm == "linf" else math.sqrt(h.shape[2] * h.shape[3]), h.shape[0]
+def router_view(layer: MoE, h: torch.Tensor, norm: str):
+    """The layer's router on its input h, in float32: (logits (N, E), router weight W (E, D), the
+    input-norm scale of the pooling, B). Rows are pooled images, or tokens."""
+    rows = h.reshape(-1, h.shape[-1]) if layer.tokens else h.mean(dim=(2, 3))  # (N, D)
+    scale = 1.0 if layer.tokens or norm == "linf" else math.sqrt(h.shape[2] * h.shape[3])
+    W, b = layer.router.weight.detach().float(), layer.router.bias.detach().float()
+    return rows.float() @ W.T + b, W, scale, h.shape[0]
 
 def route_stability_radius(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
     """Per image, the smallest perturbation of the layer's input h (in `norm`) that can change its
@@ -2119,9 +2121,8 @@ def route_stability_radius(layer: MoE, h: torch.Tensor, norm: str = "linf") -> t
     unit of input (dual norm: L1 for linf, L2 for l2), closes. Exact for the layer: min over i
     kept, j dropped of (r_i - r_j) / ||w_i - w_j||_*, times sqrt(HW) in l2 for the pooling (a
     constant-over-space perturbation is the worst case). h: (B, C, H, W) or (B, T, D) -> (B,)"""
-    rows, scale, B = router_rows(layer, h, norm)
-    W, b = layer.router.weight.detach().float(), layer.router.bias.detach().float()
-    logits, E = rows.float() @ W.T + b, layer.num_experts  # (N, E)
+    logits, W, scale, B = router_view(layer, h, norm)  # (N, E)
+    E = layer.num_experts
     if layer.k == E:
         return torch.full((B,), float("inf"), device=h.device)
     kept = logits.topk(layer.k, dim=1).indices  # (N, K)
@@ -2136,9 +2137,7 @@ def route_flip_direction(layer: MoE, h: torch.Tensor, norm: str = "linf") -> tor
     """For per-image top-1 routing: the unit perturbation of h (constant over space) that closes
     the binding logit gap fastest; h + (radius + a bit) * direction flips the route."""
     check(not layer.tokens and layer.k == 1, "route_flip_direction is for per-image top-1 routing")
-    rows, _, B = router_rows(layer, h, norm)
-    W, b = layer.router.weight.detach().float(), layer.router.bias.detach().float()
-    logits = rows.float() @ W.T + b
+    logits, W, _, B = router_view(layer, h, norm)
     i = logits.argmax(1)  # (B,)
     diff = W[i][:, None, :] - W[None, :, :]  # (B, E, D): w_i - w_j
     dual = diff.abs().sum(-1) if norm == "linf" else diff.norm(dim=-1)
@@ -2385,7 +2384,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    cfg = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    cfg = config_from_dict(vars(args))
     cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
     return cfg
 
@@ -2447,7 +2446,7 @@ def check_flags(args: argparse.Namespace, given: set) -> None:
     flag = lambda dest: "--" + ("no-augment" if dest == "augment" else dest.replace("_", "-"))
     modes = [m for m in ("eval", "lipschitz", "benchmark", "demo") if m in given]
     check(len(modes) <= 1, f"{' and '.join(flag(m) for m in modes)} cannot be combined; give one")
-    check(not ("resume" in given and "overwrite" in given), "--resume and --overwrite contradict each other; give one")
+    check_resume("resume" in given, "overwrite" in given)
     resume = "resume" in given and args.method != "dual"  # a dual run is resumed with its flags given again
     mode = modes[0] if modes else ("resume" if resume else None)
     if mode is not None:
@@ -2456,7 +2455,9 @@ def check_flags(args: argparse.Namespace, given: set) -> None:
                          f"and --device may change)" if mode == "resume" else
                          f"{flag(mode)} does not use {extra}; leave it out")
         return
-    check("lipschitz_n" not in given, "--lipschitz-n is not read by training; it applies to --lipschitz")
+    read = {f.name for f in dataclasses.fields(Config)} | {"resume", "overwrite"}  # what training reads
+    extra = ", ".join(flag(d) for d in sorted(given - read))
+    check(not extra, f"{extra} is not read by training; leave it out or give the mode that reads it")
     f_r = args.robust_method if args.method == "dual" else None  # dual also reads the flags of its f_R's method
     for f in dataclasses.fields(Config):
         ok = f.metadata["methods"]
@@ -2471,7 +2472,7 @@ def interrupted_note(args: argparse.Namespace, cfg: Optional[Config]) -> str:
     if cfg is None or args.eval or args.lipschitz or args.benchmark or args.demo:
         return "interrupted; nothing was written"
     out = Path(cfg.out)
-    lasts = [out / "last.pt", out / "standard" / "last.pt", out / "robust" / "last.pt"]  # (dual: its members')
+    lasts = [out / "last.pt"] + [out / r / "last.pt" for r in ("standard", "robust") if cfg.method == "dual"]
     if any(p.is_file() for p in lasts):
         return f"interrupted; every finished epoch is saved in {out}: continue with --resume --out {out}"
     return f"interrupted before the first epoch finished; nothing to resume in {out}"
