@@ -3,41 +3,39 @@
 Sections, in dependency order (nothing is called before it is defined):
   0. configuration  every setting of a run with its flag, help and allowed values
   1. setup          device, dtype and autocast chosen in one place; atomic files, strict JSON
-  2. data           CIFAR-10/100, TinyImageNet, image folders, built-in `synthetic` and `random`;
-                    uint8 tensors on the device, random crop + flip there
-  3. MoE layer      sparse top-k routing (per image or token), Switch balance loss, z-loss;
-                    analysis controls: soft routing, forcing a route, a rank or an expert
+  2. data           CIFAR-10/100, TinyImageNet, image folders, built-in `synthetic` and `random`; uint8 tensors
+                    on the device, random crop + flip there
+  3. MoE layer      sparse top-k routing (per image or token), Switch balance loss, z-loss; analysis controls:
+                    soft routing, forcing a route, a rank or an expert
   4. models         CIFAR ResNet-18 / MoE-ResNet18, a small MoE-ViT, the dual model
   5. attacks        PGD, APGD-CE, APGD-T, Square, a soft-router surrogate, a routing-only attack
   6. methods        standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE
-  7. evaluation     SA; RA under a cascade of named attacks (AutoAttack's protocol), masking
-                    probes; RA-E, RA-R, per-expert SA/RA, expert usage, route flips
-  8. training       SGD + cosine, best-on-validation checkpoint, atomic checkpoints every epoch,
-                    bit-identical --resume; the dual-model sweep
-  9. Lipschitz      local estimate, Jacobian norm, product bounds (Gram iteration), route-stable
-                    radius, certified accuracy
+  7. evaluation     SA; RA under a cascade of named attacks (AutoAttack's protocol), masking probes; RA-E, RA-R,
+                    per-expert SA/RA, expert usage, route flips
+  8. training       SGD + cosine, best-on-validation checkpoint, atomic checkpoints every epoch, bit-identical
+                    --resume; the dual-model sweep
+  9. Lipschitz      local estimate, Jacobian norm, product bounds (Gram iteration), route-stable radius, certified
+                    accuracy
   10. CLI           `--help`; no arguments: a one-minute CPU demo; `--benchmark`
 
-Quick start (CPU, nothing downloaded): pip install -r requirements.txt; python moe_robust.py
-(the demo: standard vs PGD-AT MoE-ResNet18 on `synthetic`); python -m pytest -q test_moe_robust.py
-Measured (`python moe_robust.py`, 2 CPU cores, 71 s; README.md has every number with its
-command): MoE-ResNet18 width 0.125, E=4 top-1, synthetic test set, PGD-10 8/255: standard 0.934
-clean / 0.000 robust; PGD-AT 0.482 / 0.482, and 0.460 under the full cascade (README). On 3,677
-real CIFAR-10 photographs (a small sample, README "Results on real images"), 10 epochs, 500 test
-images, the full cascade: PGD-AT 0.374 / 0.217 +- 0.023 (3 seeds), AdvMoE 0.369 / 0.216 +- 0.007,
-standard 0.458 / 0.002.
-Speed (`--benchmark --device cpu [--precision bf16]`, 2 AVX512-BF16 cores, width 1, batch 128): PGD-10
-AT of MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 in bf16 + channels_last, 1.03x
-and 1.02x the dense ResNet-18's. On CUDA: bf16 autocast, channels_last, fused SGD, data on the
-GPU, one host sync per MoE layer and forward (GPU figures are not yet measured).
+Quick start (CPU, nothing downloaded): pip install -r requirements.txt; python moe_robust.py (the demo: standard vs
+PGD-AT MoE-ResNet18 on `synthetic`); python -m pytest -q test_moe_robust.py
+Measured (`python moe_robust.py`, 2 CPU cores, 71 s; README.md has every number with its command): MoE-ResNet18
+width 0.125, E=4 top-1, synthetic test set, PGD-10 8/255: standard 0.934 clean / 0.000 robust; PGD-AT 0.482 / 0.482,
+and 0.460 under the full cascade (README). On 3,677 real CIFAR-10 photographs (a small sample, README "Results on
+real images"), 10 epochs, 500 test images, the full cascade: PGD-AT 0.374 / 0.217 +- 0.023 (3 seeds), AdvMoE
+0.369 / 0.216 +- 0.007, standard 0.458 / 0.002.
+Speed (`--benchmark --device cpu [--precision bf16]`, 2 AVX512-BF16 cores, width 1, batch 128): PGD-10 AT of
+MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 in bf16 + channels_last, 1.03x and 1.02x the dense
+ResNet-18's. On CUDA: bf16 autocast, channels_last, fused SGD, data on the GPU, one host sync per MoE layer and
+forward (GPU figures are not yet measured).
 
-Conventions: inputs are images in [0, 1]; every model normalises inside itself and returns
-logits; eps is in pixel units (8/255 = 8 grey levels). Papers by short name: Shazeer 2017
-(sparsely-gated MoE), Switch 2021 (Fedus et al.), ST-MoE 2022 (z-loss), V-MoE 2021 (Riquelme et
-al.), Madry 2018 (PGD-AT), TRADES 2019 (Zhang et al.), APGD 2020 (Croce & Hein; APGD-T,
-AutoAttack), Square 2020 (Andriushchenko et al.), Gram iteration 2023 (Delattre et al.), AdvMoE
-2023 (Zhang et al., ICCV), Robust Experts 2025 (Pavlitska et al.), Dual model 2025 (Zhang, Xu,
-Hu, Wang, ICML), Puigcerver 2022 (adversarial robustness of MoE, Lipschitz constants).
+Conventions: inputs are images in [0, 1]; every model normalises inside itself and returns logits; eps is in pixel
+units (8/255 = 8 grey levels). Papers by short name: Shazeer 2017 (sparsely-gated MoE), Switch 2021 (Fedus et al.),
+ST-MoE 2022 (z-loss), V-MoE 2021 (Riquelme et al.), Madry 2018 (PGD-AT), TRADES 2019 (Zhang et al.), APGD 2020
+(Croce & Hein; APGD-T, AutoAttack), Square 2020 (Andriushchenko et al.), Gram iteration 2023 (Delattre et al.),
+AdvMoE 2023 (Zhang et al., ICCV), Robust Experts 2025 (Pavlitska et al.), Dual model 2025 (Zhang, Xu, Hu, Wang,
+ICML), Puigcerver 2022 (adversarial robustness of MoE, Lipschitz constants).
 """
 from __future__ import annotations
 
@@ -62,9 +60,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ============================================================================================
-# 0. Configuration: every setting, its flag, help and allowed values; errors a user can read
-# ============================================================================================
+# ==== 0. Configuration: every setting, its flag, help and allowed values; errors a user can read ====================
 
 class UserError(Exception):
     """A mistake in what the user asked for. The CLI prints it as one line and exits 2."""
@@ -80,13 +76,14 @@ NORMS = ("linf", "l2")
 EVAL_SUITES = ("full", "autoattack", "pgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 DUAL_MIXES = ("logits", "normalized")
+DUAL = ("dual", "jtdmoe")
 BLOCK_NAMES = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))  # ResNet-18's BasicBlocks
 
 def opt(default, help: str, choices=None, ge=None, gt=None, le=None, group=None, methods=None):
-    """A Config field: its default, its --flag's help and allowed values (choices, ge/gt/le
-    bounds), the --help group it opens and the methods that read it (None: every one)."""
-    meta = dict(help=help, choices=choices, ge=ge, gt=gt, le=le, group=group, methods=methods)
-    return field(default=default, metadata=meta)
+    """A Config field: its default, its --flag's help and allowed values (choices, ge/gt/le bounds), the --help
+    group it opens and the methods that read it (None: every one)."""
+    return field(default=default, metadata=dict(help=help, choices=choices, ge=ge, gt=gt, le=le, group=group,
+                                                methods=methods))
 
 def moe_block_set(spec: str) -> set:
     """'all' or a comma list of ResNet-18 block names -> the set of names."""
@@ -95,12 +92,10 @@ def moe_block_set(spec: str) -> set:
     check(not bad, f"unknown --moe-blocks {','.join(bad)}; allowed: all or a comma list of {', '.join(BLOCK_NAMES)}")
     return wanted
 
-DUAL = ("dual", "jtdmoe")
-
 @dataclass
 class Config:
-    """Everything a run needs: each field is one --flag (underscores become dashes). The parser
-    (build_parser) and `validate` read help and allowed values from here; checkpoints store it."""
+    """Everything a run needs: each field is one --flag (underscores become dashes). The parser (build_parser) and
+    `validate` read help and allowed values from here; checkpoints store it."""
 
     method: str = opt("at", "training method", METHODS, group="what to run")
     dataset: str = opt("synthetic", "data set; random: noise in CIFAR-10's shape, to time a full-size epoch",
@@ -176,8 +171,8 @@ class Config:
         return values
 
     def validate(self) -> None:
-        """Check every setting before anything is read or written: each field against its own
-        allowed values (inf and nan pass no bound), then the settings that depend on each other."""
+        """Check every setting before anything is read or written: each field against its own allowed values (inf
+        and nan pass no bound), then the settings that depend on each other."""
         for f in dataclasses.fields(self):
             v, m, flag = getattr(self, f.name), f.metadata, "--" + f.name.replace("_", "-")
             if v is None or isinstance(v, bool):
@@ -199,14 +194,11 @@ class Config:
         check(bool(moe_block_set(self.moe_blocks)) or self.arch != "moe-resnet18",
               f"--moe-blocks {self.moe_blocks!r} makes no MoE layer; name blocks (layer4.1) or use --arch resnet18")
 
-# ============================================================================================
-# 1. Setup: device and precision chosen in one place; files written atomically
-# ============================================================================================
-# The autocast dtype per device type: process-wide, like torch.backends flags. make_runtime sets
-# it; a training step (Method.step) opens autocast_for around its forwards, attack included, and
-# float32_evaluation turns it off. Attacks and models never choose a precision themselves.
-# auto: bf16 on CUDA, float32 on CPU. `--precision bf16` on CPU is the fast CPU path on a
-# processor with AVX512-BF16 or AMX (README); float32 stays the CPU default because the
+# ==== 1. Setup: device and precision chosen in one place; files written atomically ================================
+# The autocast dtype per device type is process-wide, like torch.backends flags: make_runtime sets it, a training
+# step (Method.step) opens autocast_for around its forwards, attack included, and float32_evaluation turns it off.
+# Attacks and models never choose a precision. auto: bf16 on CUDA, float32 on CPU. `--precision bf16` on CPU is the
+# fast CPU path on a processor with AVX512-BF16 or AMX (README); float32 stays the CPU default because the
 # reference numbers in README were taken in it.
 AMP_DTYPE: dict = {"cuda": torch.bfloat16, "cpu": None}
 
@@ -216,19 +208,18 @@ def set_precision(precision: str = "auto") -> None:
                      cpu=torch.bfloat16 if precision == "bf16" else None)
 
 def autocast_for(device: torch.device):
-    """The one autocast rule. Under bf16 the matrix products and convolutions run in bf16; every
-    loss casts logits to float32 first, and input gradients arrive in float32 (bf16 has float32's
-    exponent range: no loss scaling is needed and no gradient sign is lost to underflow)."""
+    """The one autocast rule. Under bf16 the matrix products and convolutions run in bf16; every loss casts logits
+    to float32 first, and input gradients arrive in float32 (bf16 has float32's exponent range: no loss scaling is
+    needed and no gradient sign is lost to underflow)."""
     kind = torch.device(device).type
     dtype = AMP_DTYPE.get(kind)
     return contextlib.nullcontext() if dtype is None else torch.autocast(kind, dtype=dtype)
 
 @contextlib.contextmanager
 def float32_evaluation():
-    """Context (and decorator): true float32 inside (no autocast, TF32 off on CUDA), restored on
-    exit. Reported accuracies are float32 numbers: a bf16 forward is a slightly different, coarser
-    function, and on three PGD-AT models its robust accuracy differed from the same weights in
-    float32 by +1.5, +0.5 and -6.8 points (README)."""
+    """Context (and decorator): true float32 inside (no autocast, TF32 off on CUDA), restored on exit. Reported
+    accuracies are float32 numbers: a bf16 forward is a slightly different, coarser function, and on three PGD-AT
+    models its robust accuracy differed from the same weights in float32 by +1.5, +0.5 and -6.8 points (README)."""
     saved, cuda = dict(AMP_DTYPE), torch.backends.cuda.matmul
     tf32 = cuda.allow_tf32, torch.backends.cudnn.allow_tf32
     set_precision("fp32")
@@ -252,15 +243,15 @@ class Runtime:
         return autocast_for(self.device)
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        if self.device.type == "cuda":  # autotune convolutions per shape, except in an MoE (a module with
-            # experts), where every step brings new per-expert batch sizes, each a synchronising tuning
+        if self.device.type == "cuda":  # autotune convolutions per shape, except in an MoE (a module with experts),
+            # where every step brings new per-expert batch sizes, each a synchronising tuning
             torch.backends.cudnn.benchmark = not any(hasattr(m, "experts") for m in model.modules())
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
 def make_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
-    """`auto` picks CUDA when present. bf16 autocast and channels_last on CUDA (float32 leftovers
-    on TF32 tensor cores); on CPU float32 in the default layout, or bf16 + channels_last."""
+    """`auto` picks CUDA when present. bf16 autocast and channels_last on CUDA (float32 leftovers on TF32 tensor
+    cores); on CPU float32 in the default layout, or bf16 + channels_last."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     check(device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA GPU; "
                                                          "use --device cpu or auto")
@@ -268,20 +259,18 @@ def make_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dtype = AMP_DTYPE[dev.type]
-    return Runtime(dev, dtype, dev.type == "cuda" or dtype is not None)
+    return Runtime(dev, AMP_DTYPE[dev.type], dev.type == "cuda" or AMP_DTYPE[dev.type] is not None)
 
 def seed_everything(seed: int) -> None:
-    """Seeds torch (CPU and CUDA) and numpy. Called at the start of every epoch with a
-    seed derived from (run seed, epoch), so a resumed run repeats the uninterrupted one."""
+    """Seeds torch (CPU and CUDA) and numpy. Called at the start of every epoch with a seed derived from (run seed,
+    epoch), so a resumed run repeats the uninterrupted one."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file,
-    and an interrupted write leaves no temporary file (a SIGKILL can: see remove_stale_temps)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file, and an interrupted
+    write leaves no temporary file (a SIGKILL can: see remove_stale_temps)."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
         os.replace(tmp, path)
@@ -295,19 +284,14 @@ def remove_stale_temps(folder: Path) -> None:
 
 def strict_json(obj):
     """obj with every non-finite float replaced by None: JSON has no NaN or Infinity."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: strict_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [strict_json(v) for v in obj]
-    return obj
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 def write_json(path: Path, obj) -> None:
-    def w(p):
-        with open(p, "w") as f:
-            json.dump(strict_json(obj), f, indent=1, allow_nan=False)
-    atomic_write(path, w)
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(strict_json(obj), indent=1, allow_nan=False)))
 
 def read_json(path: Path) -> dict:
     """A JSON object from `path`; a clear error if it is not one (nothing is overwritten)."""
@@ -324,19 +308,16 @@ def writable_folder(folder: str, flag: str = "--out") -> Path:
     check(not p.exists() or p.is_dir(), f"{flag} {folder} is a file; give a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        (p / f".write-test{os.getpid()}").write_bytes(b"")
+        (p / f".write-test{os.getpid()}").unlink()
     except OSError as e:
         raise UserError(f"{flag} {folder} is not a writable folder ({e.strerror or type(e).__name__})") from None
     return p
 
-# ============================================================================================
-# 2. Data: uint8 tensors in memory, float [0, 1] batches on the device
-# ============================================================================================
-# Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,). Batches
-# are cast to float in [0, 1] on the device and augmented there as whole batches (random crop
-# with zero padding + horizontal flip, the standard CIFAR recipe).
+# ==== 2. Data: uint8 tensors in memory, float [0, 1] batches on the device ========================================
+# Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,). Batches are cast to float in
+# [0, 1] on the device and augmented there as whole batches (random crop with zero padding + horizontal flip, the
+# standard CIFAR recipe).
 NORM_STATS = {  # per-channel mean/std of the Normalize layer inside each model
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -361,17 +342,16 @@ class Dataset:
 
 def make_synthetic(n_train: int = 6000, n_test: int = 1000, seed: int = 0, size: int = 32, num_classes: int = 10,
                    strong: float = 0.2, weak: float = 4 / 255, noise: float = 0.02) -> Dataset:
-    """A deterministic, learnable 10-class 32x32 image set that needs no download, built so that
-    standard training is accurate but not robust and adversarial training robust, for the reason
-    Ilyas et al. (2019) give: data holds robust and non-robust features, and standard training
-    uses both. Each image is a smooth colour layout (4x4x3 cells, upsampled) of two parts:
-      * a strong layout (cell contrast up to `strong`) shared by classes c and c + 5: a robust
-        feature that names the pair;
-      * a weak layout of the class itself (contrast up to `weak` = 4/255): it alone tells the
-        pair apart, and an L-inf attack of 8/255 can turn it into the other class's.
-    plus smooth per-image noise (`noise` per cell) and 1/255 pixel noise. A robust model can
-    trust only the pair (robust accuracy near 0.5). Layouts are fixed (seed 1234); `seed` draws
-    the examples, the test set from its own stream."""
+    """A deterministic, learnable 10-class 32x32 image set that needs no download, built so that standard training
+    is accurate but not robust and adversarial training robust, for the reason Ilyas et al. (2019) give: data holds
+    robust and non-robust features, and standard training uses both. Each image is a smooth colour layout (4x4x3
+    cells, upsampled) of two parts:
+      * a strong layout (cell contrast up to `strong`) shared by classes c and c + 5: a robust feature naming the pair;
+      * a weak layout of the class itself (contrast up to `weak` = 4/255): it alone tells the pair apart, and an
+        L-inf attack of 8/255 can turn it into the other class's.
+    plus smooth per-image noise (`noise` per cell) and 1/255 pixel noise. A robust model can trust only the pair
+    (robust accuracy near 0.5). Layouts are fixed (seed 1234); `seed` draws the examples, the test set from its own
+    stream."""
     check(num_classes % 2 == 0, f"synthetic needs an even number of classes, got {num_classes}")
     base, pairs = torch.Generator().manual_seed(1234), num_classes // 2
     strong_layouts = strong * (torch.rand(pairs, 3, 4, 4, generator=base) * 2 - 1)  # (C/2, 3, 4, 4)
@@ -385,8 +365,7 @@ def make_synthetic(n_train: int = 6000, n_test: int = 1000, seed: int = 0, size:
         x = x + torch.randn(n, 3, size, size, generator=g) / 255
         return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
     tx, ty = draw(n_train, torch.Generator().manual_seed(seed * 2 + 1))
-    vx, vy = draw(n_test, torch.Generator().manual_seed(seed * 2 + 2))
-    return Dataset(tx, ty, vx, vy, num_classes, "synthetic")
+    return Dataset(tx, ty, *draw(n_test, torch.Generator().manual_seed(seed * 2 + 2)), num_classes, "synthetic")
 
 def make_random(n_train: int = 50000, n_test: int = 10000, seed: int = 0, size: int = 32) -> Dataset:
     """Uniform noise with random labels in CIFAR-10's shape: for timing a full-size epoch offline."""
@@ -396,9 +375,9 @@ def make_random(n_train: int = 50000, n_test: int = 10000, seed: int = 0, size: 
     return Dataset(*draw(n_train), *draw(n_test), 10, "random")
 
 def load_cifar(name: str, data_dir: str) -> Dataset:
-    """CIFAR-10/100 from the standard python-pickle layout under `data_dir`, downloaded there
-    through torchvision when missing (offline, the error says where to put the archive). Read
-    here, not by torchvision's dataset class, so that only the layout matters."""
+    """CIFAR-10/100 from the standard python-pickle layout under `data_dir`, downloaded there through torchvision
+    when missing (offline, the error says where to put the archive). Read here, not by torchvision's dataset class,
+    so that only the layout matters."""
     root, classes = Path(data_dir), 10 if name == "cifar10" else 100
     folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     if not folder.is_dir():
@@ -442,9 +421,8 @@ def read_images(paths: list[Path], size: int) -> torch.Tensor:
     for i, p in enumerate(paths):
         try:
             with Image.open(p) as im:
-                w, h = im.size
-                s = size / min(w, h)
-                im = im.convert("RGB").resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+                s = size / min(im.size)
+                im = im.convert("RGB").resize(tuple(max(size, round(v * s)) for v in im.size), Image.BILINEAR)
                 left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
                 im = im.crop((left, top, left + size, top + size))
                 out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -452,8 +430,18 @@ def read_images(paths: list[Path], size: int) -> torch.Tensor:
             raise UserError(f"cannot read image {p} ({type(e).__name__}: {e})") from None
     return out
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+def class_images(folder: Path, classes: list[str], what: str, need_all: bool) -> tuple[list[Path], list[int]]:
+    """The images of folder/<class>/ (or folder/<class>/images/, TinyImageNet's layout), with class indices."""
+    paths, labels, kinds = [], [], ", ".join(IMAGE_EXTENSIONS)
+    for c in sorted(p.name for p in folder.iterdir() if p.is_dir()):
+        check(c in classes, f"{what}: class {c!r} in {folder}/ is not in train/")
+        sub = folder / c / "images" if (folder / c / "images").is_dir() else folder / c
+        imgs = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        check(len(imgs) > 0 or not need_all, f"{what}: class folder {sub}/ has no images ({kinds}); remove it or "
+                                              "add images")
+        paths, labels = paths + imgs, labels + [classes.index(c)] * len(imgs)
+    check(len(paths) > 0, f"{what}: no images ({kinds}) under {folder}/")
+    return paths, labels
 
 def load_tinyimagenet(data_dir: str, size: int = 64) -> Dataset:
     """TinyImageNet-200 from its raw layout: train/<wnid>/images/*.JPEG, and val/images/*.JPEG with
@@ -466,41 +454,27 @@ def load_tinyimagenet(data_dir: str, size: int = 64) -> Dataset:
           f"tinyimagenet not found in {data_dir}/: expected train/<wnid>/images/ and val/val_annotations.txt "
           "(unzip tiny-imagenet-200.zip from http://cs231n.stanford.edu/tiny-imagenet-200.zip there)")
     wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    paths, labels = [], []
-    for i, w in enumerate(wnids):
-        folder = root / "train" / w
-        imgs = list_images(folder / "images" if (folder / "images").is_dir() else folder)
-        paths, labels = paths + imgs, labels + [i] * len(imgs)
+    paths, labels = class_images(root / "train", wnids, "tinyimagenet", need_all=False)
     val = [line.split()[:2] for line in ann.read_text().splitlines() if len(line.split()) >= 2]
     for _, w in val:
         check(w in wnids, f"tinyimagenet: {ann} names class {w!r} that train/ lacks")
-    check(len(paths) > 0 and len(val) > 0, f"tinyimagenet: no images found under {root}/")
+    check(len(val) > 0, f"tinyimagenet: no images found under {root}/")
     vx = read_images([root / "val" / "images" / f for f, _ in val], size)
     return Dataset(read_images(paths, size), torch.tensor(labels), vx, torch.tensor([wnids.index(w) for _, w in val]),
                    len(wnids), "tinyimagenet")
 
 def load_imagefolder(data_dir: str, size: int = 32) -> Dataset:
-    """Any `data_dir` with train/ and test/ (or val/) holding one sub-folder per class; images of
-    any size are resized (shorter side) and centre-cropped to `size`."""
-    root = Path(data_dir)
+    """Any `data_dir` with train/ and test/ (or val/) holding one sub-folder per class; images of any size are
+    resized (shorter side) and centre-cropped to `size`."""
+    root, train_dir = Path(data_dir), Path(data_dir) / "train"
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    check((root / "train").is_dir() and test_dir is not None,
+    check(train_dir.is_dir() and test_dir is not None,
           f"imagefolder: {data_dir}/ must hold train/ and test/ (or val/) with one sub-folder per class")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    check(len(classes) >= 2, f"imagefolder: {root / 'train'}/ has {len(classes)} class folders; need at least 2")
-    kinds = ", ".join(IMAGE_EXTENSIONS)
-
-    def split(folder: Path):
-        paths, labels = [], []
-        for c in sorted(p.name for p in folder.iterdir() if p.is_dir()):
-            check(c in classes, f"imagefolder: class {c!r} in {folder}/ is not in train/")
-            imgs = list_images(folder / c)
-            check(len(imgs) > 0 or folder.name != "train",
-                  f"imagefolder: class folder {folder / c}/ has no images ({kinds}); remove it or add images")
-            paths, labels = paths + imgs, labels + [classes.index(c)] * len(imgs)
-        check(len(paths) > 0, f"imagefolder: no images ({kinds}) under {folder}/")
-        return read_images(paths, size), torch.tensor(labels)
-    return Dataset(*split(root / "train"), *split(test_dir), len(classes), "imagefolder")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    check(len(classes) >= 2, f"imagefolder: {train_dir}/ has {len(classes)} class folders; need at least 2")
+    (tp, tl), (vp, vl) = (class_images(d, classes, "imagefolder", d is train_dir) for d in (train_dir, test_dir))
+    return Dataset(read_images(tp, size), torch.tensor(tl), read_images(vp, size), torch.tensor(vl), len(classes),
+                   "imagefolder")
 
 def load_dataset(name: str, data_dir: str = "data", image_size: Optional[int] = None, seed: int = 0,
                  train_limit: Optional[int] = None, test_limit: Optional[int] = None) -> Dataset:
@@ -512,26 +486,25 @@ def load_dataset(name: str, data_dir: str = "data", image_size: Optional[int] = 
         make, n = (make_synthetic, (6000, 1000)) if name == "synthetic" else (make_random, (50000, 10000))
         data = make(train_limit or n[0], test_limit or n[1], seed=0, size=image_size or 32)
     else:
-        check(name in ("cifar10", "cifar100") or Path(data_dir).is_dir(),
-              f"--data-dir {data_dir!r} does not exist or is not a directory (needed for {name})")
-        check(name not in ("cifar10", "cifar100") or image_size in (None, 32),
-              f"{name} images are 32x32; --image-size {image_size} not allowed")
-        data = (load_cifar(name, data_dir) if name in ("cifar10", "cifar100") else
-                load_tinyimagenet(data_dir, image_size or 64) if name == "tinyimagenet" else
-                load_imagefolder(data_dir, image_size or 32))
+        cifar = name in ("cifar10", "cifar100")
+        check(cifar or Path(data_dir).is_dir(), f"--data-dir {data_dir!r} does not exist or is not a directory "
+                                                f"(needed for {name})")
+        check(not cifar or image_size in (None, 32), f"{name} images are 32x32; --image-size {image_size} not allowed")
+        data = (load_cifar(name, data_dir) if cifar else load_tinyimagenet(data_dir, image_size or 64)
+                if name == "tinyimagenet" else load_imagefolder(data_dir, image_size or 32))
     data.train_x, data.train_y = data.train_x[:train_limit], data.train_y[:train_limit]  # [:None] keeps all
     data.test_x, data.test_y = data.test_x[:test_limit], data.test_y[:test_limit]
     return data
 
 def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, seed: int):
-    """Hold out `n_val` training examples (a fixed random subset) for model selection: the test
-    set never chooses a checkpoint (robust overfitting, Rice et al. 2020)."""
+    """Hold out `n_val` training examples (a fixed random subset) for model selection: the test set never chooses a
+    checkpoint (robust overfitting, Rice et al. 2020)."""
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
 
 def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Random crop (zero padding `pad`) + horizontal flip of a float batch (B, C, H, W), on its
-    device, with the global torch RNG (seeded per epoch)."""
+    """Random crop (zero padding `pad`) + horizontal flip of a float batch (B, C, H, W), on its device, with the
+    global torch RNG (seeded per epoch)."""
     B, C, H, W = x.shape
     dy, dx = (torch.randint(0, 2 * pad + 1, (B,), device=x.device) for _ in range(2))
     rows = torch.arange(H, device=x.device)[None] + dy[:, None]  # (B, H)
@@ -542,9 +515,9 @@ def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
             shuffle: bool = False, train_augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (float images in [0,1], labels) on `device`; shuffling uses the global RNG. Training
-    keeps the whole uint8 set on the device (150 MB for CIFAR-10), so a batch is a gather, a cast
-    and the augmentation there: no host work, no copy, no sync per step."""
+    """Yield (float images in [0,1], labels) on `device`; shuffling uses the global RNG. Training keeps the whole
+    uint8 set on the device (150 MB for CIFAR-10), so a batch is a gather, a cast and the augmentation there: no
+    host work, no copy, no sync per step."""
     order = torch.randperm(len(x), device=x.device) if shuffle else torch.arange(len(x), device=x.device)
     for i in range(0, len(x), batch_size):
         idx = order[i:i + batch_size]
@@ -552,19 +525,15 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
         xb = augment(xb, pad=max(1, xb.shape[-1] // 8)) if train_augment else xb
         yield xb, y[idx].to(device, non_blocking=True)
 
-# ============================================================================================
-# 3. The sparse top-k MoE layer
-# ============================================================================================
-# Letters used in shape comments:
-#   B batch, T tokens per image, N rows routed (N = B per image, N = B*T per token),
-#   E experts, K experts kept per row (top-k), D router input width, C/H/W channels/height/width.
+# ==== 3. The sparse top-k MoE layer ===============================================================================
+# Letters used in shape comments: B batch, T tokens per image, N rows routed (N = B per image, N = B*T per token),
+# E experts, K experts kept per row (top-k), D router input width, C/H/W channels/height/width.
 #
-# Routing (Shazeer 2017; Switch 2021 eq. 1-2): logits r = W h + b, p = softmax(r), keep the
-# K largest. Gates carry the task gradient to the router for every K: K = 1 uses g = p_i
-# (Switch); K > 1 renormalises over the kept experts. (A straight-through one-hot, as in the
-# AdvMoE and dual-model official codes, gives the router no gradient from the task loss.)
-# There is no capacity limit and no token dropping, so evaluation routing is deterministic
-# and independent of the rest of the batch.
+# Routing (Shazeer 2017; Switch 2021 eq. 1-2): logits r = W h + b, p = softmax(r), keep the K largest. Gates carry
+# the task gradient to the router for every K: K = 1 uses g = p_i (Switch); K > 1 renormalises over the kept
+# experts. (A straight-through one-hot, as in the AdvMoE and dual-model official codes, gives the router no gradient
+# from the task loss.) There is no capacity limit and no token dropping, so evaluation routing is deterministic and
+# independent of the rest of the batch.
 
 class Routing(NamedTuple):
     """What one MoE layer decided for its last batch (detached, for analysis)."""
@@ -586,26 +555,23 @@ class AuxLoss(NamedTuple):
 class MoE(nn.Module):
     """Sparse top-k mixture of experts around any expert modules.
 
-    tokens=False: x is a feature map (B, C, H, W); the router sees its global average pool
-                  (per-image routing, as in the CNN-MoE papers) and each expert gets whole maps.
+    tokens=False: x is a feature map (B, C, H, W); the router sees its global average pool (per-image routing, as
+                  in the CNN-MoE papers) and each expert gets whole maps.
     tokens=True:  x is (B, T, D); every token is routed on its own (V-MoE, per-token routing).
-    Sparse compute: rows are grouped by expert and each expert runs only on its own rows.
-    `control` (None in training) is an analysis hook that replaces the top-k choice: a function
-    (probs, ranking) -> (indices, gates, every); soft_routing, forced_routes, forced_rank and
-    forced_expert below set it for a `with` block."""
+    Sparse compute: rows are grouped by expert and each expert runs only on its own rows. `control` (None in
+    training) is an analysis hook that replaces the top-k choice: a function (probs, ranking) -> (indices, gates,
+    every); soft_routing, forced_routes, forced_rank and forced_expert below set it for a `with` block."""
 
-    def __init__(self, experts: list[nn.Module], dim: int, k: int = 1, tokens: bool = False,
-                 noisy: bool = False):
+    def __init__(self, experts: list[nn.Module], dim: int, k: int = 1, tokens: bool = False, noisy: bool = False):
         super().__init__()
         E = len(experts)
         check(E >= 1, "an MoE layer needs at least one expert")
         check(1 <= k <= E, f"top-k {k} not allowed with {E} experts; need 1 <= k <= {E}")
         self.experts = nn.ModuleList(experts)
         self.router = nn.Linear(dim, E)
-        self.noise = nn.Linear(dim, E) if noisy else None  # Shazeer's noisy top-k, training only
-        if self.noise is not None:
-            nn.init.zeros_(self.noise.weight)
-            nn.init.zeros_(self.noise.bias)
+        self.noise = nn.Linear(dim, E) if noisy else None  # Shazeer's noisy top-k, training only; starts at zero
+        for p in self.noise.parameters() if noisy else ():
+            nn.init.zeros_(p)
         self.k, self.tokens = k, tokens
         self.control: Optional[Callable] = None
         self.routing: Optional[Routing] = None
@@ -618,9 +584,9 @@ class MoE(nn.Module):
         return len(self.experts)
 
     def route(self, h: torch.Tensor):
-        """h: (N, D) -> indices (N, K'), gates (N, K'), every; records routing and aux losses.
-        every: when a control fixes the experts of every row (soft: all E, forced_expert: [i]),
-        those experts in slot order, so dispatch needs no grouping; else None."""
+        """h: (N, D) -> indices (N, K'), gates (N, K'), every; records routing and aux losses. every: when a control
+        fixes the experts of every row (soft: all E, forced_expert: [i]), those experts in slot order, so dispatch
+        needs no grouping; else None."""
         E = self.num_experts
         with torch.autocast(h.device.type, enabled=False):  # the router in float32 (Switch 2021, sec. 2.4):
             h = h.float()  # under bf16, near-equal logits would tie and top-k would break ties at random
@@ -634,9 +600,9 @@ class MoE(nn.Module):
         else:
             top, indices = probs.topk(self.k, dim=-1)  # (N, K)
             gates, every = (top if self.k == 1 else top / top.sum(-1, keepdim=True)), None
-        # Switch eq. 4: E * sum_i f_i P_i with f_i the fraction whose top-1 is i (no gradient)
-        # and P_i the mean router probability of i. ST-MoE z-loss: mean(logsumexp(r)^2).
-        # (index_add, not bincount: bincount on CUDA reads its input's maximum back to the host)
+        # Switch eq. 4: E * sum_i f_i P_i with f_i the fraction whose top-1 is i (no gradient) and P_i the mean
+        # router probability of i. ST-MoE z-loss: mean(logsumexp(r)^2). (index_add, not bincount: bincount on CUDA
+        # reads its input's maximum back to the host)
         frac = probs.new_zeros(E).index_add_(0, ranking[:, 0], probs.new_ones(len(h))) / len(h)  # (E,)
         self.aux = AuxLoss(E * (frac * probs.mean(0)).sum(), logits.logsumexp(-1).pow(2).mean())
         self.routing = Routing(logits.detach(), probs.detach(), indices.detach(), gates.detach(), ranking)
@@ -645,29 +611,23 @@ class MoE(nn.Module):
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
                  every: Optional[list[int]] = None) -> torch.Tensor:
-        """Sparse compute. x: (N, ...) -> sum_k gates[n, k] * expert_{indices[n, k]}(x[n]).
-        Rows are grouped by expert (a stable sort) and each expert runs once, on its own rows.
-        Launching an expert needs its row count on the host, so the counts are read back: one
-        host-device synchronisation per MoE layer and forward, the only one in a training step
-        (a fixed-capacity dispatch would avoid it by padding or dropping rows; cudnn.benchmark is
-        off for MoE models, which would tune every new expert batch size). With `every`
-        (all rows use the same experts) nothing is grouped or read back."""
+        """Sparse compute. x: (N, ...) -> sum_k gates[n, k] * expert_{indices[n, k]}(x[n]). Rows are grouped by
+        expert (a stable sort) and each expert runs once, on its own rows. Launching an expert needs its row count
+        on the host, so the counts are read back: one host-device synchronisation per MoE layer and forward, the
+        only one in a training step (a fixed-capacity dispatch would avoid it by padding or dropping rows;
+        cudnn.benchmark is off for MoE models, which would tune every new expert batch size). With `every` (all rows
+        use the same experts) nothing is grouped or read back."""
         N, K = indices.shape
         bcast = lambda g, y: g.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))  # (N,) -> (N, 1, ...)
         if every is not None:
-            out = None
-            for k, e in enumerate(every):
-                y = self.experts[e](x)
-                y = y * bcast(gates[:, k], y)
-                out = y if out is None else out + y
             self.counts[every] += N
-            return out
+            ys = [y * bcast(gates[:, k], y) for k, y in enumerate(self.experts[e](x) for e in every)]
+            return sum(ys[1:], ys[0])
         flat = indices.reshape(-1)  # (N*K,) expert of each (row, slot)
         order = flat.argsort(stable=True)  # slots grouped by expert
         rows = order // K  # (N*K,) input row of each sorted slot
         slot_gates = gates.reshape(-1)[order]  # (N*K,)
-        counts = flat.new_zeros(self.num_experts).index_add_(0, flat, torch.ones_like(flat))
-        counts = counts.tolist()  # the one host sync
+        counts = flat.new_zeros(self.num_experts).index_add_(0, flat, torch.ones_like(flat)).tolist()  # the one sync
         self.counts += torch.tensor(counts)
         out, start = None, 0
         for e, c in enumerate(counts):
@@ -727,10 +687,10 @@ def routing_control(model: nn.Module, controls):
             m.control = c
 
 def soft_routing(model: nn.Module):
-    """Context: every MoE layer runs all experts, gated by the full softmax (a differentiable
-    surrogate of hard top-k routing)."""
-    return routing_control(model, lambda p, rank: (torch.arange(p.shape[1], device=p.device).expand_as(p), p,
-                                                   list(range(p.shape[1]))))
+    """Context: every MoE layer runs all experts, gated by the full softmax (a differentiable surrogate of hard
+    top-k routing)."""
+    every = lambda p: list(range(p.shape[1]))
+    return routing_control(model, lambda p, rank: (torch.arange(p.shape[1], device=p.device).expand_as(p), p, every(p)))
 
 def forced_routes(model: nn.Module, routes: list[Route]):
     """Context: MoE layer l uses routes[l] (indices and gates) for every row (e.g. the clean routes, for RA-E)."""
@@ -761,9 +721,7 @@ def current_routes(model: nn.Module, x: torch.Tensor, fixed_gates: Optional[floa
     return [Route(r.indices, r.gates if fixed_gates is None else torch.full_like(r.gates, fixed_gates))
             for r in last_routing(model)]
 
-# ============================================================================================
-# 4. Models: CIFAR ResNet-18, MoE-ResNet18, MoE-ViT
-# ============================================================================================
+# ==== 4. Models: CIFAR ResNet-18, MoE-ResNet18, MoE-ViT ============================================================
 
 @dataclass
 class ModelConfig:
@@ -774,10 +732,8 @@ class ModelConfig:
     width: float = 1.0  # multiplier of every channel width (0.125 for quick CPU runs)
     experts: int = 4  # E. Robust Experts: 4 experts; AdvMoE: 2
     top_k: int = 1  # K. CNN-MoE papers use top-1; V-MoE top-2
-    # Which BasicBlocks become MoE layers: comma-separated names like "layer4.1", or "all".
-    # Default from Robust Experts 2025: one block of the last stage (deeper helps robustness).
-    # AdvMoE-style: moe_blocks="all", experts=2, expert_ratio=0.5.
-    moe_blocks: str = "layer4.1"
+    moe_blocks: str = "layer4.1"  # BasicBlocks that become MoE, or "all". Robust Experts 2025: one block of the last
+    #                               stage (deeper helps robustness); AdvMoE: "all" with experts=2, expert_ratio=0.5
     expert_ratio: float = 1.0  # each expert's inner width = ratio * planes (AdvMoE r = 0.5)
     noisy_gating: bool = False  # Shazeer noisy top-k (training only)
     vit_dim: int = 192  # ViT embedding width before `width` scaling
@@ -802,41 +758,34 @@ class Normalize(nn.Module):
 
 def residual_branch(inp: int, mid: int, out: int, stride: int) -> nn.Sequential:
     """conv3x3-BN-ReLU-conv3x3-BN: the residual branch of a BasicBlock (He et al. 2016)."""
-    return nn.Sequential(
-        nn.Conv2d(inp, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-        nn.Conv2d(mid, out, 3, 1, 1, bias=False), nn.BatchNorm2d(out))
+    return nn.Sequential(nn.Conv2d(inp, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+                         nn.Conv2d(mid, out, 3, 1, 1, bias=False), nn.BatchNorm2d(out))
 
 class BasicBlock(nn.Module):
-    """relu(branch(x) + shortcut(x)). With experts > 0 the branch is an MoE of E branches,
-    routed per image on the pooled block input, and the shortcut is shared: the MoE replaces
-    the residual function, as MoE replaces the MLP inside a transformer's residual block.
-    (Robust Experts copies the whole block, skip included; with layer4.1's identity skip the
-    two differ only in whether the skip is scaled by the gate.)"""
+    """relu(branch(x) + shortcut(x)). With experts > 0 the branch is an MoE of E branches, routed per image on the
+    pooled block input, and the shortcut is shared: the MoE replaces the residual function, as MoE replaces the MLP
+    inside a transformer's residual block. (Robust Experts copies the whole block, skip included; with layer4.1's
+    identity skip the two differ only in whether the skip is scaled by the gate.)"""
 
-    def __init__(self, inp: int, planes: int, stride: int, experts: int = 0, k: int = 1,
-                 expert_ratio: float = 1.0, noisy: bool = False):
+    def __init__(self, inp: int, planes: int, stride: int, experts: int = 0, k: int = 1, expert_ratio: float = 1.0,
+                 noisy: bool = False):
         super().__init__()
-        if experts:
-            mid = max(1, round(expert_ratio * planes))
-            self.branch = MoE([residual_branch(inp, mid, planes, stride) for _ in range(experts)],
-                              dim=inp, k=k, noisy=noisy)
-        else:
-            self.branch = residual_branch(inp, planes, planes, stride)
-        self.shortcut = nn.Identity()
-        if stride != 1 or inp != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(inp, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        mid = max(1, round(expert_ratio * planes))
+        self.branch = (MoE([residual_branch(inp, mid, planes, stride) for _ in range(experts)], inp, k, noisy=noisy)
+                       if experts else residual_branch(inp, planes, planes, stride))
+        self.shortcut = nn.Identity() if stride == 1 and inp == planes else nn.Sequential(
+            nn.Conv2d(inp, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x):
         return F.relu(self.branch(x) + self.shortcut(x))
 
 class ResNet18(nn.Module):
-    """CIFAR ResNet-18: 3x3 stem, no max-pool, stages of 64/128/256/512 x width channels.
-    Blocks are named layer{1..4}.{0,1}; those in `moe_blocks` become MoE blocks."""
+    """CIFAR ResNet-18: 3x3 stem, no max-pool, stages of 64/128/256/512 x width channels. Blocks are named
+    layer{1..4}.{0,1}; those in `moe_blocks` become MoE blocks."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        mean, std = NORM_STATS[cfg.norm]
-        self.normalize = Normalize(mean, std)
+        self.normalize = Normalize(*NORM_STATS[cfg.norm])
         c = [max(1, round(w * cfg.width)) for w in (64, 128, 256, 512)]
         wanted = set() if cfg.arch == "resnet18" else moe_block_set(cfg.moe_blocks)
         self.stem = nn.Sequential(nn.Conv2d(3, c[0], 3, 1, 1, bias=False), nn.BatchNorm2d(c[0]), nn.ReLU(inplace=True))
@@ -851,20 +800,14 @@ class ResNet18(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.fc = nn.Linear(c[3], cfg.num_classes)
 
-    def features(self, x):  # (B, 3, H, W) in [0, 1] -> (B, 8*c0)
-        x = self.stem(self.normalize(x))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
-
-    def forward(self, x):  # -> logits (B, classes)
-        return self.fc(self.features(x))
+    def forward(self, x):  # (B, 3, H, W) in [0, 1] -> logits (B, classes)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(self.normalize(x))))))  # (B, 8*c0, H/8, W/8)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
 
     def forward(self, x):  # (B, T, D)
         B, T, D = x.shape
@@ -879,8 +822,7 @@ class ViTBlock(nn.Module):
     """Pre-LN transformer block; the MLP is an MoE of MLPs (per-token routing) when experts > 0."""
     def __init__(self, dim: int, heads: int, experts: int = 0, k: int = 1, noisy: bool = False):
         super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
+        self.ln1, self.ln2, self.attn = nn.LayerNorm(dim), nn.LayerNorm(dim), Attention(dim, heads)
         self.mlp = (MoE([mlp(dim, 4 * dim) for _ in range(experts)], dim, k, tokens=True, noisy=noisy)
                     if experts else mlp(dim, 4 * dim))
 
@@ -889,24 +831,20 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 class MoEViT(nn.Module):
-    """A small ViT for 32x32 or 64x64 inputs: an 8x8 grid of patches (patch = size / 8) plus
-    a class token, MoE MLPs in every other block (V-MoE: the odd-numbered blocks)."""
+    """A small ViT for 32x32 or 64x64 inputs: an 8x8 grid of patches (patch = size / 8) plus a class token, MoE MLPs
+    in every other block (V-MoE: the odd-numbered blocks)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         check(cfg.image_size % 8 == 0, f"moe-vit needs an image size divisible by 8, got {cfg.image_size}")
-        mean, std = NORM_STATS[cfg.norm]
-        self.normalize = Normalize(mean, std)
-        h = cfg.vit_heads
+        h, p = cfg.vit_heads, cfg.image_size // 8
         dim = max(8 * h, round(cfg.vit_dim * cfg.width / h) * h)
-        p = cfg.image_size // 8
-        self.patch = nn.Conv2d(3, dim, p, p)
+        self.normalize, self.patch = Normalize(*NORM_STATS[cfg.norm]), nn.Conv2d(3, dim, p, p)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, 65, dim) * 0.02)
         self.blocks = nn.Sequential(*[ViTBlock(dim, h, cfg.experts if i % 2 == 1 else 0, cfg.top_k, cfg.noisy_gating)
                                       for i in range(cfg.vit_depth)])
-        self.ln = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, cfg.num_classes)
+        self.ln, self.head = nn.LayerNorm(dim), nn.Linear(dim, cfg.num_classes)
 
     def forward(self, x):  # (B, 3, H, W) -> logits (B, classes)
         t = self.patch(self.normalize(x)).flatten(2).transpose(1, 2)  # (B, 64, D)
@@ -920,21 +858,17 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 def count_params(model: nn.Module) -> dict:
     """Total parameters, and active ones per example (an MoE layer counts K of its E experts)."""
     total = sum(p.numel() for p in model.parameters())
-    inactive = 0
-    for m in moe_layers(model):
-        per_expert = sum(p.numel() for p in m.experts[0].parameters())
-        inactive += (m.num_experts - m.k) * per_expert
+    inactive = sum((m.num_experts - m.k) * sum(p.numel() for p in m.experts[0].parameters()) for m in moe_layers(model))
     return {"total": total, "active": total - inactive}
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """torch.compile in place (`--compile`; state_dict keys stay plain). The sparse dispatch
-    reads the expert row counts back to the host, which a compiled graph cannot hold: traced
-    through, it breaks the graph and recompiles for every new set of counts. So each MoE
-    layer's routing and dispatch stay eager, each expert is compiled on its own with a
-    dynamic batch size, and the dense network around the MoE layers is compiled as a whole."""
+    """torch.compile in place (`--compile`; state_dict keys stay plain). The sparse dispatch reads the expert row
+    counts back to the host, which a compiled graph cannot hold: traced through, it breaks the graph and recompiles
+    for every new set of counts. So each MoE layer's routing and dispatch stay eager, each expert is compiled on its
+    own with a dynamic batch size, and the dense network around the MoE layers is compiled as a whole."""
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    # an expert meets train/eval x grad/no-grad x bf16/float32 x batch 1/many: 16 variants, beyond
-    # dynamo's default of 8, after which it would silently run eagerly
+    # an expert meets train/eval x grad/no-grad x bf16/float32 x batch 1/many: 16 variants, beyond dynamo's default
+    # of 8, after which it would silently run eagerly
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 32))
     if not next(model.parameters()).is_cuda:  # inductor's NCHW -> channels_last rewrite of the convolutions
         torch._inductor.config.layout_optimization = False  # hung a CPU convolution backward (torch 2.15)
@@ -946,15 +880,14 @@ def compile_model(model: nn.Module) -> nn.Module:
     return model
 
 class DualModel(nn.Module):
-    """The dual model (Zhang, Xu, Hu, Wang, ICML 2025): f_D(x) = (1 - a) f_S(x) + a f_R(x) on
-    logits, f_S a standard-trained and f_R a robust MoE; the smoothing parameter a in [0, 1]
-    trades clean accuracy (a -> 0) for robustness (a -> 1). The MoE layers of both members
-    are visible to moe_layers (f_S's first), so every routing control applies to both.
-    mix="logits" is the paper's form. A standard model's logits are several times larger than
-    a robust model's, so with it f_S dominates until a is close to 1. mix="normalized" (not
-    in the paper) divides each member's logits by their per-example standard deviation over
-    the classes first, so a weighs two equally scaled votes; a = 0 and a = 1 still predict
-    exactly as f_S and f_R. The Lipschitz bound (1-a) K_S + a K_R holds for "logits" only."""
+    """The dual model (Zhang, Xu, Hu, Wang, ICML 2025): f_D(x) = (1 - a) f_S(x) + a f_R(x) on logits, f_S a
+    standard-trained and f_R a robust MoE; the smoothing parameter a in [0, 1] trades clean accuracy (a -> 0) for
+    robustness (a -> 1). The MoE layers of both members are visible to moe_layers (f_S's first), so every routing
+    control applies to both. mix="logits" is the paper's form. A standard model's logits are several times larger
+    than a robust model's, so with it f_S dominates until a is close to 1. mix="normalized" (not in the paper)
+    divides each member's logits by their per-example standard deviation over the classes first, so a weighs two
+    equally scaled votes; a = 0 and a = 1 still predict exactly as f_S and f_R. The Lipschitz bound
+    (1-a) K_S + a K_R holds for "logits" only."""
 
     def __init__(self, standard: nn.Module, robust: nn.Module, a: float = 0.5, mix: str = "logits"):
         super().__init__()
@@ -968,14 +901,11 @@ class DualModel(nn.Module):
             zs, zr = zs / zs.std(-1, keepdim=True).clamp_min(1e-6), zr / zr.std(-1, keepdim=True).clamp_min(1e-6)
         return (1 - self.a) * zs + self.a * zr
 
-# ============================================================================================
-# 5. Attacks: PGD (Madry et al. 2018), APGD-CE / APGD-T and Square (AutoAttack's attacks)
-# ============================================================================================
-# x_0 = x + U(-eps, eps); x_{t+1} = clip_[0,1](Proj_eps(x_t + alpha * sign(grad_x loss))).
-# The model is put in eval mode (BatchNorm frozen, routing deterministic) and its mode is
-# restored afterwards; gradients are taken with respect to the input only (autograd.grad),
-# so no parameter gradient is left behind; the loss is computed on float32 logits, in whatever
-# precision the caller runs (a training step's autocast, or evaluation's float32).
+# ==== 5. Attacks: PGD (Madry et al. 2018), APGD-CE / APGD-T and Square (AutoAttack's attacks) ======================
+# x_0 = x + U(-eps, eps); x_{t+1} = clip_[0,1](Proj_eps(x_t + alpha * sign(grad_x loss))). The model is put in eval
+# mode (BatchNorm frozen, routing deterministic) and its mode is restored afterwards; gradients are taken with
+# respect to the input only (autograd.grad), so no parameter gradient is left behind; the loss is computed on float32
+# logits, in whatever precision the caller runs (a training step's autocast, or evaluation's float32).
 
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module):
@@ -1007,10 +937,10 @@ def ce_per_example(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, alpha: Optional[float] = None,
         steps: int = 10, norm: str = "linf", random_start: bool = True, loss_fn: Callable = ce_per_example,
         on_iterate: Optional[Callable] = None) -> torch.Tensor:
-    """Projected gradient ascent on loss_fn(model(x'), y) over ||x' - x|| <= eps, x' in [0, 1]
-    (Madry et al. 2018). alpha: the step; None: eps / 4 (2/255 at 8/255, Madry's CIFAR setting).
-    on_iterate(x_t, logits_t) sees every iterate before its step (pgd_worst keeps the worst).
-    Returns the last iterate (B, C, H, W), detached: what PGD-AT trains on."""
+    """Projected gradient ascent on loss_fn(model(x'), y) over ||x' - x|| <= eps, x' in [0, 1] (Madry et al. 2018).
+    alpha: the step; None: eps / 4 (2/255 at 8/255, Madry's CIFAR setting). on_iterate(x_t, logits_t) sees every
+    iterate before its step (pgd_worst keeps the worst). Returns the last iterate (B, C, H, W), detached: what PGD-AT
+    trains on."""
     alpha = eps / 4 if alpha is None else alpha
     x, delta = x.detach(), torch.zeros_like(x)
     if random_start and eps > 0 and norm == "linf":  # uniform in the L-inf ball
@@ -1033,13 +963,12 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
 def pgd_worst(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, alpha: Optional[float] = None,
               steps: int = 10, norm: str = "linf", restarts: int = 1, loss_fn: Callable = ce_per_example,
               judge: Optional[nn.Module] = None) -> torch.Tensor:
-    """PGD for evaluation: `restarts` random starts, and per example the worst of every iterate
-    (the clean point and each run's last one included): a misclassified one if any, else the one
-    of highest loss. With a fixed seed, more steps or restarts then never help the model. `y` may
-    be soft targets with a custom loss_fn (then only the loss counts).
-    judge: the model whose verdict picks the worst iterate (default `model`). The soft-router
-    attack follows the soft surrogate's gradient and keeps what the hard-routed model gets worst:
-    the surrogate's own worst iterate can be harmless there."""
+    """PGD for evaluation: `restarts` random starts, and per example the worst of every iterate (the clean point and
+    each run's last one included): a misclassified one if any, else the one of highest loss. With a fixed seed, more
+    steps or restarts then never help the model. `y` may be soft targets with a custom loss_fn (then only the loss
+    counts). judge: the model whose verdict picks the worst iterate (default `model`). The soft-router attack follows
+    the soft surrogate's gradient and keeps what the hard-routed model gets worst: the surrogate's own worst iterate
+    can be harmless there."""
     x, judge_model = x.detach(), judge if judge is not None else model
     best_x, best = x.clone(), torch.full((len(x),), -float("inf"), device=x.device)
 
@@ -1085,26 +1014,21 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @float32_evaluation()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Optional[AttackConfig],
              device: torch.device, batch_size: int = 256) -> dict:
-    """Clean accuracy and, with an attack, robust accuracy (fractions in [0, 1]).
-    x is uint8 (N, 3, H, W) on any device; an example counts as robust only if the
-    prediction is right on the clean image and on the attack's worst case. Runs in float32."""
+    """Clean accuracy and, with an attack, robust accuracy (fractions in [0, 1]) on uint8 x (N, 3, H, W) on any
+    device; an example counts as robust only if the prediction is right on the clean image and on the attack's worst
+    case. Runs in float32."""
     clean = robust = 0
     for xb, yb in batches(x, y, batch_size, device):
         ok = predict(model, xb) == yb
         clean += ok.sum().item()
-        if attack is not None:
-            xa = attack(model, xb, yb)
-            robust += (ok & (predict(model, xa) == yb)).sum().item()
-    n = max(1, len(x))
-    out = {"clean_acc": clean / n}
-    if attack is not None:
-        out.update(robust_acc=robust / n, attack=attack.describe())
-    return out
+        robust += (ok & (predict(model, attack(model, xb, yb)) == yb)).sum().item() if attack is not None else 0
+    out = {"clean_acc": clean / max(1, len(x))}
+    return out if attack is None else {**out, "robust_acc": robust / max(1, len(x)), "attack": attack.describe()}
 
 def dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Targeted DLR loss (Croce & Hein 2020, eq. 7), per example, to maximise:
-    -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2), pi the classes sorted by logit. Invariant to
-    shifting and scaling the logits, so a model cannot hide behind large or flat logits."""
+    """Targeted DLR loss (Croce & Hein 2020, eq. 7), per example, to maximise: -(z_y - z_t) / (z_pi1 - (z_pi3 +
+    z_pi4) / 2), pi the classes sorted by logit. Invariant to shifting and scaling the logits, so a model cannot hide
+    behind large or flat logits."""
     z = logits.float()
     s = z.sort(1, descending=True).values
     zy, zt = z.gather(1, y[:, None])[:, 0], z.gather(1, target[:, None])[:, 0]
@@ -1112,15 +1036,14 @@ def dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) ->
 
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 100,
          norm: str = "linf", loss_fn: Callable = ce_per_example, rho: float = 0.75) -> torch.Tensor:
-    """APGD (Croce & Hein 2020, Alg. 1), L-inf or L2: PGD with momentum 0.75 and a per-example
-    step size that starts at 2 eps and halves at checkpoints when progress stalls (condition 1:
-    at most rho of the steps since the last checkpoint increased the loss; condition 2: the step
-    was not halved at the last checkpoint and the best loss has not improved since), restarting
-    from the best point. The checkpoint interval starts at 0.22 steps and shrinks by 0.03 steps
-    to at least 0.06 steps, as in the authors' code. No step size to tune, so it exposes defences
-    that only fool fixed-step PGD. loss_fn(logits, y) -> (B,) is maximised (CE: APGD-CE).
-    Every iterate is scored right after its forward, so a misclassified point is never lost.
-    Returns per example a misclassified iterate if one was found, else the highest-loss one."""
+    """APGD (Croce & Hein 2020, Alg. 1), L-inf or L2: PGD with momentum 0.75 and a per-example step size that starts
+    at 2 eps and halves at checkpoints when progress stalls (condition 1: at most rho of the steps since the last
+    checkpoint increased the loss; condition 2: the step was not halved at the last checkpoint and the best loss has
+    not improved since), restarting from the best point. The checkpoint interval starts at 0.22 steps and shrinks by
+    0.03 steps to at least 0.06 steps, as in the authors' code. No step size to tune, so it exposes defences that
+    only fool fixed-step PGD. loss_fn(logits, y) -> (B,) is maximised (CE: APGD-CE). Every iterate is scored right
+    after its forward, so a misclassified point is never lost. Returns per example a misclassified iterate if one
+    was found, else the highest-loss one."""
     check(norm in NORMS, f"unknown attack norm {norm!r}; allowed: {', '.join(NORMS)}")
     check(eps >= 0 and steps >= 1, f"APGD needs eps >= 0 and steps >= 1, got {eps}, {steps}")
     x = x.detach()
@@ -1170,10 +1093,10 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
 @torch.no_grad()
 def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 100,
                   norm: str = "linf", targets: int = 9) -> torch.Tensor:
-    """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss, once per target class: the
-    `targets` classes with the highest clean logits after the label (AutoAttack: 9), each run
-    only on the examples no earlier target has fooled. Needs at least 4 classes (DLR).
-    Returns x_adv (B, C, H, W): a misclassified point where one was found, else the input."""
+    """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss, once per target class: the `targets` classes with
+    the highest clean logits after the label (AutoAttack: 9), each run only on the examples no earlier target has
+    fooled. Needs at least 4 classes (DLR). Returns x_adv (B, C, H, W): a misclassified point where one was found,
+    else the input."""
     with eval_mode(model):
         logits = model(x).float()
     check(logits.shape[1] >= 4, f"APGD-T's DLR loss needs at least 4 classes, the model has {logits.shape[1]}")
@@ -1199,46 +1122,38 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, queries: int = 5000,
            p_init: float = 0.8) -> torch.Tensor:
-    """Square attack (Andriushchenko et al. 2020, Alg. 1), L-inf: a random search that needs no
-    gradient, so hard routing cannot mask it. Start from vertical stripes of +-eps; each query
-    redraws one random square window per image (a random +-eps per channel) and keeps it if the
-    margin loss z_y - max_{j != y} z_j decreases. The window covers a fraction p of the image,
-    p halving from p_init (AutoAttack: 0.8) at queries 10, 50, 200, 500, 1000, 2000, 4000,
-    6000 and 8000 of a 10,000-query run (rescaled to `queries`). Only examples not yet fooled
-    are queried; one query is one forward of them. Windows and signs are drawn per image.
-    Returns x_adv (B, C, H, W) with ||x_adv - x||_inf <= eps, in [0, 1]."""
+    """Square attack (Andriushchenko et al. 2020, Alg. 1), L-inf: a random search that needs no gradient, so hard
+    routing cannot mask it. Start from vertical stripes of +-eps; each query redraws one random square window per
+    image (a random +-eps per channel) and keeps it if the margin loss z_y - max_{j != y} z_j decreases. The window
+    covers a fraction p of the image, p halving from p_init (AutoAttack: 0.8) at queries 10, 50, 200, 500, 1000,
+    2000, 4000, 6000 and 8000 of a 10,000-query run (rescaled to `queries`). Only examples not yet fooled are
+    queried; one query is one forward of them. Returns x_adv (B, C, H, W) with ||x_adv - x||_inf <= eps, in [0, 1]."""
     check(queries >= 1 and 0 < p_init <= 1, f"Square needs queries >= 1 and 0 < p_init <= 1, got {queries}, {p_init}")
     B, C, H, W = x.shape
-    cols, rows = torch.arange(W, device=x.device), torch.arange(H, device=x.device)
-
-    loss = lambda xa, yy: margin(model(xa), yy)
-
+    r, c = torch.arange(H, device=x.device).view(1, 1, H, 1), torch.arange(W, device=x.device).view(1, 1, 1, W)
     with eval_mode(model):
-        stripes = eps * (torch.randint(0, 2, (B, C, 1, W), device=x.device) * 2 - 1)
-        x_best = (x + stripes).clamp(0, 1)
-        best = loss(x_best, y)
+        x_best = (x + eps * (torch.randint(0, 2, (B, C, 1, W), device=x.device) * 2 - 1)).clamp(0, 1)  # stripes
+        best = margin(model(x_best), y)
         for q in range(queries):
             idx = (best > 0).nonzero()[:, 0]
             if len(idx) == 0:
                 break
-            xi, xb = x[idx], x_best[idx]
-            it = int(q / queries * 10000)
+            n, it = len(idx), int(q / queries * 10000)
             p = p_init / 2 ** sum(it > m for m in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
             s = max(min(round(math.sqrt(p * H * W)), min(H, W) - 1), 1)  # window side
-            top = torch.randint(0, H - s + 1, (len(idx), 1, 1, 1), device=x.device)
-            left = torch.randint(0, W - s + 1, (len(idx), 1, 1, 1), device=x.device)
-            r, c = rows.view(1, 1, H, 1), cols.view(1, 1, 1, W)
-            window = (r >= top) & (r < top + s) & (c >= left) & (c < left + s)  # (b, 1, H, W)
-            sign = torch.randint(0, 2, (len(idx), C, 1, 1), device=x.device) * 2 - 1
-            x_new = torch.where(window, (xi + eps * sign).clamp(0, 1), xb)
-            new = loss(x_new, y[idx])
+            top = torch.randint(0, H - s + 1, (n, 1, 1, 1), device=x.device)
+            left = torch.randint(0, W - s + 1, (n, 1, 1, 1), device=x.device)
+            window = (r >= top) & (r < top + s) & (c >= left) & (c < left + s)  # (n, 1, H, W)
+            sign = torch.randint(0, 2, (n, C, 1, 1), device=x.device) * 2 - 1  # per image and channel
+            x_new = torch.where(window, (x[idx] + eps * sign).clamp(0, 1), x_best[idx])
+            new = margin(model(x_new), y[idx])
             better = new < best[idx]
             x_best[idx[better]], best[idx[better]] = x_new[better], new[better]
     return x_best
 
 class SoftRouted(nn.Module):
-    """The model with every MoE layer running all experts gated by the full softmax: a
-    differentiable surrogate of hard top-k routing, whose gradient sees route changes."""
+    """The model with every MoE layer running all experts gated by the full softmax: a differentiable surrogate of
+    hard top-k routing, whose gradient sees route changes."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -1250,10 +1165,10 @@ class SoftRouted(nn.Module):
             return self.model(x)
 
 class RouterDeviation(nn.Module):
-    """Per-example score of how far the routing of x has moved from given routes: the sum over
-    MoE layers of CE(router logits, clean top-1 expert), averaged over an image's tokens.
-    PGD on this score is the routing-only attack behind RA-R (a surrogate objective: the
-    hard route has no gradient, so the attack pushes the router away from the clean choice)."""
+    """Per-example score of how far the routing of x has moved from given routes: the sum over MoE layers of
+    CE(router logits, clean top-1 expert), averaged over an image's tokens. PGD on this score is the routing-only
+    attack behind RA-R (a surrogate objective: the hard route has no gradient, so the attack pushes the router away
+    from the clean choice)."""
 
     def __init__(self, model: nn.Module, clean_top1: list[torch.Tensor]):
         super().__init__()
@@ -1263,8 +1178,7 @@ class RouterDeviation(nn.Module):
         self.model(x)
         total = torch.zeros(len(x), device=x.device)
         for m, target in zip(moe_layers(self.model), self.clean_top1):
-            ce = F.cross_entropy(m.router_logits, target, reduction="none")  # (N,)
-            total = total + ce.view(len(x), -1).mean(1)
+            total = total + F.cross_entropy(m.router_logits, target, reduction="none").view(len(x), -1).mean(1)
         return total[:, None]
 
 def router_attack(model: nn.Module, x: torch.Tensor, attack: AttackConfig) -> torch.Tensor:
@@ -1273,12 +1187,10 @@ def router_attack(model: nn.Module, x: torch.Tensor, attack: AttackConfig) -> to
     score = RouterDeviation(model, clean_top1).train(model.training)  # so pgd restores the model's own mode
     return attack(score, x, torch.zeros(len(x), device=x.device), loss_fn=lambda out, _: out[:, 0])
 
-# ============================================================================================
-# 6. Training methods: standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE
-# ============================================================================================
+# ==== 6. Training methods: standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE =========================================
 def sgd(params, cfg: Config, lr: Optional[float] = None) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum; on CUDA the fused kernel (one launch for all parameters).
-    (On CPU the default multi-tensor path, so CPU runs repeat README's numbers exactly.)"""
+    """SGD with Nesterov momentum; on CUDA the fused kernel (one launch for all parameters). (On CPU the default
+    multi-tensor path, so CPU runs repeat README's numbers exactly.)"""
     params = list(params)
     fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
@@ -1305,14 +1217,14 @@ def trades_attack(model: nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tenso
     return project(xa - x, cfg.eps, cfg.norm).add(x).clamp(0, 1)
 
 def at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
-    """PGD-AT (Madry et al. 2018): CE(F(x_adv), y) + MoE aux losses of that forward, x_adv =
-    PGD-`train_steps` against the current model (last iterate). -> (loss, logits)"""
+    """PGD-AT (Madry et al. 2018): CE(F(x_adv), y) + MoE aux losses of that forward, x_adv = PGD-`train_steps`
+    against the current model (last iterate). -> (loss, logits)"""
     logits = model(pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm)).float()
     return F.cross_entropy(logits, y) + aux(model, cfg), logits
 
 def trades_term(model: nn.Module, x: torch.Tensor, cfg: Config, xa: Optional[torch.Tensor] = None):
-    """(1/B) sum_n KL(p(x_n) || p(x'_n)), x' = xa, or TRADES' attack on `model` (whatever routes
-    or experts are forced on it). -> (kl, clean logits, MoE aux losses of the clean forward)"""
+    """(1/B) sum_n KL(p(x_n) || p(x'_n)), x' = xa, or TRADES' attack on `model` (whatever routes or experts are
+    forced on it). -> (kl, clean logits, MoE aux losses of the clean forward)"""
     xa = trades_attack(model, x, cfg) if xa is None else xa
     logits = model(x).float()
     clean_aux = aux(model, cfg)
@@ -1324,19 +1236,18 @@ def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config)
     return F.cross_entropy(logits, y) + cfg.beta * kl + clean_aux, logits
 
 def expert_path_term(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """RT-ER / JTDMoE's KL term on one expert path (the routes or expert forced on `model`):
-    (1/B) sum_n KL(f(x_n) || f(x'_n)), x' = label PGD (cross-entropy, random start) against that
-    path, as in the dual-model paper and its code; --expert-attack kl: TRADES' KL attack."""
+    """RT-ER / JTDMoE's KL term on one expert path (the routes or expert forced on `model`): (1/B) sum_n KL(f(x_n) ||
+    f(x'_n)), x' = label PGD (cross-entropy, random start) against that path, as in the dual-model paper and its
+    code; --expert-attack kl: TRADES' KL attack."""
     xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm) if cfg.expert_attack == "pgd" else None
     return trades_term(model, x, cfg, xa)[0]
 
 class Method:
-    """A training method: owns its model(s), optimiser(s) and schedule(s); `step` trains on one
-    batch and returns 0-dim tensors to log, left on the device (the training loop reads them once
-    per epoch, so a step never waits for the GPU). Subclasses define `loss` (or `step`)."""
+    """A training method: owns its model(s), optimiser(s) and schedule(s); `step` trains on one batch and returns
+    0-dim tensors to log, left on the device (the training loop reads them once per epoch, so a step never waits for
+    the GPU). Subclasses define `loss` (or `step`). groups: the parameter lists that get an optimiser each."""
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int, groups: Optional[list] = None):
-        """groups: the parameter lists that get an optimiser each (default: all parameters)."""
         self.model, self.cfg = model, cfg
         self.opts = [sgd(g, cfg) for g in (groups or [model.parameters()])]
         self.scheds = [cosine(o, total_steps) for o in self.opts]
@@ -1349,22 +1260,27 @@ class Method:
         opt.step()
         self.model.zero_grad(set_to_none=True)
 
+    def logs(self, loss, logits, y, **extra) -> dict:
+        """Advance every schedule; the step's loss, accuracy and `extra` losses, detached."""
+        for s in self.scheds:
+            s.step()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in extra.items()},
+                "acc": (logits.argmax(1) == y).float().mean()}
+
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         self.model.train()
         with autocast_for(x.device):  # the forwards (attack included) in the run's precision; backward outside
             loss, logits = self.loss(x, y)
         self.descend(self.opt, loss)
-        for s in self.scheds:
-            s.step()
-        return {"loss": loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
+        return self.logs(loss, logits, y)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opts": [o.state_dict() for o in self.opts],
                 "scheds": [s.state_dict() for s in self.scheds]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a checkpoint, whichever device wrote it: each optimiser keeps the kernel choice
-        (fused / foreach) made for this device, not the one saved with its state."""
+        """Restore a checkpoint, whichever device wrote it: each optimiser keeps the kernel choice (fused / foreach)
+        made for this device, not the one saved with its state."""
         self.model.load_state_dict(state["model"])
         for o, st in zip(self.opts, state["opts"]):
             here = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in o.param_groups]
@@ -1395,19 +1311,18 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in moe_layers(model) for part in (m.router, m.noise) if part is not None for p in part.parameters()]
 
 class AdvMoE(Method):
-    """AdvMoE (Zhang et al., ICCV 2023, Alg. 1): router-expert alternating adversarial training.
-    theta_R = all routers, theta_E = everything else, each with its own optimiser. Per batch:
+    """AdvMoE (Zhang et al., ICCV 2023, Alg. 1): router-expert alternating adversarial training. theta_R = all
+    routers, theta_E = everything else, each with its own optimiser. Per batch:
       1. router step: x_adv = PGD against the current model; update theta_R only on the robust loss;
       2. expert step: regenerate x_adv against the updated model; update theta_E only.
-    The robust loss is PGD-AT's CE or TRADES (--robust-loss). The paper's finding: plain AT of an
-    MoE-CNN fails because routers and experts cannot adapt to each other; alternating lets each
-    adapt to the other's latest state. Where the official code differs: it trains ONE image-level
-    router (a small ResNet shared by all layers) to predict y mod E under TRADES, so the
-    classification loss never reaches the router (issues on that repository report the mismatch
-    and NaN router scores that collapse routing onto expert 0). Here every MoE layer has its own
-    router and both steps minimise the same robust loss, as the paper describes. Both forwards
-    run in train mode, so BatchNorm running statistics are updated twice per batch (buffers, not
-    parameters: the router step changes no parameter outside theta_R)."""
+    The robust loss is PGD-AT's CE or TRADES (--robust-loss). The paper's finding: plain AT of an MoE-CNN fails
+    because routers and experts cannot adapt to each other; alternating lets each adapt to the other's latest state.
+    Where the official code differs: it trains ONE image-level router (a small ResNet shared by all layers) to
+    predict y mod E under TRADES, so the classification loss never reaches the router (issues on that repository
+    report the mismatch and NaN router scores that collapse routing onto expert 0). Here every MoE layer has its own
+    router and both steps minimise the same robust loss, as the paper describes. Both forwards run in train mode, so
+    BatchNorm running statistics are updated twice per batch (buffers, not parameters: the router step changes no
+    parameter outside theta_R)."""
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
         router = router_parameters(model)
@@ -1417,9 +1332,7 @@ class AdvMoE(Method):
         self.opt = sgd([p for p in model.parameters() if id(p) not in ids], cfg)
         self.router_opt = sgd(router, cfg, cfg.router_lr)  # lr None: --lr
         self.opts = [self.opt, self.router_opt]
-        router_sched = (cosine(self.router_opt, total_steps) if cfg.router_schedule == "cosine"
-                        else torch.optim.lr_scheduler.LambdaLR(self.router_opt, lambda t: 1.0))
-        self.scheds = [cosine(self.opt, total_steps), router_sched]
+        self.scheds = [cosine(o, total_steps) for o in self.opts[:1 + (cfg.router_schedule == "cosine")]]
 
     def update(self, opt: torch.optim.Optimizer, x, y):
         self.model.train()
@@ -1437,23 +1350,21 @@ class AdvMoE(Method):
     def step(self, x, y):
         r_loss, _ = self.router_step(x, y)
         loss, logits = self.expert_step(x, y)  # x_adv regenerated against the updated routers
-        for s in self.scheds:
-            s.step()
-        return {"loss": loss.detach(), "router_loss": r_loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
+        return self.logs(loss, logits, y, router_loss=r_loss)
 
 def runner_up_routes(model: nn.Module, x: torch.Tensor) -> list[Route]:
-    """The runner-up path on clean x: at every MoE layer the expert its router ranks second
-    (given the runner-up choices of the layers before), with gate 1. (N, 1) per layer."""
+    """The runner-up path on clean x: at every MoE layer the expert its router ranks second (given the runner-up
+    choices of the layers before), with gate 1. (N, 1) per layer."""
     with forced_rank(model, 1):
         return current_routes(model, x, fixed_gates=1.0)
 
 class RTER(Method):
-    """RT-ER (dual-model paper, Zhang, Xu, Hu, Wang 2025): PGD-AT of the whole MoE plus a TRADES
-    term on the runner-up expert j(n), the one the router ranks second for example n:
+    """RT-ER (dual-model paper, Zhang, Xu, Hu, Wang 2025): PGD-AT of the whole MoE plus a TRADES term on the
+    runner-up expert j(n), the one the router ranks second for example n:
         L = CE(F(x_adv), y) + (beta / B) sum_n KL(f_j(n)(x_n) || f_j(n)(x'_n)),  x'_n = PGD against f_j(n).
-    The top-1 expert is made robust by the first term; the runner-up is where an input lands
-    when a perturbation flips the route, so it is trained to be robust too. With several MoE
-    layers the runner-up path takes the second-ranked expert at every layer."""
+    The top-1 expert is made robust by the first term; the runner-up is where an input lands when a perturbation
+    flips the route, so it is trained to be robust too. With several MoE layers the runner-up path takes the
+    second-ranked expert at every layer."""
 
     def runner_up_term(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """(1/B) sum_n KL(f_j(n)(x_n) || f_j(n)(x'_n)) with the runner-up routes fixed from clean x."""
@@ -1465,16 +1376,14 @@ class RTER(Method):
         return ce + self.cfg.beta * self.runner_up_term(x, y), logits
 
 class JTDMoE(Method):
-    """JTDMoE (dual-model paper): joint training of f_S and f_R inside f_D = (1 - a) f_S + a f_R,
-    a fixed. Per batch:
+    """JTDMoE (dual-model paper): joint training of f_S and f_R inside f_D = (1 - a) f_S + a f_R, a fixed. Per batch:
       (a) robust step on f_R (f_S frozen): CE(f_R(PGD(f_R, x)), y)
               + (beta / B) sum_n sum_i KL(f_Ri(x_n) || f_Ri(PGD(f_Ri, x)_n)), every expert i made robust;
-      (b) standard step on f_S (f_R frozen, in eval mode so its BatchNorm statistics stay put):
-              CE(f_D(x), y) on clean x, so f_S learns to complement a * f_R."""
+      (b) standard step on f_S (f_R frozen, in eval mode so its BatchNorm statistics stay put): CE(f_D(x), y) on
+          clean x, so f_S learns to complement a * f_R."""
 
     def __init__(self, model: "DualModel", cfg: Config, total_steps: int):
         super().__init__(model, cfg, total_steps, [model.robust.parameters(), model.standard.parameters()])
-        self.std_opt = self.opts[1]
 
     def robust_step(self, x, y):
         f_r, cfg = self.model.robust, self.cfg
@@ -1484,7 +1393,7 @@ class JTDMoE(Method):
             for i in range(moe_layers(f_r)[0].num_experts):
                 with forced_expert(f_r, i):
                     loss = loss + cfg.beta * expert_path_term(f_r, x, y, cfg)
-        self.descend(self.opt, loss)
+        self.descend(self.opts[0], loss)
         return loss
 
     def standard_step(self, x, y):
@@ -1492,49 +1401,41 @@ class JTDMoE(Method):
         with eval_mode(self.model.robust), autocast_for(x.device):
             logits = self.model(x).float()
             loss = F.cross_entropy(logits, y) + aux(self.model.standard, self.cfg)
-        self.descend(self.std_opt, loss)
+        self.descend(self.opts[1], loss)
         return loss, logits
 
     def step(self, x, y):
         r_loss = self.robust_step(x, y)
-        loss, logits = self.standard_step(x, y)
-        for s in self.scheds:
-            s.step()
-        return {"loss": loss.detach(), "robust_loss": r_loss.detach(), "acc": (logits.argmax(1) == y).float().mean()}
+        return self.logs(*self.standard_step(x, y), y, robust_loss=r_loss)
 
 METHOD_CLASSES: dict[str, type] = {"standard": Standard, "at": PGDAT, "trades": TRADES, "advmoe": AdvMoE,
                                    "rt-er": RTER, "jtdmoe": JTDMoE}
 
-# ============================================================================================
-# 7. Evaluating an MoE honestly
-# ============================================================================================
-# SA: clean accuracy. RA: robust accuracy under a cascade of named attacks, each run only on
-# the examples every earlier attack left robust (AutoAttack's protocol), so an example counts
-# as robust only if it survives them all: the per-example minimum. Suites:
+# ==== 7. Evaluating an MoE honestly ===============================================================================
+# SA: clean accuracy. RA: robust accuracy under a cascade of named attacks, each run only on the examples every
+# earlier attack left robust (AutoAttack's protocol), so an example counts as robust only if it survives them all:
+# the per-example minimum. Suites:
 #   pgd         PGD (validation, quick looks)
-#   autoattack  APGD-CE, APGD-T, Square: AutoAttack's standard suite (Croce & Hein 2020)
-#               without FAB-T, written here (README: why FAB-T is left out)
-#   full        PGD, APGD-CE, APGD-T, PGD through a soft all-experts surrogate of the router,
-#               Square; then the MoE analyses and the gradient-masking probes below.
-# Hard top-k routing hides gradients (a route change is a jump the gradient does not see), so
-# the suites end with Square, which uses no gradient. Gradient-masking probes (full): PGD's
-# success must grow with eps and reach 100% at a large eps, and the report says so when
-# APGD/Square beat PGD by a wide margin or Square breaks what every gradient attack missed.
-# RA-E: routes fixed at the clean routes, experts attacked. RA-R: only the routing attacked:
-# routes from the perturbed input, experts on the clean input (RouterDeviation). Per-expert
-# SA/RA: every f_i (all MoE layers forced to expert i) attacked anew. With routes fixed or an
-# expert forced the network has no routing decision left to hide behind, so f_i meets the
-# suite's gradient attacks (PGD, APGD-CE, APGD-T) and RA-E its PGD and APGD-CE. Routing: expert usage, class x expert
-# counts, and the fraction of routes that the suite's adversarial examples and the routing
-# attack flip (Puigcerver 2022 report the overlap of experts before and after an attack).
+#   autoattack  APGD-CE, APGD-T, Square: AutoAttack's standard suite (Croce & Hein 2020) without FAB-T, written here
+#               (README: why FAB-T is left out)
+#   full        PGD, APGD-CE, APGD-T, PGD through a soft all-experts surrogate of the router, Square; then the MoE
+#               analyses and the gradient-masking probes below.
+# Hard top-k routing hides gradients (a route change is a jump the gradient does not see), so the suites end with
+# Square, which uses no gradient. Gradient-masking probes (full): PGD's success must grow with eps and reach 100% at
+# a large eps, and the report says so when APGD/Square beat PGD by a wide margin or Square breaks what every gradient
+# attack missed. RA-E: routes fixed at the clean routes, experts attacked. RA-R: only the routing attacked: routes
+# from the perturbed input, experts on the clean input (RouterDeviation). Per-expert SA/RA: every f_i (all MoE layers
+# forced to expert i) attacked anew. With routes fixed or an expert forced the network has no routing decision left
+# to hide behind, so f_i meets the suite's gradient attacks (PGD, APGD-CE, APGD-T) and RA-E its PGD and APGD-CE.
+# Routing: expert usage, class x expert counts, and the fraction of routes that the suite's adversarial examples and
+# the routing attack flip (Puigcerver 2022 report the overlap of experts before and after an attack).
 PROBE_FACTORS = (1, 2, 4, 8, 16)  # eps multiples of the probe; L-inf radii are capped at 1
 
 def suite_attacks(cfg: Config, suite: str, num_classes: int, moe: bool) -> list[tuple[str, Callable]]:
     """The suite's attacks in the order they run: [(name, attack(model, x, y) -> x_adv)]."""
-    a = AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm)
+    a, e, n = AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm), cfg.eps, cfg.apgd_steps
     if suite == "pgd":
         return [(a.describe(), a)]
-    e, n = cfg.eps, cfg.apgd_steps
     out = [(a.describe(), a)] if suite == "full" else []
     out.append((f"APGD-CE-{n}", lambda m, x, y: apgd(m, x, y, e, n, cfg.norm)))
     if num_classes >= 4:  # the DLR loss needs 4 classes
@@ -1548,10 +1449,9 @@ def suite_attacks(cfg: Config, suite: str, num_classes: int, moe: bool) -> list[
 
 def attack_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list, ok: torch.Tensor,
                    context: Callable = lambda idx: contextlib.nullcontext()):
-    """Run `attacks` in order, each on the examples still robust (correct on x, ok (B,), and
-    not fooled by an earlier attack); `context(idx)` wraps each attack and its scoring (e.g. the
-    clean routes of those rows). -> ({name: robust after it (B,) bool}, x_adv (B, ...): what
-    fooled each example, else the last attack's output)"""
+    """Run `attacks` in order, each on the examples still robust (correct on x, ok (B,), and not fooled by an earlier
+    attack); `context(idx)` wraps each attack and its scoring (e.g. the clean routes of those rows). -> ({name:
+    robust after it (B,) bool}, x_adv (B, ...): what fooled each example, else the last attack's output)"""
     robust, x_adv, after = ok.clone(), x.clone(), {}
     for name, attack in attacks:
         idx = robust.nonzero()[:, 0]
@@ -1570,9 +1470,9 @@ def take_routes(routes: list[Route], idx: torch.Tensor, B: int) -> list[Route]:
     return [Route(pick(r.indices), pick(r.gates)) for r in routes]
 
 def masking_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config) -> dict:
-    """PGD's robust accuracy at growing eps (PROBE_FACTORS x eps) on float images x: it should
-    fall with eps and reach 0 at a large eps; where it does not, the gradient is not finding
-    adversarial examples that exist (gradient masking, Athalye et al. 2018)."""
+    """PGD's robust accuracy at growing eps (PROBE_FACTORS x eps) on float images x: it should fall with eps and
+    reach 0 at a large eps; where it does not, the gradient is not finding adversarial examples that exist (gradient
+    masking, Athalye et al. 2018)."""
     radii = [min(f * cfg.eps, 1.0) if cfg.norm == "linf" else f * cfg.eps for f in PROBE_FACTORS]
     ok = predict(model, x) == y
     attacks = [AttackConfig(r, None, cfg.eval_steps, 1, cfg.norm) for r in radii]
@@ -1589,35 +1489,34 @@ def masking_warnings(res: dict, n: int) -> list[str]:
     if res["attacks"][0].startswith("PGD") and len(after) > 1 and after[0][1] - res["robust_acc"] > 0.02:
         warn.append(f"the suite's other attacks lower RA {after[0][1] - res['robust_acc']:.3f} below PGD alone: "
                     "PGD overstates this model's robustness")
-    probe = res.get("probe")
-    if probe:
-        accs = probe["robust_acc"]
-        if accs[-1] > 0:
-            warn.append(f"PGD at eps={probe['eps'][-1]:.3g} leaves {accs[-1]:.1%} robust: attack success should reach "
-                        "100% at a large eps; gradients may be masked")
-        if any(b > a + 0.02 for a, b in zip(accs, accs[1:])):
-            warn.append("PGD's robust accuracy rises with eps somewhere in the probe: gradients may be masked")
+    radii, accs = (res["probe"]["eps"], res["probe"]["robust_acc"]) if "probe" in res else ([0], [0])
+    if accs[-1] > 0:
+        warn.append(f"PGD at eps={radii[-1]:.3g} leaves {accs[-1]:.1%} robust: attack success should reach 100% at a "
+                    "large eps; gradients may be masked")
+    if any(b > a + 0.02 for a, b in zip(accs, accs[1:])):
+        warn.append("PGD's robust accuracy rises with eps somewhere in the probe: gradients may be masked")
     return warn
 
 @float32_evaluation()
 def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device,
                   batch_size: int = 256, suite: Optional[str] = None, analysis: bool = True) -> dict:
-    """The evaluation report of a model on uint8 images x (N, 3, H, W) and labels y (N,):
-    SA, RA under the suite (cfg.eval_suite unless given) with each attack's figure, and for
-    the full suite with analysis=True the masking probe, RA-E, RA-R, per-expert numbers and
-    routing statistics. Runs in true float32 whatever the training precision."""
-    suite = suite or cfg.eval_suite
-    layers = moe_layers(model)
-    full = suite == "full"
-    moe = full and analysis and len(layers) > 0
-    attack = AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm)
-    attacks = names = None
-    n, sums, E = 0, {}, (layers[0].num_experts if layers else 0)
+    """The evaluation report of a model on uint8 images x (N, 3, H, W) and labels y (N,): SA, RA under the suite
+    (cfg.eval_suite unless given) with each attack's figure, and for the full suite with analysis=True the masking
+    probe, RA-E, RA-R, per-expert numbers and routing statistics. Runs in true float32 whatever the training
+    precision."""
+    suite, layers = suite or cfg.eval_suite, moe_layers(model)
+    moe = suite == "full" and analysis and len(layers) > 0
+    attacks = names = class_expert = None
+    n, rows, sums, E = 0, 0, {}, (layers[0].num_experts if layers else 0)
     usage = [torch.zeros(m.num_experts, dtype=torch.long) for m in layers]
-    class_expert, flips_adv, flips_router, rows = None, [0] * len(layers), [0] * len(layers), [0] * len(layers)
+    flips = {"attack": [0] * len(layers), "router_attack": [0] * len(layers)}
 
     def add(key, ok):
         sums[key] = sums.get(key, 0) + int(ok.sum().item())
+
+    def count_flips(kind, new_routes):  # top-1 changes, on the rows of clean-correct images
+        for l, r in enumerate(new_routes):
+            flips[kind][l] += int((r.indices[:, 0] != routes[l].indices[:, 0])[attacked].sum())
 
     for xb, yb in batches(x, y, batch_size, device):
         B, n = len(xb), n + len(xb)
@@ -1640,9 +1539,8 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
             add(name, robust)
         add("robust", after[names[-1]])
         attacked = ok.repeat_interleave(len(routes[0].indices) // B) if routes else None  # rows of clean-correct images
-        for l, r in enumerate(current_routes(model, xa) if layers else []):
-            flips_adv[l] += int((r.indices[:, 0] != routes[l].indices[:, 0])[attacked].sum())
-            rows[l] += int(attacked.sum())
+        rows += int(attacked.sum()) if routes else 0
+        count_flips("attack", current_routes(model, xa) if layers else [])
         if not moe:
             continue
         gradient = [(k, a) for k, a in attacks if k.startswith(("PGD", "APGD"))]
@@ -1650,10 +1548,9 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
         ra_e, _ = attack_cascade(model, xb, yb, fixed, ok,  # which per-row forced routes cannot follow
                                  lambda idx: forced_routes(model, take_routes(routes, idx, B)))
         add("ra_e", ra_e[fixed[-1][0]])
-        xr = router_attack(model, xb, attack)  # RA-R: routing attacked, experts see clean x
-        r_routes = current_routes(model, xr)
-        for l, r in enumerate(r_routes):
-            flips_router[l] += int((r.indices[:, 0] != routes[l].indices[:, 0])[attacked].sum())
+        xr = router_attack(model, xb, AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm))
+        r_routes = current_routes(model, xr)  # RA-R: routing attacked, experts see clean x
+        count_flips("router_attack", r_routes)
         with forced_routes(model, r_routes):
             add("ra_r", ok & (predict(model, xb) == yb))
         for i in range(E):  # per-expert networks f_i, attacked anew
@@ -1664,22 +1561,20 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     acc = lambda k: sums.get(k, 0) / max(1, n)
     res = {"clean_acc": acc("clean"), "robust_acc": acc("robust"), "attack": "cascade: " + " > ".join(names),
            "attacks": names, "robust_after": {k: acc(k) for k in names}}
-    before = [acc("clean")] + [acc(k) for k in names]
-    res["fooled_by"] = {k: round(b - acc(k), 6) for k, b in zip(names, before)}
+    res["fooled_by"] = {k: round(b - acc(k), 6) for k, b in zip(names, [acc("clean")] + [acc(k) for k in names])}
     if cfg.norm == "l2" and suite != "pgd":
         res["note"] = "Square is L-inf only here: this L2 suite has no gradient-free attack"
-    if full and analysis:
-        xf, yf = x[:200].to(device).float() / 255, y[:200].to(device)
-        res["probe"] = masking_probe(model, xf, yf, cfg)
+    if suite == "full" and analysis:
+        res["probe"] = masking_probe(model, x[:200].to(device).float() / 255, y[:200].to(device), cfg)
+    rate = lambda kind: [f / max(1, rows) for f in flips[kind]]
     if layers:
-        res["routing"] = {"usage": [u.tolist() for u in usage],
-                          "route_flip_attack": [f / max(1, r) for f, r in zip(flips_adv, rows)]}
+        res["routing"] = {"usage": [u.tolist() for u in usage], "route_flip_attack": rate("attack")}
     if moe:
         res.update(ra_e=acc("ra_e"), ra_r=acc("ra_r"), ra_e_attacks=[k for k, _ in fixed],
                    per_expert=[{"expert": i, "clean_acc": acc(f"expert{i}_clean"),
                                 "robust_acc": acc(f"expert{i}_robust")} for i in range(E)])
         res["routing"].update(class_expert=[c.tolist() for c in class_expert],
-                              route_flip_router_attack=[f / max(1, r) for f, r in zip(flips_router, rows)])
+                              route_flip_router_attack=rate("router_attack"))
     res["warnings"] = masking_warnings(res, n) if suite != "pgd" else []
     return res
 
@@ -1689,27 +1584,22 @@ def format_report(res: dict, title: str = "test") -> str:
     if len(res.get("robust_after", {})) > 1:
         lines.append("  RA after each attack: " + ", ".join(f"{k}: {v:.3f}" for k, v in res["robust_after"].items()))
     if "probe" in res:
-        p = res["probe"]
-        lines.append(f"  masking probe, PGD RA by eps ({p['n']} images): "
-                     + ", ".join(f"{e:.3g}: {a:.3f}" for e, a in zip(p["eps"], p["robust_acc"])))
+        lines.append(f"  masking probe, PGD RA by eps ({res['probe']['n']} images): "
+                     + ", ".join(f"{e:.3g}: {a:.3f}" for e, a in zip(res["probe"]["eps"], res["probe"]["robust_acc"])))
     if "ra_e" in res:
-        lines.append(f"  RA-E (clean routes, experts attacked) {res['ra_e']:.3f} | "
-                     f"RA-R (only routing attacked) {res['ra_r']:.3f}")
+        lines.append(f"  RA-E (clean routes, experts attacked) {res['ra_e']:.3f} | RA-R (only routing attacked) "
+                     f"{res['ra_r']:.3f}")
         lines.append("  per expert SA/RA: " + ", ".join(f"f{e['expert']} {e['clean_acc']:.3f}/{e['robust_acc']:.3f}"
                                                      for e in res["per_expert"]))
     if "routing" in res:
-        r = res["routing"]
+        r, fmt = res["routing"], lambda fs: ", ".join(f"{f:.2f}" for f in fs)
         lines.append("  expert usage per MoE layer: " + "; ".join("/".join(str(c) for c in u) for u in r["usage"]))
-        flips = ", ".join(f"{f:.2f}" for f in r["route_flip_attack"])
-        extra = (", routing attack " + ", ".join(f"{f:.2f}" for f in r["route_flip_router_attack"])
-                 if "route_flip_router_attack" in r else "")
-        lines.append(f"  routes flipped per layer: suite's adversarial examples {flips}{extra}")
+        extra = f", routing attack {fmt(r['route_flip_router_attack'])}" if "route_flip_router_attack" in r else ""
+        lines.append(f"  routes flipped per layer: suite's adversarial examples {fmt(r['route_flip_attack'])}{extra}")
     lines += [f"  WARNING: {w}" for w in res.get("warnings", [])] + [f"  note: {res.get('note')}"] * ("note" in res)
     return "\n".join(lines)
 
-# ============================================================================================
-# 8. The training loop: checkpoints, validation, resume, the dual model
-# ============================================================================================
+# ==== 8. The training loop: checkpoints, validation, resume, the dual model ========================================
 CHECKPOINT_VERSION = 1
 RUN_FILES = ("last.pt", "best.pt", "metrics.json")  # a folder holding any of these holds a run
 
@@ -1756,9 +1646,9 @@ def check_resume(resume: bool, overwrite: bool) -> None:
 
 def train_epoch(method: Method, x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device,
                 epoch: int) -> dict:
-    """One pass over (x, y) with method.step. Logs are summed on the device and read back once;
-    a non-finite loss or weight stops the run before anything of this epoch is saved (the last
-    good checkpoint stays). -> {"train_loss": mean, ..., "images": n, "seconds": training time}"""
+    """One pass over (x, y) with method.step. Logs are summed on the device and read back once; a non-finite loss or
+    weight stops the run before anything of this epoch is saved (the last good checkpoint stays).
+    -> {"train_loss": mean, ..., "images": n, "seconds": training time}"""
     t0, sums, n = time.time(), {}, 0
     first_bad = torch.tensor(-1, device=device)  # first step with a non-finite log, found on the device
     for step, (xb, yb) in enumerate(batches(x, y, cfg.batch_size, device, shuffle=True, train_augment=cfg.augment)):
@@ -1779,11 +1669,10 @@ def train_epoch(method: Method, x: torch.Tensor, y: torch.Tensor, cfg: Config, d
     return {**{f"train_{k}": v / n for k, v in sums.items()}, "images": n, "seconds": time.time() - t0}
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
-    """Train with `cfg.method`, validate each epoch, keep the best checkpoint, test it. Files in
-    cfg.out: last.pt (everything, every epoch), best.pt (best validation epoch), metrics.json
-    (config, per-epoch history, final test report). resume=True continues from last.pt and
-    repeats, on CPU, what the uninterrupted run would have done: every epoch reseeds the RNG
-    from (seed, epoch). Method 'dual' is run by run_dual (below)."""
+    """Train with `cfg.method`, validate each epoch, keep the best checkpoint, test it. Files in cfg.out: last.pt
+    (everything, every epoch), best.pt (best validation epoch), metrics.json (config, per-epoch history, final test
+    report). resume=True continues from last.pt and repeats, on CPU, what the uninterrupted run would have done:
+    every epoch reseeds the RNG from (seed, epoch). Method 'dual' is run by run_dual (below)."""
     check_resume(resume, overwrite)
     check(cfg.method != "dual", "method 'dual' trains nothing itself: call run_dual")
     out, state = Path(cfg.out), None
@@ -1820,8 +1709,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         log(f"resumed {last} at epoch {start}/{cfg.epochs}" + ": all epochs done, testing" * (start >= cfg.epochs))
     if cfg.compile:
         compile_model(method.model)
-    selection = "val_clean_acc" if cfg.method == "standard" else "val_robust_acc"
-    params = count_params(method.model)
+    selection, params = "val_clean_acc" if cfg.method == "standard" else "val_robust_acc", count_params(model)
     metrics = {"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_config(cfg, *shape)),
                "params": params, "selection": selection, "history": history, "best_epoch": best["epoch"]}
     log(f"{cfg.method} | {cfg.arch} on {cfg.dataset} ({len(tx)} train / {n_val} val / {len(data.test_x)} test) | "
@@ -1832,20 +1720,19 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         seed_everything(cfg.seed * 100003 + epoch)
         t0, row = time.time(), train_epoch(method, tx, ty, cfg, runtime.device, epoch)
         n, seconds = row.pop("images"), row.pop("seconds")
-        reset_routing_stats(method.model)  # expert usage on the clean validation split, in float32 like every report
+        reset_routing_stats(model)  # expert usage on the clean validation split, in float32 like every report
         with float32_evaluation():
             for xb, _ in batches(vx, vy, 256, runtime.device):
-                predict(method.model, xb)
-        usage = expert_counts(method.model)
-        val = evaluate(method.model, vx, vy, AttackConfig(cfg.eps, cfg.alpha, cfg.val_steps, 1, cfg.norm),
-                       runtime.device)
+                predict(model, xb)
+        usage = expert_counts(model)
+        val = evaluate(model, vx, vy, AttackConfig(cfg.eps, cfg.alpha, cfg.val_steps, 1, cfg.norm), runtime.device)
         row = {"epoch": epoch + 1, **row, "val_clean_acc": val["clean_acc"], "val_robust_acc": val["robust_acc"],
                "lr": method.opt.param_groups[0]["lr"], "time_s": round(time.time() - t0, 2),
                "images_per_s": round(n / seconds, 1), "expert_usage": usage}
         history.append(row)
         if row[selection] > best["score"]:
             best = {"epoch": epoch + 1, "score": row[selection]}
-            save_checkpoint(out / "best.pt", {**saved, "epoch": epoch, "model": method.model.state_dict()})
+            save_checkpoint(out / "best.pt", {**saved, "epoch": epoch, "model": model.state_dict()})
         save_checkpoint(last, {**saved, "epoch": epoch, "method": method.state_dict(), "history": history,
                                "best": best})
         metrics["best_epoch"] = best["epoch"]
@@ -1854,9 +1741,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
             f"clean {row['val_clean_acc']:.3f} robust {row['val_robust_acc']:.3f} | {row['time_s']:.1f}s "
             f"{row['images_per_s']:.0f} img/s")
     best_state = load_checkpoint(str(out / "best.pt"))  # the final test: best validation epoch, the full evaluation
-    method.model.load_state_dict(best_state["model"])
-    metrics["test"] = evaluate_full(method.model, data.test_x, data.test_y, cfg, runtime.device)
-    metrics["test"]["epoch"] = best_state["epoch"] + 1
+    model.load_state_dict(best_state["model"])
+    metrics["test"] = {**evaluate_full(model, data.test_x, data.test_y, cfg, runtime.device),
+                       "epoch": best_state["epoch"] + 1}
     write_json(out / "metrics.json", metrics)
     log(format_report(metrics["test"], f"test (best val epoch {metrics['test']['epoch']})"))
     return metrics
@@ -1865,19 +1752,17 @@ def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module,
     """Rebuild the evaluated model of a checkpoint (best.pt or last.pt): (model, config, state)."""
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"])
-    runtime = runtime or make_runtime("auto")
     model = build_run_model(cfg, state["num_classes"], state["image_size"])
     try:
         model.load_state_dict(state["model"] if "model" in state else state["method"]["model"])
     except Exception as e:
         raise UserError(f"checkpoint {path!r} does not fit its own config ({type(e).__name__})") from None
-    return runtime.prepare(model), cfg, state
+    return (runtime or make_runtime("auto")).prepare(model), cfg, state
 
 def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
-    """--method dual: f_S and f_R from --standard-ckpt / --robust-ckpt, or trained here into
-    OUT/standard (standard training) and OUT/robust (--robust-method, RT-ER by default); then
-    f_D = (1 - a) f_S + a f_R is evaluated for every a of --dual-sweep (SA, and RA as the minimum
-    over the suite's attacks) and fully at a = --dual-a."""
+    """--method dual: f_S and f_R from --standard-ckpt / --robust-ckpt, or trained here into OUT/standard (standard
+    training) and OUT/robust (--robust-method, RT-ER by default); then f_D = (1 - a) f_S + a f_R is evaluated for
+    every a of --dual-sweep (SA, and RA as the minimum over the suite's attacks) and fully at a = --dual-a."""
     check_resume(resume, overwrite)
     cfg.validate()
     out = Path(cfg.out)
@@ -1917,33 +1802,29 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
     log(format_report(metrics["test"], f"dual model at a={cfg.dual_a}"))
     return metrics
 
-# ============================================================================================
-# 9. Lipschitz constants, route stability and certified radii (Puigcerver 2022; dual model)
-# ============================================================================================
+# ==== 9. Lipschitz constants, route stability and certified radii (Puigcerver 2022; dual model) =====================
 # How fast can the logits F change with the input, in a norm p (linf or l2; output in the same)?
-#   local_lipschitz          max ||F(x') - F(x)|| / ||x' - x|| over an eps-ball by gradient
-#                            ascent: a lower bound on the local constant;
+#   local_lipschitz          max ||F(x') - F(x)|| / ||x' - x|| over an eps-ball by gradient ascent: a lower bound on
+#                            the local constant;
 #   jacobian_spectral_norm   ||J_F(x)||_2 by power iteration with jvp and vjp;
-#   lipschitz_bound          an upper bound: the product of per-layer operator norms (L2: Gram
-#                            iteration, a provable upper bound; L-inf: row sums; BatchNorm in
-#                            eval as max |gamma / sigma|; residual blocks L_shortcut + L_branch).
-# For a dense network the bound is global. An MoE layer F = sum_i g_i f_i with L_i-Lipschitz
-# experts, r_i-Lipschitz gates and outputs bounded by M_i is K-Lipschitz with K = sum_i (L_i +
-# M_i r_i) (dual-model paper; soft gates); with hard top-1 routing, where the route cannot
-# change only the chosen expert and its gate move: K = max_i (L_i + M_i r_i). A hard router is
-# not Lipschitz across route changes (two inputs a hair apart on either side of a switch differ
-# by the gap between two experts), and M_i is measured on the given inputs, so for an MoE the
-# bound is *route-stable*, not global: it holds within one route region near the measured
-# inputs (`route_stable_{norm}` in the report), and a certificate only inside the route-stable
-# radius.
+#   lipschitz_bound          an upper bound: the product of per-layer operator norms (L2: Gram iteration, a provable
+#                            upper bound; L-inf: row sums; BatchNorm in eval as max |gamma / sigma|; residual blocks
+#                            L_shortcut + L_branch).
+# For a dense network the bound is global. An MoE layer F = sum_i g_i f_i with L_i-Lipschitz experts, r_i-Lipschitz
+# gates and outputs bounded by M_i is K-Lipschitz with K = sum_i (L_i + M_i r_i) (dual-model paper; soft gates); with
+# hard top-1 routing, where the route cannot change only the chosen expert and its gate move: K = max_i (L_i + M_i
+# r_i). A hard router is not Lipschitz across route changes (two inputs a hair apart on either side of a switch differ
+# by the gap between two experts), and M_i is measured on the given inputs, so for an MoE the bound is *route-stable*,
+# not global: it holds within one route region near the measured inputs (`route_stable_{norm}` in the report), and a
+# certificate only inside the route-stable radius.
 
 def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
                     steps: int = 20) -> torch.Tensor:
-    """Per-example lower bound on the local Lipschitz constant of x -> logits in the eps-ball, in
-    `norm`. linf: for every output j and sign s, sign-gradient ascent on s * (F_j(x + d) - F_j(x))
-    (the inf-norm of the change is the largest such term); l2: normalised-gradient ascent on
-    ||F(x + d) - F(x)||_2 (power iteration for a linear F). The ratio is taken at every iterate;
-    images are not clipped (a property of the function). Exact for F = Wx + b. (B,)"""
+    """Per-example lower bound on the local Lipschitz constant of x -> logits in the eps-ball, in `norm`. linf: for
+    every output j and sign s, sign-gradient ascent on s * (F_j(x + d) - F_j(x)) (the inf-norm of the change is the
+    largest such term); l2: normalised-gradient ascent on ||F(x + d) - F(x)||_2 (power iteration for a linear F).
+    The ratio is taken at every iterate; images are not clipped (a property of the function). Exact for F = Wx + b.
+    (B,)"""
     x, best = x.detach(), torch.zeros(len(x), device=x.device)
     ratio = lambda out, inp: per_example_norm(out, norm, False) / per_example_norm(inp, norm, False).clamp_min(1e-12)
     with eval_mode(model):
@@ -1967,8 +1848,8 @@ def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float = 8 / 255, nor
     return best
 
 def jacobian_spectral_norm(model: nn.Module, x: torch.Tensor, iters: int = 30) -> torch.Tensor:
-    """||J_F(x)||_2 per example by power iteration on J^T J: J v by forward-mode AD (jvp), J^T u
-    by reverse mode (vjp); examples are independent in eval mode, so one batched pass serves all. (B,)"""
+    """||J_F(x)||_2 per example by power iteration on J^T J: J v by forward-mode AD (jvp), J^T u by reverse mode
+    (vjp); examples are independent in eval mode, so one batched pass serves all. (B,)"""
     import warnings
     import torch.autograd.forward_ad as fwAD
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -1988,11 +1869,10 @@ def jacobian_spectral_norm(model: nn.Module, x: torch.Tensor, iters: int = 30) -
     return sigma.detach()
 
 def gram_spectral_bound(K: torch.Tensor, iters: int = 10) -> torch.Tensor:
-    """Upper bounds on the spectral norms of a batch of matrices K (..., m, n), real or complex, by
-    Gram iteration (Delattre et al. 2023): with G_0 = K, G_{t+1} = G_t^H G_t, ||G_t||_2 =
-    ||K||_2^(2^t) <= ||G_t||_F, so ||K||_2 <= ||G_t||_F^(1 / 2^t) for every t, tightening
-    geometrically. Each G_t is rescaled by its Frobenius norm (tracked in log space), float64.
-    Power iteration, in contrast, approaches ||K||_2 from below and is no bound."""
+    """Upper bounds on the spectral norms of a batch of matrices K (..., m, n), real or complex, by Gram iteration
+    (Delattre et al. 2023): with G_0 = K, G_{t+1} = G_t^H G_t, ||G_t||_2 = ||K||_2^(2^t) <= ||G_t||_F, so ||K||_2 <=
+    ||G_t||_F^(1 / 2^t) for every t, tightening geometrically. Each G_t is rescaled by its Frobenius norm (tracked in
+    log space), float64. Power iteration, in contrast, approaches ||K||_2 from below and is no bound."""
     G = K.to(torch.complex128 if K.is_complex() else torch.float64)
     log_scale = torch.zeros(G.shape[:-2], dtype=torch.float64, device=G.device)
     for _ in range(iters):
@@ -2003,11 +1883,11 @@ def gram_spectral_bound(K: torch.Tensor, iters: int = 10) -> torch.Tensor:
 
 def conv_spectral_bound(weight: torch.Tensor, in_hw: tuple[int, int], padding: tuple[int, int],
                         iters: int = 10) -> float:
-    """A provable upper bound on the L2 operator norm of a (strided, zero-padded) convolution on
-    (C, H, W) inputs. Padding embeds the input isometrically in an (H + 2p) x (W + 2p) grid, where
-    the convolution is a crop of the circular one, and the stride keeps a subset of its outputs:
-    neither increases the norm. The 2-D DFT block-diagonalises the circular convolution (Sedghi et
-    al. 2019): its norm is the largest spectral norm of the per-frequency C_out x C_in matrices."""
+    """A provable upper bound on the L2 operator norm of a (strided, zero-padded) convolution on (C, H, W) inputs.
+    Padding embeds the input isometrically in an (H + 2p) x (W + 2p) grid, where the convolution is a crop of the
+    circular one, and the stride keeps a subset of its outputs: neither increases the norm. The 2-D DFT
+    block-diagonalises the circular convolution (Sedghi et al. 2019): its norm is the largest spectral norm of the
+    per-frequency C_out x C_in matrices."""
     n = [max(s + 2 * p, k) for s, p, k in zip(in_hw, padding, weight.shape[-2:])]
     freq = torch.fft.fft2(weight.detach().double(), s=n).permute(2, 3, 0, 1)  # (H', W', C_out, C_in)
     return gram_spectral_bound(freq, iters).max().item()
@@ -2019,17 +1899,15 @@ def operator_norm(W: torch.Tensor, norm: str, iters: int = 12) -> float:
     return W.abs().sum(1).max().item() if norm == "linf" else gram_spectral_bound(W.detach(), iters).item()
 
 class LipschitzBound:
-    """Upper bound of a (MoE-)ResNet18, dual model or Sequential/Linear/Conv stack in norm p.
-    Global for a dense model; route-stable with MoE layers (see the section's comment). Call
-    `measure(x)` first: it records each module's input shape and, for MoE layers, M_i = max
-    ||f_i(h)|| over the given inputs (valid around them up to L_i times the radius). Calling the
-    object returns the bound and fills `moe` (per-MoE-layer terms) and `prefix` (the bound of the
-    map from the model input to each MoE layer's input)."""
+    """Upper bound of a (MoE-)ResNet18, dual model or Sequential/Linear/Conv stack in norm p. Global for a dense
+    model; route-stable with MoE layers (see the section's comment). Call `measure(x)` first: it records each
+    module's input shape and, for MoE layers, M_i = max ||f_i(h)|| over the given inputs (valid around them up to L_i
+    times the radius). Calling the object returns the bound and fills `moe` (per-MoE-layer terms) and `prefix` (the
+    bound of the map from the model input to each MoE layer's input)."""
 
     def __init__(self, model: nn.Module, norm: str = "l2", iters: int = 12):
-        check(not any(isinstance(m, Attention) for m in model.modules()),
-              "no global Lipschitz bound for moe-vit: dot-product self-attention is not globally Lipschitz "
-              "(Kim et al. 2021)")
+        check(not any(isinstance(m, Attention) for m in model.modules()), "no global Lipschitz bound for moe-vit: "
+              "dot-product self-attention is not globally Lipschitz (Kim et al. 2021)")
         self.model, self.norm, self.iters = model, norm, iters
         self.shapes, self.M, self.moe, self.prefix = {}, {}, [], {}
 
@@ -2090,9 +1968,9 @@ class LipschitzBound:
         return L
 
     def moe_bound(self, m: MoE, before: float) -> float:
-        """Soft-gate bound sum_i (L_i + M_i r_i) and hard-route bound max_i (L_i + M_i r_i). r_i: the
-        gate g_i = softmax(W pool(h))_i has |dg_i| <= 1/2 ||dr|| (a row of the softmax Jacobian has
-        norm <= 1/2), so r_i <= ||W|| / 2 (l2: times 1 / sqrt(HW) for the pool)."""
+        """Soft-gate bound sum_i (L_i + M_i r_i) and hard-route bound max_i (L_i + M_i r_i). r_i: the gate g_i =
+        softmax(W pool(h))_i has |dg_i| <= 1/2 ||dr|| (a row of the softmax Jacobian has norm <= 1/2), so r_i <=
+        ||W|| / 2 (l2: times 1 / sqrt(HW) for the pool)."""
         self.prefix[m] = before
         Ls = [self.bound(e, before) for e in m.experts]
         pool = 1.0 if (self.norm == "linf" or m.tokens) else 1.0 / math.sqrt(self.shapes[m][1] * self.shapes[m][2])
@@ -2108,20 +1986,19 @@ def lipschitz_bound(model: nn.Module, x: torch.Tensor, norm: str = "l2", iters: 
     return {"bound": lb(), "moe": lb.moe}
 
 def router_view(layer: MoE, h: torch.Tensor, norm: str):
-    """The layer's router on its input h, in float32: (logits (N, E), router weight W (E, D), the
-    input-norm scale of the pooling, B). Rows are pooled images, or tokens."""
+    """The layer's router on its input h, in float32: (logits (N, E), router weight W (E, D), the input-norm scale
+    of the pooling, B). Rows are pooled images, or tokens."""
     rows = h.reshape(-1, h.shape[-1]) if layer.tokens else h.mean(dim=(2, 3))  # (N, D)
     scale = 1.0 if layer.tokens or norm == "linf" else math.sqrt(h.shape[2] * h.shape[3])
     W, b = layer.router.weight.detach().float(), layer.router.bias.detach().float()
     return rows.float() @ W.T + b, W, scale, h.shape[0]
 
 def route_stability_radius(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
-    """Per image, the smallest perturbation of the layer's input h (in `norm`) that can change its
-    set of top-k experts. The router is linear in the pooled input (or the token): a kept expert i
-    is overtaken by a dropped j when the gap r_i - r_j, which moves at most ||w_i - w_j||_* per
-    unit of input (dual norm: L1 for linf, L2 for l2), closes. Exact for the layer: min over i
-    kept, j dropped of (r_i - r_j) / ||w_i - w_j||_*, times sqrt(HW) in l2 for the pooling (a
-    constant-over-space perturbation is the worst case). h: (B, C, H, W) or (B, T, D) -> (B,)"""
+    """Per image, the smallest perturbation of the layer's input h (in `norm`) that can change its set of top-k
+    experts. The router is linear in the pooled input (or the token): a kept expert i is overtaken by a dropped j
+    when the gap r_i - r_j, which moves at most ||w_i - w_j||_* per unit of input (dual norm: L1 for linf, L2 for
+    l2), closes. Exact for the layer: min over i kept, j dropped of (r_i - r_j) / ||w_i - w_j||_*, times sqrt(HW) in
+    l2 for the pooling (a constant-over-space perturbation is the worst case). h: (B, C, H, W) or (B, T, D) -> (B,)"""
     logits, W, scale, B = router_view(layer, h, norm)  # (N, E)
     E = layer.num_experts
     if layer.k == E:
@@ -2135,8 +2012,8 @@ def route_stability_radius(layer: MoE, h: torch.Tensor, norm: str = "linf") -> t
     return (ratio.masked_fill(~valid, float("inf")).flatten(1).amin(1) * scale).view(B, -1).amin(1)
 
 def route_flip_direction(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
-    """For per-image top-1 routing: the unit perturbation of h (constant over space) that closes
-    the binding logit gap fastest; h + (radius + a bit) * direction flips the route."""
+    """For per-image top-1 routing: the unit perturbation of h (constant over space) that closes the binding logit
+    gap fastest; h + (radius + a bit) * direction flips the route."""
     check(not layer.tokens and layer.k == 1, "route_flip_direction is for per-image top-1 routing")
     logits, W, _, B = router_view(layer, h, norm)
     i = logits.argmax(1)  # (B,)
@@ -2160,36 +2037,26 @@ def moe_inputs(model: nn.Module, x: torch.Tensor) -> dict:
             h.remove()
     return inputs
 
-def model_route_radius(model: nn.Module, x: torch.Tensor, norm: str = "linf", bound: Optional[LipschitzBound] = None):
-    """Radius around each x (input space, `norm`) inside which no route of any MoE layer can
-    change: min over layers of (layer-input radius) / (bound of the map x -> layer input). Exact
-    for an MoE layer that sees the input directly; a bound otherwise. (B,)"""
-    radius = torch.full((len(x),), float("inf"), device=x.device)
-    if not moe_layers(model):
-        return radius
-    if bound is None:
-        bound = LipschitzBound(model, norm).measure(x)
-        bound()
-    for m, h in moe_inputs(model, x).items():
-        radius = torch.minimum(radius, route_stability_radius(m, h, norm) / bound.prefix.get(m, 1.0))
-    return radius
-
 def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "linf") -> dict:
-    """Certified radius per example: a right prediction keeps its label within min(margin / (2 K),
-    route-stable radius), K the bound (dual model: K_D = (1 - a) K_S + a K_R), since each logit
-    moves by at most K ||d||; 0 if wrong. (margin: top-1 minus top-2 logit.)"""
+    """Certified radius per example: a right prediction keeps its label within min(margin / (2 K), route-stable
+    radius), K the bound (dual model: K_D = (1 - a) K_S + a K_R), since each logit moves by at most K ||d||; 0 if
+    wrong. (margin: top-1 minus top-2 logit.) The route-stable radius is the smallest over MoE layers of the layer's
+    own radius divided by the bound of the map from x to that layer's input: exact for an MoE layer that sees the
+    input directly, a bound otherwise."""
     lb = LipschitzBound(model, norm).measure(x)
     K = lb()
     with torch.no_grad(), eval_mode(model):
         top2 = model(x).float().topk(2, dim=1)
     correct, gap = top2.indices[:, 0] == y, top2.values[:, 0] - top2.values[:, 1]
-    route = model_route_radius(model, x, norm, lb)
+    route = torch.full((len(x),), float("inf"), device=x.device)
+    for m, h in moe_inputs(model, x).items():
+        route = torch.minimum(route, route_stability_radius(m, h, norm) / lb.prefix.get(m, 1.0))
     radius = torch.where(correct, torch.minimum(gap / (2 * K), route), torch.zeros_like(gap))
     return {"radius": radius, "K": K, "lipschitz_radius": gap / (2 * K), "route_radius": route, "correct": correct}
 
 def expert_spread(model: nn.Module, x: torch.Tensor) -> list[float]:
-    """Per MoE layer, mean over rows of ||f_top1(h) - f_top2(h)|| / ||f_top1(h)||: how different
-    the two top-weighted experts' outputs are (Puigcerver 2022: large spread hurts robustness)."""
+    """Per MoE layer, mean over rows of ||f_top1(h) - f_top2(h)|| / ||f_top1(h)||: how different the two
+    top-weighted experts' outputs are (Puigcerver 2022: large spread hurts robustness)."""
     spreads, inputs = [], moe_inputs(model, x)  # also leaves each layer's routing of x in m.routing
     with torch.no_grad(), eval_mode(model):
         for m in (m for m in moe_layers(model) if m.num_experts >= 2):
@@ -2201,9 +2068,9 @@ def expert_spread(model: nn.Module, x: torch.Tensor) -> list[float]:
 
 def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
                      local_steps: int = 5, jacobian_iters: int = 15) -> dict:
-    """Everything above on a batch: local estimates, Jacobian norm, upper bounds (`global_l2`,
-    `global_linf` for a dense model; `route_stable_l2`, `route_stable_linf` with an MoE), per-expert
-    constants, expert spread, and certified accuracy at eps (route-stable certificate)."""
+    """Everything above on a batch: local estimates, Jacobian norm, upper bounds (`global_l2`, `global_linf` for a
+    dense model; `route_stable_l2`, `route_stable_linf` with an MoE), per-expert constants, expert spread, and
+    certified accuracy at eps (route-stable certificate)."""
     rep = {"n": len(x), "eps": eps, "norm": norm}
     rep["local_linf"] = local_lipschitz(model, x, eps, "linf", local_steps).mean().item()
     rep["local_l2"] = local_lipschitz(model, x, eps * math.sqrt(x[0].numel()) / 4, "l2", local_steps).mean().item()
@@ -2223,9 +2090,7 @@ def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
                median_route_radius=cert["route_radius"].median().item())
     return rep
 
-# ============================================================================================
-# 10. Benchmark, demo and command line
-# ============================================================================================
+# ==== 10. Benchmark, demo and command line ========================================================================
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
     """Wall-clock seconds of one call of fn, waiting for the device before and after."""
@@ -2238,10 +2103,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 def benchmark_moe(device: str = "auto", batch: int = 256, channels: int = 64, size: int = 8,
                   experts: tuple = (1, 2, 4, 8, 16), repeats: int = 10, precision: str = "auto") -> dict:
-    """The MoE layer's cost versus E at k = 1: forward + backward time per example of an MoE of
-    conv residual branches on (B, C, 8, 8) maps, sparse top-1 against all E experts (soft
-    routing), best of `repeats`. Sparse dispatch keeps top-1 flat in E; all-experts grows
-    linearly. -> {"E=4 top-1": us/example, "E=4 all": us/example, ...}"""
+    """The MoE layer's cost versus E at k = 1: forward + backward time per example of an MoE of conv residual
+    branches on (B, C, 8, 8) maps, sparse top-1 against all E experts (soft routing), best of `repeats`. Sparse
+    dispatch keeps top-1 flat in E; all-experts grows linearly. -> {"E=4 top-1": us/example, "E=4 all": ...}"""
     rt = make_runtime(device, precision)
     x = torch.rand(batch, channels, size, size, device=rt.device)
     x, results = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x, {}
@@ -2263,10 +2127,10 @@ def benchmark_moe(device: str = "auto", batch: int = 256, channels: int = 64, si
 BENCH_ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
 
 def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optional[int] = None) -> dict:
-    """Images per second of a training step, standard and PGD-10 AT, for ResNet-18, MoE-ResNet18
-    and MoE-ViT (E = 4, k = 1) at cfg's width, batch size, device, precision and --compile, on
-    random CIFAR-10-shaped uint8 data on the device fed through the real loop (batches + augment
-    + Method.step). -> {arch: {"standard": img/s, "at": img/s, "at_step_s": seconds, ...}}"""
+    """Images per second of a training step, standard and PGD-10 AT, for ResNet-18, MoE-ResNet18 and MoE-ViT (E = 4,
+    k = 1) at cfg's width, batch size, device, precision and --compile, on random CIFAR-10-shaped uint8 data on the
+    device fed through the real loop (batches + augment + Method.step).
+    -> {arch: {"standard": img/s, "at": img/s, "at_step_s": seconds, ...}}"""
     rt = make_runtime(cfg.device, cfg.precision)
     cuda = rt.device.type == "cuda"
     iters = iters or (20 if cuda else 2)
@@ -2294,8 +2158,8 @@ def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optiona
     return results
 
 def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
-    """`--benchmark`: training throughput and the MoE layer's cost versus E on this device;
-    printed and written to OUT/benchmark.json."""
+    """`--benchmark`: training throughput and the MoE layer's cost versus E on this device; printed and written to
+    OUT/benchmark.json."""
     writable_folder(out)
     rt = make_runtime(cfg.device, cfg.precision)
     cuda = rt.device.type == "cuda"
@@ -2304,8 +2168,8 @@ def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
            "channels_last": rt.channels_last, "compile": cfg.compile, "width": cfg.width, "batch_size": cfg.batch_size}
     log("benchmark: " + " | ".join(f"{k} {v}" for k, v in res.items()))
     res["train_images_per_s"] = steps = benchmark_training(cfg)
-    ratio = {m: round(steps["moe-resnet18"][m] / steps["resnet18"][m], 3) for m in ("standard", "at")}
-    res["moe_over_dense"] = ratio
+    res["moe_over_dense"] = ratio = {m: round(steps["moe-resnet18"][m] / steps["resnet18"][m], 3)
+                                     for m in ("standard", "at")}
     log(f"MoE-ResNet18 / ResNet-18 throughput: standard {ratio['standard']:.2f}, PGD-10 AT {ratio['at']:.2f}")
     res["moe_layer_us_per_example"] = benchmark_moe(cfg.device, precision=cfg.precision)
     res["moe_layer_shape"] = "batch 256, 64 channels, 8x8 maps, forward + backward"
@@ -2315,9 +2179,9 @@ def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
 
 def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
     """Standard training vs PGD-AT of a small MoE-ResNet18 on `synthetic`, about a minute on 2 CPU cores."""
-    common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4,
-                  batch_size=64, lr=0.05, train_limit=2400, test_limit=500, train_steps=5, val_steps=5,
-                  eval_steps=10, eval_suite="pgd", device=device)
+    common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4, batch_size=64,
+                  lr=0.05, train_limit=2400, test_limit=500, train_steps=5, val_steps=5, eval_steps=10,
+                  eval_suite="pgd", device=device)
     writable_folder(out)
     results = {}
     for method in ("standard", "at"):
@@ -2353,8 +2217,8 @@ def _eps(s: str) -> float:
     return v
 
 def build_parser() -> argparse.ArgumentParser:
-    """One --flag per Config field (help, type, default and choices from the field), grouped as
-    the fields are, plus the flags that choose what to run."""
+    """One --flag per Config field (help, type, default and choices from the field), grouped as the fields are,
+    plus the flags that choose what to run."""
     p = _Parser(prog="moe_robust.py", formatter_class=_Help, allow_abbrev=False,
                 description="Robust sparse Mixture-of-Experts training. With no arguments: a one-minute CPU demo "
                             "(standard vs PGD-AT on the built-in synthetic data).")
@@ -2372,9 +2236,9 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, type=kind, default=default, choices=m["choices"], help=m["help"])
     g = groups["what to run"]
     g.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint (best.pt or last.pt) on the test set")
-    g.add_argument("--benchmark", action="store_true",
-                   help="images/s of standard and PGD-10 AT steps (ResNet-18, MoE-ResNet18, MoE-ViT at --width, "
-                        "--batch-size) and the MoE layer's cost versus E; writes OUT/benchmark.json")
+    g.add_argument("--benchmark", action="store_true", help="images/s of standard and PGD-10 AT steps (ResNet-18, "
+                   "MoE-ResNet18, MoE-ViT at --width, --batch-size) and the MoE layer's cost versus E; writes "
+                   "OUT/benchmark.json")
     g.add_argument("--lipschitz", metavar="CKPT", help="Lipschitz estimates, bounds, certified accuracy of a CKPT")
     g.add_argument("--lipschitz-n", type=int, default=64, metavar="N", help="test examples the --lipschitz report uses")
     g.add_argument("--demo", action="store_true", help="run the demo (what no arguments does)")
@@ -2384,15 +2248,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     return p
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    cfg = config_from_dict(vars(args))
-    cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
-    return cfg
-
 def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int], out: Optional[str]):
-    """A checkpoint's model on the CLI's device, the first `test_limit` test examples of its data
-    set (from --data-dir when given) and the folder the report goes to (proven writable before
-    the work: --out, else the checkpoint's). -> (runtime, model, saved config, Dataset, folder)"""
+    """A checkpoint's model on the CLI's device, the first `test_limit` test examples of its data set (from
+    --data-dir when given) and the folder the report goes to (proven writable before the work: --out, else the
+    checkpoint's). -> (runtime, model, saved config, Dataset, folder)"""
     rt = make_runtime(overrides.device, overrides.precision)
     model, saved, _ = load_model(path, rt)
     seed_everything(overrides.seed)  # attacks' random starts and power iterations repeat run to run
@@ -2411,8 +2270,8 @@ def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str]) -> dic
     return result
 
 def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str]) -> dict:
-    """lipschitz_report on the first n test examples of a checkpoint's data set, written to the
-    `lipschitz` entry of OUT/metrics.json (OUT: the checkpoint's folder by default)."""
+    """lipschitz_report on the first n test examples of a checkpoint's data set, written to the `lipschitz` entry of
+    OUT/metrics.json (OUT: the checkpoint's folder by default)."""
     rt, model, saved, data, dest = checkpoint_and_data(path, overrides, n, out)
     metrics_path = dest / "metrics.json"
     metrics = read_json(metrics_path) if metrics_path.exists() else {}  # a broken file stops us before the work
@@ -2425,8 +2284,8 @@ def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str
         + f" | expert spread {', '.join(f'{v:.3f}' for v in rep.get('expert_spread', []))} -> {metrics_path}")
     return rep
 
-# Which flags each way of running reads; anything else given with it is an error, not silently
-# dropped. Training reads every flag except those of other methods (the `methods` of each field).
+# Which flags each way of running reads; anything else given with it is an error, not silently dropped. Training
+# reads every flag except those of other methods (the `methods` of each field).
 MODE_FLAGS = {
     "eval": {"eval", "eps", "alpha", "norm", "eval_steps", "eval_restarts", "eval_suite", "apgd_steps", "apgd_targets",
              "square_queries", "test_limit", "data_dir", "device", "precision", "seed", "out"},
@@ -2436,14 +2295,13 @@ MODE_FLAGS = {
     "resume": {"resume", "out", "device"},  # a resumed run keeps its saved settings (bit-identical)
 }
 
-def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set:
-    """The dests of the flags present on the command line (a second parse without defaults)."""
+def check_flags(args: argparse.Namespace, argv: list[str]) -> None:
+    """One way of running at a time, and no flag that it would ignore. The flags given are found by a second parse
+    without defaults."""
+    parser = build_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
-
-def check_flags(args: argparse.Namespace, given: set) -> None:
-    """One way of running at a time, and no flag that it would ignore."""
+    given = set(vars(parser.parse_args(argv)))
     flag = lambda dest: "--" + ("no-augment" if dest == "augment" else dest.replace("_", "-"))
     modes = [m for m in ("eval", "lipschitz", "benchmark", "demo") if m in given]
     check(len(modes) <= 1, f"{' and '.join(flag(m) for m in modes)} cannot be combined; give one")
@@ -2452,9 +2310,9 @@ def check_flags(args: argparse.Namespace, given: set) -> None:
     mode = modes[0] if modes else ("resume" if resume else None)
     if mode is not None:
         extra = ", ".join(flag(d) for d in sorted(given - MODE_FLAGS[mode]))
-        check(not extra, f"--resume continues the saved run with its own settings; drop {extra} (only --out "
-                         f"and --device may change)" if mode == "resume" else
-                         f"{flag(mode)} does not use {extra}; leave it out")
+        check(not extra, f"--resume continues the saved run with its own settings; drop {extra} (only --out and "
+                         f"--device may change)" if mode == "resume" else f"{flag(mode)} does not use {extra}; leave "
+                         "it out")
         return
     read = {f.name for f in dataclasses.fields(Config)} | {"resume", "overwrite"}  # what training reads
     extra = ", ".join(flag(d) for d in sorted(given - read))
@@ -2483,15 +2341,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = None
     try:
         args = build_parser().parse_args(argv)
-        given = given_flags(build_parser(), argv)
     except SystemExit as e:  # --help, or a bad flag already reported in one line
         return int(e.code or 0)
     in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers need it)
     old_term = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_dict(vars(args))
+        cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
         cfg.validate()
-        check_flags(args, given)
+        check_flags(args, argv)
         check(args.lipschitz_n >= 1, f"--lipschitz-n {args.lipschitz_n} must be >= 1")
         for ckpt in (args.eval, args.lipschitz, cfg.standard_ckpt, cfg.robust_ckpt):  # inputs before outputs
             if ckpt is not None:
