@@ -1,22 +1,11 @@
 """moe_robust.py: robust sparse Mixture-of-Experts training in one readable file.
 
-Sections, in dependency order (nothing is called before it is defined):
-  0. configuration  every setting of a run with its flag, help and allowed values
-  1. setup          device, dtype and autocast chosen in one place; atomic files, strict JSON
-  2. data           CIFAR-10/100, TinyImageNet, image folders, built-in `synthetic` and `random`; uint8 tensors
-                    on the device, random crop + flip there
-  3. MoE layer      sparse top-k routing (per image or token), Switch balance loss, z-loss; analysis controls:
-                    soft routing, forcing a route, a rank or an expert
-  4. models         CIFAR ResNet-18 / MoE-ResNet18, a small MoE-ViT, the dual model
-  5. attacks        PGD, APGD-CE, APGD-T, Square, a soft-router surrogate, a routing-only attack
-  6. methods        standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE
-  7. evaluation     SA; RA under a cascade of named attacks (AutoAttack's protocol), masking probes; RA-E, RA-R,
-                    per-expert SA/RA, expert usage, route flips
-  8. training       SGD + cosine, best-on-validation checkpoint, atomic checkpoints every epoch, bit-identical
-                    --resume; the dual-model sweep
-  9. Lipschitz      local estimate, Jacobian norm, product bounds (Gram iteration), route-stable radius, certified
-                    accuracy
-  10. CLI           `--help`; no arguments: a one-minute CPU demo; `--benchmark`
+A sparse top-k MoE layer (per image or per token), MoE-ResNet18 and a small MoE-ViT; PGD, APGD-CE, APGD-T, Square,
+a soft-router surrogate and a routing-only attack; standard training, PGD-AT, TRADES, AdvMoE, RT-ER, the dual model
+and JTDMoE; the evaluation an MoE needs (RA as the per-example minimum over a cascade of named attacks, masking
+probes, RA-E / RA-R, per-expert SA/RA, route flips); Lipschitz estimates, bounds and route-stable certificates; a
+CLI with atomic checkpoints, bit-identical --resume and --benchmark. Sections 0-10 are in dependency order (nothing
+is called before it is defined); README.md "Layout" says what each piece needs when copied on its own.
 
 Quick start (CPU, nothing downloaded): pip install -r requirements.txt; python moe_robust.py (the demo: standard vs
 PGD-AT MoE-ResNet18 on `synthetic`); python -m pytest -q test_moe_robust.py
@@ -98,11 +87,9 @@ class Config:
     `validate` read help and allowed values from here; checkpoints store it."""
 
     method: str = opt("at", "training method", METHODS, group="what to run")
-    dataset: str = opt("synthetic", "data set; random: noise in CIFAR-10's shape, to time a full-size epoch",
-                       DATASETS, group="data")
+    dataset: str = opt("synthetic", "data set (random: noise in CIFAR-10's shape, for timing)", DATASETS, group="data")
     data_dir: str = opt("data", "where data sets live (CIFAR is downloaded here)")
-    image_size: Optional[int] = opt(None, "image side for tinyimagenet/imagefolder, a multiple of 8 from 16 to 256 "
-                                          "(default 64/32)")
+    image_size: Optional[int] = opt(None, "tinyimagenet/imagefolder image side, 16..256 in steps of 8 (default 64/32)")
     train_limit: Optional[int] = opt(None, "use only the first N training examples", ge=1)
     test_limit: Optional[int] = opt(None, "use only the first N test examples", ge=1)
     val_size: Optional[int] = opt(None, "held-out validation examples (default 10%%, at most 1000)", ge=1)
@@ -111,8 +98,7 @@ class Config:
     width: float = opt(1.0, "multiplier of every channel width (0.125 for CPU)", gt=0, le=8)
     experts: int = opt(4, "experts E per MoE layer (Robust Experts: 4; AdvMoE: 2)", ge=1, le=64)
     top_k: int = opt(1, "experts K used per image/token (CNN-MoE papers: 1; V-MoE: 2)", ge=1)
-    moe_blocks: str = opt("layer4.1", "ResNet blocks that become MoE: 'all' or e.g. layer3.1,layer4.1 (Robust "
-                                      "Experts: one block of the last stage)")
+    moe_blocks: str = opt("layer4.1", "ResNet blocks made MoE: 'all' or e.g. layer3.1,layer4.1 (Robust Experts: one)")
     expert_ratio: float = opt(1.0, "expert inner width / block width (AdvMoE: 0.5)", gt=0, le=4)
     noisy_gating: bool = opt(False, "Shazeer noisy top-k routing while training")
     epochs: int = opt(10, "passes over the training split", ge=1, group="optimisation")
@@ -132,23 +118,20 @@ class Config:
     val_steps: int = opt(10, "PGD steps on the validation split each epoch", ge=0)
     eval_steps: int = opt(20, "PGD steps of the final test evaluation", ge=0)
     eval_restarts: int = opt(1, "PGD restarts of the final test evaluation", ge=1)
-    eval_suite: str = opt("full", "autoattack: APGD-CE, APGD-T, Square, each on the points still robust; full: "
-                                  "PGD, the same and soft-router PGD, plus masking probes, RA-E, RA-R, per-expert and "
-                                  "routing statistics; pgd: PGD only", EVAL_SUITES)
+    eval_suite: str = opt("full", "autoattack: APGD-CE, APGD-T, Square; full: PGD, those and soft-router PGD, plus "
+                                  "masking probes, RA-E, RA-R, per-expert and routing statistics; pgd", EVAL_SUITES)
     apgd_steps: int = opt(100, "APGD-CE and APGD-T iterations (AutoAttack: 100)", ge=1)
     apgd_targets: int = opt(9, "APGD-T target classes (AutoAttack: 9)", ge=1)
     square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1)
     router_lr: Optional[float] = opt(None, "router learning rate (default --lr)", ge=0,
                                      group="advmoe (router-expert alternating training)", methods=("advmoe",))
     router_schedule: str = opt("cosine", "router lr schedule", ("cosine", "constant"), methods=("advmoe",))
-    robust_loss: str = opt("at", "robust loss of both steps: PGD-AT CE or TRADES", ("at", "trades"),
-                           methods=("advmoe",))
+    robust_loss: str = opt("at", "robust loss of both steps: PGD-AT or TRADES", ("at", "trades"), methods=("advmoe",))
     dual_a: float = opt(0.5, "smoothing parameter a of f_D = (1-a) f_S + a f_R (fixed in jtdmoe)", ge=0, le=1,
                         group="dual model and jtdmoe", methods=DUAL)
     dual_mix: str = opt("logits", "logits: f_D mixes logits (the paper); normalized: each member's logits scaled to "
                                   "unit std first", DUAL_MIXES, methods=DUAL)
-    dual_sweep: str = opt("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "values of a the dual method evaluates",
-                          methods=("dual",))
+    dual_sweep: str = opt("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "values of a to evaluate", methods=("dual",))
     standard_ckpt: Optional[str] = opt(None, "dual: f_S from this checkpoint (else trained)", methods=("dual",))
     robust_ckpt: Optional[str] = opt(None, "dual: f_R from this checkpoint (else trained)", methods=("dual",))
     robust_method: str = opt("rt-er", "dual: how f_R is trained without --robust-ckpt",
@@ -156,8 +139,7 @@ class Config:
     expert_attack: str = opt("pgd", "rt-er/jtdmoe: x' of each expert path's KL term by label PGD (the paper and its "
                                     "code) or TRADES' KL attack", ("pgd", "kl"), methods=("rt-er", "jtdmoe"))
     device: str = opt("auto", "auto: cuda when available", ("auto", "cpu", "cuda"), group="run")
-    precision: str = opt("auto", "auto: bf16 autocast + channels_last on CUDA, float32 on CPU; bf16 on CPU is the "
-                                 "fast CPU path", PRECISIONS)
+    precision: str = opt("auto", "auto: bf16 + channels_last on CUDA, float32 on CPU (bf16: fast CPUs)", PRECISIONS)
     compile: bool = opt(False, "torch.compile the dense parts and each expert (compile_model)")
     out: str = opt("runs/default", "output folder (default runs/<dataset>-<arch>-<method>)")
 
@@ -196,10 +178,9 @@ class Config:
 
 # ==== 1. Setup: device and precision chosen in one place; files written atomically ================================
 # The autocast dtype per device type is process-wide, like torch.backends flags: make_runtime sets it, a training
-# step (Method.step) opens autocast_for around its forwards, attack included, and float32_evaluation turns it off.
-# Attacks and models never choose a precision. auto: bf16 on CUDA, float32 on CPU. `--precision bf16` on CPU is the
-# fast CPU path on a processor with AVX512-BF16 or AMX (README); float32 stays the CPU default because the
-# reference numbers in README were taken in it.
+# step opens autocast_for around its forwards (attack included), float32_evaluation turns it off; attacks and models
+# never choose a precision. auto: bf16 on CUDA, float32 on CPU (README's CPU numbers were taken in it); bf16 on CPU
+# is the fast path on a processor with AVX512-BF16 or AMX (README).
 AMP_DTYPE: dict = {"cuda": torch.bfloat16, "cpu": None}
 
 def set_precision(precision: str = "auto") -> None:
@@ -232,15 +213,24 @@ def float32_evaluation():
         AMP_DTYPE.update(saved)
         cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module):
+    """Put models in eval mode, restoring each one's previous mode on exit."""
+    was = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, w in zip(models, was):
+            m.train(w)
+
 @dataclass
 class Runtime:
     """Device, autocast dtype and memory format: chosen once here, used everywhere."""
     device: torch.device
     amp_dtype: Optional[torch.dtype]  # bf16 on CUDA, None (float32) on CPU unless --precision bf16
     channels_last: bool  # NHWC activations: faster convolutions on tensor cores and in oneDNN
-
-    def autocast(self):
-        return autocast_for(self.device)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.device.type == "cuda":  # autotune convolutions per shape, except in an MoE (a module with experts),
@@ -316,8 +306,7 @@ def writable_folder(folder: str, flag: str = "--out") -> Path:
 
 # ==== 2. Data: uint8 tensors in memory, float [0, 1] batches on the device ========================================
 # Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,). Batches are cast to float in
-# [0, 1] on the device and augmented there as whole batches (random crop with zero padding + horizontal flip, the
-# standard CIFAR recipe).
+# [0, 1] on the device and augmented there (random crop with zero padding + horizontal flip, the CIFAR recipe).
 NORM_STATS = {  # per-channel mean/std of the Normalize layer inside each model
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -342,16 +331,14 @@ class Dataset:
 
 def make_synthetic(n_train: int = 6000, n_test: int = 1000, seed: int = 0, size: int = 32, num_classes: int = 10,
                    strong: float = 0.2, weak: float = 4 / 255, noise: float = 0.02) -> Dataset:
-    """A deterministic, learnable 10-class 32x32 image set that needs no download, built so that standard training
-    is accurate but not robust and adversarial training robust, for the reason Ilyas et al. (2019) give: data holds
-    robust and non-robust features, and standard training uses both. Each image is a smooth colour layout (4x4x3
-    cells, upsampled) of two parts:
+    """A deterministic 10-class 32x32 image set, no download, on which standard training is accurate but not robust
+    and adversarial training robust, for the reason Ilyas et al. (2019) give: data holds robust and non-robust
+    features, and standard training uses both. Each image is a smooth colour layout (4x4x3 cells, upsampled) of
       * a strong layout (cell contrast up to `strong`) shared by classes c and c + 5: a robust feature naming the pair;
-      * a weak layout of the class itself (contrast up to `weak` = 4/255): it alone tells the pair apart, and an
-        L-inf attack of 8/255 can turn it into the other class's.
+      * a weak layout of the class (contrast up to `weak` = 4/255): it alone tells the pair apart, and an L-inf
+        attack of 8/255 can turn it into the other class's;
     plus smooth per-image noise (`noise` per cell) and 1/255 pixel noise. A robust model can trust only the pair
-    (robust accuracy near 0.5). Layouts are fixed (seed 1234); `seed` draws the examples, the test set from its own
-    stream."""
+    (robust accuracy near 0.5). Layouts are fixed (seed 1234); `seed` draws the examples."""
     check(num_classes % 2 == 0, f"synthetic needs an even number of classes, got {num_classes}")
     base, pairs = torch.Generator().manual_seed(1234), num_classes // 2
     strong_layouts = strong * (torch.rand(pairs, 3, 4, 4, generator=base) * 2 - 1)  # (C/2, 3, 4, 4)
@@ -375,9 +362,8 @@ def make_random(n_train: int = 50000, n_test: int = 10000, seed: int = 0, size: 
     return Dataset(*draw(n_train), *draw(n_test), 10, "random")
 
 def load_cifar(name: str, data_dir: str) -> Dataset:
-    """CIFAR-10/100 from the standard python-pickle layout under `data_dir`, downloaded there through torchvision
-    when missing (offline, the error says where to put the archive). Read here, not by torchvision's dataset class,
-    so that only the layout matters."""
+    """CIFAR-10/100 from the python-pickle layout under `data_dir`, downloaded there through torchvision when missing
+    (offline, the error says where to put the archive). Read here, so that only the layout matters."""
     root, classes = Path(data_dir), 10 if name == "cifar10" else 100
     folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     if not folder.is_dir():
@@ -530,10 +516,9 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
 # E experts, K experts kept per row (top-k), D router input width, C/H/W channels/height/width.
 #
 # Routing (Shazeer 2017; Switch 2021 eq. 1-2): logits r = W h + b, p = softmax(r), keep the K largest. Gates carry
-# the task gradient to the router for every K: K = 1 uses g = p_i (Switch); K > 1 renormalises over the kept
-# experts. (A straight-through one-hot, as in the AdvMoE and dual-model official codes, gives the router no gradient
-# from the task loss.) There is no capacity limit and no token dropping, so evaluation routing is deterministic and
-# independent of the rest of the batch.
+# the task gradient to the router: K = 1 uses g = p_i (Switch); K > 1 renormalises over the kept experts (the
+# straight-through one-hot of the AdvMoE and dual-model official codes gives the router no task gradient). No
+# capacity limit and no token dropping: evaluation routing is deterministic and independent of the rest of the batch.
 
 class Routing(NamedTuple):
     """What one MoE layer decided for its last batch (detached, for analysis)."""
@@ -558,9 +543,8 @@ class MoE(nn.Module):
     tokens=False: x is a feature map (B, C, H, W); the router sees its global average pool (per-image routing, as
                   in the CNN-MoE papers) and each expert gets whole maps.
     tokens=True:  x is (B, T, D); every token is routed on its own (V-MoE, per-token routing).
-    Sparse compute: rows are grouped by expert and each expert runs only on its own rows. `control` (None in
-    training) is an analysis hook that replaces the top-k choice: a function (probs, ranking) -> (indices, gates,
-    every); soft_routing, forced_routes, forced_rank and forced_expert below set it for a `with` block."""
+    Each expert runs only on its own rows. `control` (None in training), an analysis hook, replaces the top-k choice:
+    (probs, ranking) -> (indices, gates, every); soft_routing, forced_routes/rank/expert set it for a `with` block."""
 
     def __init__(self, experts: list[nn.Module], dim: int, k: int = 1, tokens: bool = False, noisy: bool = False):
         super().__init__()
@@ -611,12 +595,10 @@ class MoE(nn.Module):
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
                  every: Optional[list[int]] = None) -> torch.Tensor:
-        """Sparse compute. x: (N, ...) -> sum_k gates[n, k] * expert_{indices[n, k]}(x[n]). Rows are grouped by
-        expert (a stable sort) and each expert runs once, on its own rows. Launching an expert needs its row count
-        on the host, so the counts are read back: one host-device synchronisation per MoE layer and forward, the
-        only one in a training step (a fixed-capacity dispatch would avoid it by padding or dropping rows;
-        cudnn.benchmark is off for MoE models, which would tune every new expert batch size). With `every` (all rows
-        use the same experts) nothing is grouped or read back."""
+        """x: (N, ...) -> sum_k gates[n, k] * expert_{indices[n, k]}(x[n]). Rows are grouped by expert (a stable
+        sort) and each expert runs once, on its own rows. Launching an expert needs its row count on the host: one
+        host-device sync per MoE layer and forward, the only one in a training step (a fixed-capacity dispatch would
+        pad or drop rows instead). With `every` (all rows use the same experts) nothing is grouped or read back."""
         N, K = indices.shape
         bcast = lambda g, y: g.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))  # (N,) -> (N, 1, ...)
         if every is not None:
@@ -713,11 +695,8 @@ def forced_expert(model: nn.Module, i: int):
 
 def current_routes(model: nn.Module, x: torch.Tensor, fixed_gates: Optional[float] = None) -> list[Route]:
     """The routes the model takes on x (eval mode, no gradient); gates as used, or all `fixed_gates`."""
-    was = model.training
-    model.eval()
-    with torch.no_grad():  # in the caller's precision
+    with torch.no_grad(), eval_mode(model):  # in the caller's precision
         model(x)
-    model.train(was)
     return [Route(r.indices, r.gates if fixed_gates is None else torch.full_like(r.gates, fixed_gates))
             for r in last_routing(model)]
 
@@ -882,12 +861,11 @@ def compile_model(model: nn.Module) -> nn.Module:
 class DualModel(nn.Module):
     """The dual model (Zhang, Xu, Hu, Wang, ICML 2025): f_D(x) = (1 - a) f_S(x) + a f_R(x) on logits, f_S a
     standard-trained and f_R a robust MoE; the smoothing parameter a in [0, 1] trades clean accuracy (a -> 0) for
-    robustness (a -> 1). The MoE layers of both members are visible to moe_layers (f_S's first), so every routing
-    control applies to both. mix="logits" is the paper's form. A standard model's logits are several times larger
-    than a robust model's, so with it f_S dominates until a is close to 1. mix="normalized" (not in the paper)
-    divides each member's logits by their per-example standard deviation over the classes first, so a weighs two
-    equally scaled votes; a = 0 and a = 1 still predict exactly as f_S and f_R. The Lipschitz bound
-    (1-a) K_S + a K_R holds for "logits" only."""
+    robustness (a -> 1). moe_layers sees both members' MoE layers (f_S's first): routing controls apply to both.
+    mix="logits" is the paper's form; a standard model's logits are several times larger than a robust model's, so
+    f_S dominates until a is close to 1. mix="normalized" (not in the paper) first divides each member's logits by
+    their per-example std over the classes, so a weighs two equally scaled votes (a = 0, 1 still predict as f_S,
+    f_R). The Lipschitz bound (1-a) K_S + a K_R holds for "logits" only."""
 
     def __init__(self, standard: nn.Module, robust: nn.Module, a: float = 0.5, mix: str = "logits"):
         super().__init__()
@@ -906,18 +884,6 @@ class DualModel(nn.Module):
 # mode (BatchNorm frozen, routing deterministic) and its mode is restored afterwards; gradients are taken with
 # respect to the input only (autograd.grad), so no parameter gradient is left behind; the loss is computed on float32
 # logits, in whatever precision the caller runs (a training step's autocast, or evaluation's float32).
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module):
-    """Put models in eval mode, restoring each one's previous mode on exit."""
-    was = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        yield
-    finally:
-        for m, w in zip(models, was):
-            m.train(w)
 
 def per_example_norm(t: torch.Tensor, norm: str, keepdim: bool = True) -> torch.Tensor:
     """(B, ...) -> per-example L-inf or L2 norm in float32, (B, 1, ..., 1) or with keepdim=False (B,)."""
@@ -964,11 +930,10 @@ def pgd_worst(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8
               steps: int = 10, norm: str = "linf", restarts: int = 1, loss_fn: Callable = ce_per_example,
               judge: Optional[nn.Module] = None) -> torch.Tensor:
     """PGD for evaluation: `restarts` random starts, and per example the worst of every iterate (the clean point and
-    each run's last one included): a misclassified one if any, else the one of highest loss. With a fixed seed, more
-    steps or restarts then never help the model. `y` may be soft targets with a custom loss_fn (then only the loss
-    counts). judge: the model whose verdict picks the worst iterate (default `model`). The soft-router attack follows
-    the soft surrogate's gradient and keeps what the hard-routed model gets worst: the surrogate's own worst iterate
-    can be harmless there."""
+    each run's last one included): a misclassified one if any, else the one of highest loss, so with a fixed seed
+    more steps or restarts never help the model (soft targets `y` with a custom loss_fn: the loss only). judge: the
+    model whose verdict picks the worst (default `model`): the soft-router attack follows the surrogate's gradient
+    but keeps what the hard-routed model gets worst."""
     x, judge_model = x.detach(), judge if judge is not None else model
     best_x, best = x.clone(), torch.full((len(x),), -float("inf"), device=x.device)
 
@@ -1039,11 +1004,10 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
     """APGD (Croce & Hein 2020, Alg. 1), L-inf or L2: PGD with momentum 0.75 and a per-example step size that starts
     at 2 eps and halves at checkpoints when progress stalls (condition 1: at most rho of the steps since the last
     checkpoint increased the loss; condition 2: the step was not halved at the last checkpoint and the best loss has
-    not improved since), restarting from the best point. The checkpoint interval starts at 0.22 steps and shrinks by
-    0.03 steps to at least 0.06 steps, as in the authors' code. No step size to tune, so it exposes defences that
-    only fool fixed-step PGD. loss_fn(logits, y) -> (B,) is maximised (CE: APGD-CE). Every iterate is scored right
-    after its forward, so a misclassified point is never lost. Returns per example a misclassified iterate if one
-    was found, else the highest-loss one."""
+    not improved since), restarting from the best point. Checkpoints every 0.22 steps, the interval shrinking by 0.03
+    to at least 0.06 (the authors' code). No step size to tune, so it exposes defences that only fool fixed-step PGD.
+    Maximises loss_fn(logits, y) -> (B,) (CE: APGD-CE). Returns per example the first misclassified iterate (every
+    iterate is scored right after its forward), else the highest-loss one."""
     check(norm in NORMS, f"unknown attack norm {norm!r}; allowed: {', '.join(NORMS)}")
     check(eps >= 0 and steps >= 1, f"APGD needs eps >= 0 and steps >= 1, got {eps}, {steps}")
     x = x.detach()
@@ -1124,10 +1088,9 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 
            p_init: float = 0.8) -> torch.Tensor:
     """Square attack (Andriushchenko et al. 2020, Alg. 1), L-inf: a random search that needs no gradient, so hard
     routing cannot mask it. Start from vertical stripes of +-eps; each query redraws one random square window per
-    image (a random +-eps per channel) and keeps it if the margin loss z_y - max_{j != y} z_j decreases. The window
-    covers a fraction p of the image, p halving from p_init (AutoAttack: 0.8) at queries 10, 50, 200, 500, 1000,
-    2000, 4000, 6000 and 8000 of a 10,000-query run (rescaled to `queries`). Only examples not yet fooled are
-    queried; one query is one forward of them. Returns x_adv (B, C, H, W) with ||x_adv - x||_inf <= eps, in [0, 1]."""
+    image (a random +-eps per channel) and keeps it if the margin z_y - max_{j != y} z_j decreases. The window covers
+    a fraction p of the image, p halving from p_init (AutoAttack: 0.8) at queries 10, 50, 200, 500, 1000, 2000, 4000,
+    6000, 8000 of 10,000 (rescaled to `queries`). One query is one forward of the examples not yet fooled."""
     check(queries >= 1 and 0 < p_init <= 1, f"Square needs queries >= 1 and 0 < p_init <= 1, got {queries}, {p_init}")
     B, C, H, W = x.shape
     r, c = torch.arange(H, device=x.device).view(1, 1, H, 1), torch.arange(W, device=x.device).view(1, 1, 1, W)
@@ -1149,7 +1112,7 @@ def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 
             new = margin(model(x_new), y[idx])
             better = new < best[idx]
             x_best[idx[better]], best[idx[better]] = x_new[better], new[better]
-    return x_best
+    return x_best  # (B, C, H, W), ||x_best - x||_inf <= eps, in [0, 1]
 
 class SoftRouted(nn.Module):
     """The model with every MoE layer running all experts gated by the full softmax: a differentiable surrogate of
@@ -1317,12 +1280,10 @@ class AdvMoE(Method):
       2. expert step: regenerate x_adv against the updated model; update theta_E only.
     The robust loss is PGD-AT's CE or TRADES (--robust-loss). The paper's finding: plain AT of an MoE-CNN fails
     because routers and experts cannot adapt to each other; alternating lets each adapt to the other's latest state.
-    Where the official code differs: it trains ONE image-level router (a small ResNet shared by all layers) to
-    predict y mod E under TRADES, so the classification loss never reaches the router (issues on that repository
-    report the mismatch and NaN router scores that collapse routing onto expert 0). Here every MoE layer has its own
-    router and both steps minimise the same robust loss, as the paper describes. Both forwards run in train mode, so
-    BatchNorm running statistics are updated twice per batch (buffers, not parameters: the router step changes no
-    parameter outside theta_R)."""
+    The official code differs: ONE image-level router (a small ResNet shared by all layers) learns y mod E under
+    TRADES, so the classification loss never reaches it (that repository's issues report the mismatch, and NaN router
+    scores that collapse routing onto expert 0). Here every MoE layer has its own router and both steps minimise the
+    same robust loss, as the paper says. BatchNorm statistics update in both steps (buffers, not parameters)."""
 
     def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
         router = router_parameters(model)
@@ -1413,20 +1374,15 @@ METHOD_CLASSES: dict[str, type] = {"standard": Standard, "at": PGDAT, "trades": 
 
 # ==== 7. Evaluating an MoE honestly ===============================================================================
 # SA: clean accuracy. RA: robust accuracy under a cascade of named attacks, each run only on the examples every
-# earlier attack left robust (AutoAttack's protocol), so an example counts as robust only if it survives them all:
-# the per-example minimum. Suites:
-#   pgd         PGD (validation, quick looks)
-#   autoattack  APGD-CE, APGD-T, Square: AutoAttack's standard suite (Croce & Hein 2020) without FAB-T, written here
-#               (README: why FAB-T is left out)
-#   full        PGD, APGD-CE, APGD-T, PGD through a soft all-experts surrogate of the router, Square; then the MoE
-#               analyses and the gradient-masking probes below.
+# earlier attack left robust (AutoAttack's protocol): the per-example minimum. Suites: pgd (validation, quick looks);
+# autoattack: APGD-CE, APGD-T, Square, AutoAttack's standard suite without FAB-T (README says why); full: PGD,
+# APGD-CE, APGD-T, PGD through a soft all-experts surrogate of the router, Square, then the analyses below.
 # Hard top-k routing hides gradients (a route change is a jump the gradient does not see), so the suites end with
-# Square, which uses no gradient. Gradient-masking probes (full): PGD's success must grow with eps and reach 100% at
-# a large eps, and the report says so when APGD/Square beat PGD by a wide margin or Square breaks what every gradient
-# attack missed. RA-E: routes fixed at the clean routes, experts attacked. RA-R: only the routing attacked: routes
+# Square, which uses none. Masking probes (full): PGD's success must grow with eps and reach 100% at a large eps;
+# the report warns when APGD/Square beat PGD widely or Square breaks what every gradient attack missed.
+# RA-E: routes fixed at the clean routes, experts attacked (PGD, APGD-CE). RA-R: only the routing attacked: routes
 # from the perturbed input, experts on the clean input (RouterDeviation). Per-expert SA/RA: every f_i (all MoE layers
-# forced to expert i) attacked anew. With routes fixed or an expert forced the network has no routing decision left
-# to hide behind, so f_i meets the suite's gradient attacks (PGD, APGD-CE, APGD-T) and RA-E its PGD and APGD-CE.
+# forced to expert i) meets the suite's gradient attacks anew; with no routing decision left, nothing hides them.
 # Routing: expert usage, class x expert counts, and the fraction of routes that the suite's adversarial examples and
 # the routing attack flip (Puigcerver 2022 report the overlap of experts before and after an attack).
 PROBE_FACTORS = (1, 2, 4, 8, 16)  # eps multiples of the probe; L-inf radii are capped at 1
@@ -1803,13 +1759,11 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
     return metrics
 
 # ==== 9. Lipschitz constants, route stability and certified radii (Puigcerver 2022; dual model) =====================
-# How fast can the logits F change with the input, in a norm p (linf or l2; output in the same)?
-#   local_lipschitz          max ||F(x') - F(x)|| / ||x' - x|| over an eps-ball by gradient ascent: a lower bound on
-#                            the local constant;
-#   jacobian_spectral_norm   ||J_F(x)||_2 by power iteration with jvp and vjp;
-#   lipschitz_bound          an upper bound: the product of per-layer operator norms (L2: Gram iteration, a provable
-#                            upper bound; L-inf: row sums; BatchNorm in eval as max |gamma / sigma|; residual blocks
-#                            L_shortcut + L_branch).
+# How fast can the logits F change with the input, in a norm p (linf or l2; output in the same)? local_lipschitz:
+# max ||F(x') - F(x)|| / ||x' - x|| over an eps-ball by gradient ascent, a lower bound on the local constant;
+# jacobian_spectral_norm: ||J_F(x)||_2 by power iteration with jvp and vjp; lipschitz_bound: an upper bound, the
+# product of per-layer operator norms (L2: Gram iteration, provable; L-inf: row sums; BatchNorm in eval as
+# max |gamma / sigma|; residual blocks L_shortcut + L_branch).
 # For a dense network the bound is global. An MoE layer F = sum_i g_i f_i with L_i-Lipschitz experts, r_i-Lipschitz
 # gates and outputs bounded by M_i is K-Lipschitz with K = sum_i (L_i + M_i r_i) (dual-model paper; soft gates); with
 # hard top-1 routing, where the route cannot change only the chosen expert and its gate move: K = max_i (L_i + M_i
@@ -1820,11 +1774,10 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
 
 def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
                     steps: int = 20) -> torch.Tensor:
-    """Per-example lower bound on the local Lipschitz constant of x -> logits in the eps-ball, in `norm`. linf: for
-    every output j and sign s, sign-gradient ascent on s * (F_j(x + d) - F_j(x)) (the inf-norm of the change is the
-    largest such term); l2: normalised-gradient ascent on ||F(x + d) - F(x)||_2 (power iteration for a linear F).
-    The ratio is taken at every iterate; images are not clipped (a property of the function). Exact for F = Wx + b.
-    (B,)"""
+    """Per-example lower bound (B,) on the local Lipschitz constant of x -> logits in the eps-ball, in `norm`. linf:
+    for every output j and sign s, sign-gradient ascent on s * (F_j(x + d) - F_j(x)) (the inf-norm of the change is
+    the largest such term); l2: normalised-gradient ascent on ||F(x + d) - F(x)||_2 (power iteration for a linear
+    F). The ratio is taken at every iterate; images are not clipped. Exact for F = Wx + b."""
     x, best = x.detach(), torch.zeros(len(x), device=x.device)
     ratio = lambda out, inp: per_example_norm(out, norm, False) / per_example_norm(inp, norm, False).clamp_min(1e-12)
     with eval_mode(model):
@@ -1898,12 +1851,24 @@ def operator_norm(W: torch.Tensor, norm: str, iters: int = 12) -> float:
     """||W|| of a matrix: inf -> inf is the largest row L1 norm; L2 a Gram-iteration bound."""
     return W.abs().sum(1).max().item() if norm == "linf" else gram_spectral_bound(W.detach(), iters).item()
 
+def forward_inputs(model: nn.Module, x: torch.Tensor, modules: list) -> dict:
+    """{module: the input it received} for one eval-mode, no-grad forward of x (a module called twice: the last)."""
+    inputs = {}
+    record = lambda mod, inp, out: inputs.__setitem__(mod, inp[0].detach())
+    hooks = [m.register_forward_hook(record) for m in modules]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
 class LipschitzBound:
-    """Upper bound of a (MoE-)ResNet18, dual model or Sequential/Linear/Conv stack in norm p. Global for a dense
-    model; route-stable with MoE layers (see the section's comment). Call `measure(x)` first: it records each
-    module's input shape and, for MoE layers, M_i = max ||f_i(h)|| over the given inputs (valid around them up to L_i
-    times the radius). Calling the object returns the bound and fills `moe` (per-MoE-layer terms) and `prefix` (the
-    bound of the map from the model input to each MoE layer's input)."""
+    """Upper bound of a (MoE-)ResNet18, dual model or Sequential/Linear/Conv stack in norm p: global for a dense
+    model, route-stable with MoE layers (the section's comment). `measure(x)` first records each module's input shape
+    and, for MoE layers, M_i = max ||f_i(h)|| over the inputs. Calling the object returns the bound and fills `moe`
+    (per-MoE-layer terms) and `prefix` (the bound of the map from the model input to each MoE layer's input)."""
 
     def __init__(self, model: nn.Module, norm: str = "l2", iters: int = 12):
         check(not any(isinstance(m, Attention) for m in model.modules()), "no global Lipschitz bound for moe-vit: "
@@ -1913,9 +1878,9 @@ class LipschitzBound:
 
     @torch.no_grad()
     def measure(self, x: torch.Tensor) -> "LipschitzBound":
-        def hook(m, inp, out):
+        def hook(m, inp, out):  # (every expert runs on the MoE layer's input, so its modules' shapes are seen too)
             self.shapes[m] = tuple(inp[0].shape[1:])
-            if isinstance(m, MoE):
+            if isinstance(m, MoE):  # M_i = max ||f_i(h)|| over the inputs seen so far
                 M = [per_example_norm(e(inp[0]), self.norm, keepdim=False).max().item() for e in m.experts]
                 self.M[m] = [max(a, b) for a, b in zip(self.M.get(m, M), M)]
         hooks = [m.register_forward_hook(hook) for m in self.model.modules()]
@@ -2024,19 +1989,6 @@ def route_flip_direction(layer: MoE, h: torch.Tensor, norm: str = "linf") -> tor
     u = -d.sign() if norm == "linf" else -d / d.norm(dim=1, keepdim=True) / math.sqrt(h.shape[2] * h.shape[3])
     return u[:, :, None, None].expand_as(h).clone()
 
-def moe_inputs(model: nn.Module, x: torch.Tensor) -> dict:
-    """{MoE layer: the input it received} for one eval-mode forward of x."""
-    inputs = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out: inputs.__setitem__(mod, inp[0].detach()))
-             for m in moe_layers(model)]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return inputs
-
 def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "linf") -> dict:
     """Certified radius per example: a right prediction keeps its label within min(margin / (2 K), route-stable
     radius), K the bound (dual model: K_D = (1 - a) K_S + a K_R), since each logit moves by at most K ||d||; 0 if
@@ -2049,7 +2001,7 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "lin
         top2 = model(x).float().topk(2, dim=1)
     correct, gap = top2.indices[:, 0] == y, top2.values[:, 0] - top2.values[:, 1]
     route = torch.full((len(x),), float("inf"), device=x.device)
-    for m, h in moe_inputs(model, x).items():
+    for m, h in forward_inputs(model, x, moe_layers(model)).items():
         route = torch.minimum(route, route_stability_radius(m, h, norm) / lb.prefix.get(m, 1.0))
     radius = torch.where(correct, torch.minimum(gap / (2 * K), route), torch.zeros_like(gap))
     return {"radius": radius, "K": K, "lipschitz_radius": gap / (2 * K), "route_radius": route, "correct": correct}
@@ -2057,7 +2009,7 @@ def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "lin
 def expert_spread(model: nn.Module, x: torch.Tensor) -> list[float]:
     """Per MoE layer, mean over rows of ||f_top1(h) - f_top2(h)|| / ||f_top1(h)||: how different the two
     top-weighted experts' outputs are (Puigcerver 2022: large spread hurts robustness)."""
-    spreads, inputs = [], moe_inputs(model, x)  # also leaves each layer's routing of x in m.routing
+    spreads, inputs = [], forward_inputs(model, x, moe_layers(model))  # also leaves each layer's routing in m.routing
     with torch.no_grad(), eval_mode(model):
         for m in (m for m in moe_layers(model) if m.num_experts >= 2):
             rows = inputs[m].reshape(-1, inputs[m].shape[-1]) if m.tokens else inputs[m]
@@ -2114,7 +2066,7 @@ def benchmark_moe(device: str = "auto", batch: int = 256, channels: int = 64, si
         layer = rt.prepare(MoE([residual_branch(channels, channels, channels, 1) for _ in range(E)], channels, k=1))
         for name, ctx in ((f"E={E} top-1", contextlib.nullcontext), (f"E={E} all", lambda: soft_routing(layer))):
             def fwd_bwd():
-                with rt.autocast(), ctx():
+                with autocast_for(rt.device), ctx():
                     out = layer(x)
                 out.float().square().mean().backward()
             fwd_bwd()  # warm-up

@@ -1107,7 +1107,7 @@ def default_precision():
 def test_precision_is_chosen_in_one_place():
     rt = mr.make_runtime("cpu")
     assert rt.amp_dtype is None and not rt.channels_last
-    with rt.autocast():
+    with mr.autocast_for(rt.device):
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
     rt = mr.make_runtime("cpu", "bf16")  # the fast CPU path: bf16 autocast + channels_last
     assert rt.amp_dtype == torch.bfloat16 and rt.channels_last
