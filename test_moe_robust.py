@@ -1179,7 +1179,6 @@ def test_training_step_reads_back_only_the_expert_batch_sizes(monkeypatch, arch,
     cfg = mr.Config(**{**TINY, "arch": arch, "method": method, "train_steps": 2, "experts": 2})
     model = mr.build_model(mr.model_config(cfg, 10, 32))
     m = mr.METHOD_CLASSES[method](model, cfg, total_steps=10)
-    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     data = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (16,))
     calls = []
     for layer in mr.moe_layers(model):
