@@ -177,40 +177,37 @@ class Config:
               f"--moe-blocks {self.moe_blocks!r} makes no MoE layer; name blocks (layer4.1) or use --arch resnet18")
 
 # ==== 1. Setup: device and precision chosen in one place; files written atomically ================================
-# The autocast dtype per device type is process-wide, like torch.backends flags: make_runtime sets it, a training
-# step opens autocast_for around its forwards (attack included), float32_evaluation turns it off; attacks and models
-# never choose a precision. auto: bf16 on CUDA, float32 on CPU (README's CPU numbers were taken in it); bf16 on CPU
-# is the fast path on a processor with AVX512-BF16 or AMX (README).
-AMP_DTYPE: dict = {"cuda": torch.bfloat16, "cpu": None}
+# One precision rule, amp_dtype: auto is bf16 autocast on CUDA and float32 on CPU (README's CPU numbers were taken in
+# it); bf16 on CPU is the fast path on a processor with AVX512-BF16 or AMX (README). A training step opens
+# autocast_for(device, cfg.precision) around its forwards, attack included; float32_evaluation switches autocast off
+# for every reported number; attacks and models never choose a precision.
 
-def set_precision(precision: str = "auto") -> None:
+def amp_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
+    """The autocast dtype of `precision` (auto, fp32, bf16) on this device; None: float32."""
     check(precision in PRECISIONS, f"unknown --precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    AMP_DTYPE.update(cuda=None if precision == "fp32" else torch.bfloat16,
-                     cpu=torch.bfloat16 if precision == "bf16" else None)
+    on = precision == "bf16" or (precision == "auto" and torch.device(device).type == "cuda")
+    return torch.bfloat16 if on else None
 
-def autocast_for(device: torch.device):
-    """The one autocast rule. Under bf16 the matrix products and convolutions run in bf16; every loss casts logits
-    to float32 first, and input gradients arrive in float32 (bf16 has float32's exponent range: no loss scaling is
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """Autocast by amp_dtype. Under bf16 the matrix products and convolutions run in bf16; every loss casts logits to
+    float32 first, and input gradients arrive in float32 (bf16 has float32's exponent range: no loss scaling is
     needed and no gradient sign is lost to underflow)."""
-    kind = torch.device(device).type
-    dtype = AMP_DTYPE.get(kind)
-    return contextlib.nullcontext() if dtype is None else torch.autocast(kind, dtype=dtype)
+    dtype = amp_dtype(device, precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
 @contextlib.contextmanager
 def float32_evaluation():
     """Context (and decorator): true float32 inside (no autocast, TF32 off on CUDA), restored on exit. Reported
     accuracies are float32 numbers: a bf16 forward is a slightly different, coarser function, and on three PGD-AT
     models its robust accuracy differed from the same weights in float32 by +1.5, +0.5 and -6.8 points (README)."""
-    saved, cuda = dict(AMP_DTYPE), torch.backends.cuda.matmul
+    cuda = torch.backends.cuda.matmul
     tf32 = cuda.allow_tf32, torch.backends.cudnn.allow_tf32
-    set_precision("fp32")
     cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 has a 10-bit mantissa
-    try:  # and an autocast region the caller may have opened, switched off inside
+    try:  # and an autocast region the caller opened (a training step's) switched off inside
         with torch.autocast("cpu", enabled=False), (torch.autocast("cuda", enabled=False) if torch.cuda.is_available()
                                                      else contextlib.nullcontext()):
             yield
     finally:
-        AMP_DTYPE.update(saved)
         cuda.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 @contextlib.contextmanager
@@ -245,11 +242,10 @@ def make_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     check(device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA GPU; "
                                                          "use --device cpu or auto")
-    set_precision(precision)
-    dev = torch.device(device)
+    dev, dtype = torch.device(device), amp_dtype(device, precision)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return Runtime(dev, AMP_DTYPE[dev.type], dev.type == "cuda" or AMP_DTYPE[dev.type] is not None)
+    return Runtime(dev, dtype, dev.type == "cuda" or dtype is not None)
 
 def seed_everything(seed: int) -> None:
     """Seeds torch (CPU and CUDA) and numpy. Called at the start of every epoch with a seed derived from (run seed,
@@ -1232,7 +1228,7 @@ class Method:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
         self.model.train()
-        with autocast_for(x.device):  # the forwards (attack included) in the run's precision; backward outside
+        with autocast_for(x.device, self.cfg.precision):  # the forwards, attack included; the backward outside
             loss, logits = self.loss(x, y)
         self.descend(self.opt, loss)
         return self.logs(loss, logits, y)
@@ -1297,7 +1293,7 @@ class AdvMoE(Method):
 
     def update(self, opt: torch.optim.Optimizer, x, y):
         self.model.train()
-        with autocast_for(x.device):
+        with autocast_for(x.device, self.cfg.precision):
             loss, logits = (trades_loss if self.cfg.robust_loss == "trades" else at_loss)(self.model, x, y, self.cfg)
         self.descend(opt, loss)  # only this optimiser's parameters move
         return loss, logits
@@ -1349,7 +1345,7 @@ class JTDMoE(Method):
     def robust_step(self, x, y):
         f_r, cfg = self.model.robust, self.cfg
         f_r.train()
-        with autocast_for(x.device):
+        with autocast_for(x.device, self.cfg.precision):
             loss = at_loss(f_r, x, y, cfg)[0]
             for i in range(moe_layers(f_r)[0].num_experts):
                 with forced_expert(f_r, i):
@@ -1359,7 +1355,7 @@ class JTDMoE(Method):
 
     def standard_step(self, x, y):
         self.model.standard.train()
-        with eval_mode(self.model.robust), autocast_for(x.device):
+        with eval_mode(self.model.robust), autocast_for(x.device, self.cfg.precision):
             logits = self.model(x).float()
             loss = F.cross_entropy(logits, y) + aux(self.model.standard, self.cfg)
         self.descend(self.opts[1], loss)
@@ -2066,7 +2062,7 @@ def benchmark_moe(device: str = "auto", batch: int = 256, channels: int = 64, si
         layer = rt.prepare(MoE([residual_branch(channels, channels, channels, 1) for _ in range(E)], channels, k=1))
         for name, ctx in ((f"E={E} top-1", contextlib.nullcontext), (f"E={E} all", lambda: soft_routing(layer))):
             def fwd_bwd():
-                with autocast_for(rt.device), ctx():
+                with autocast_for(rt.device, precision), ctx():
                     out = layer(x)
                 out.float().square().mean().backward()
             fwd_bwd()  # warm-up

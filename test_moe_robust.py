@@ -849,9 +849,9 @@ def test_evaluation_is_true_float32_and_restores_tf32():
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        mr.set_precision("bf16")
         data = mr.make_synthetic(8, 8, size=8)
-        mr.evaluate(Probe(), data.test_x, data.test_y, mr.AttackConfig(steps=1), torch.device("cpu"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a caller's bf16 region (a training step's)
+            mr.evaluate(Probe(), data.test_x, data.test_y, mr.AttackConfig(steps=1), torch.device("cpu"))
         assert seen and all(s == (False, False, False) for s in seen)
         assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
     finally:
@@ -1096,14 +1096,6 @@ def test_vit_has_local_estimates_but_no_global_bound():
 
 
 # ---------------------------------------------------------------------------- speed and precision
-@pytest.fixture(autouse=True)
-def default_precision():
-    """Precision is process-wide (mr.set_precision); every test starts and ends at the default."""
-    mr.set_precision("auto")
-    yield
-    mr.set_precision("auto")
-
-
 def test_precision_is_chosen_in_one_place():
     rt = mr.make_runtime("cpu")
     assert rt.amp_dtype is None and not rt.channels_last
@@ -1111,7 +1103,7 @@ def test_precision_is_chosen_in_one_place():
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
     rt = mr.make_runtime("cpu", "bf16")  # the fast CPU path: bf16 autocast + channels_last
     assert rt.amp_dtype == torch.bfloat16 and rt.channels_last
-    with mr.autocast_for(torch.device("cpu")):  # what a training step opens around its forwards
+    with mr.autocast_for(rt.device, "bf16"):  # what a training step opens around its forwards
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.bfloat16
     model = rt.prepare(mr.build_model(mr.ModelConfig(width=0.0625, experts=2)))
     assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -1124,11 +1116,9 @@ def test_bf16_pgd_is_no_weaker_than_float32(trained):
     model, x, y, _ = trained
     accs = {}
     for precision in ("fp32", "bf16"):
-        mr.set_precision(precision)
         torch.manual_seed(0)
-        with mr.autocast_for(x.device):  # as a training step runs its attack
+        with mr.autocast_for(x.device, precision):  # as a training step runs its attack
             xa = mr.pgd_worst(model, x, y, eps=2 / 255, steps=10)
-        mr.set_precision("fp32")
         accs[precision] = (mr.predict(model, xa) == y).float().mean().item()
     clean = (mr.predict(model, x) == y).float().mean().item()
     assert 0 < accs["fp32"] < clean  # the attack is neither trivial nor total here
@@ -1148,7 +1138,7 @@ def test_bf16_training_step_matches_float32():
             torch.manual_seed(0)
             model = rt.prepare(mr.build_model(mr.ModelConfig(width=0.125, experts=2)))
             before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-            method = method_class(model, mr.Config(**{**TINY, "width": 0.125}), total_steps=10)
+            method = method_class(model, mr.Config(**{**TINY, "width": 0.125, "precision": precision}), total_steps=10)
             torch.manual_seed(1)
             losses[precision] = method.step(x, y)["loss"].item()
             updates[precision] = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
@@ -1322,11 +1312,10 @@ def test_router_runs_in_float32_under_bf16_autocast():
 def test_routes_and_usage_are_read_in_the_precision_of_their_use(monkeypatch, tmp_path):
     model = small_moe(E=3).eval()
     x = torch.rand(8, 3, 32, 32)
-    mr.set_precision("bf16")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)  # a bf16 training-style forward
     trained_logits = mr.last_routing(model)[0].logits
-    with mr.autocast_for(x.device):  # RT-ER's step reads its runner-up routes inside its autocast
+    with mr.autocast_for(x.device, "bf16"):  # RT-ER's step reads its runner-up routes inside its autocast
         mr.current_routes(model, x)
     assert torch.equal(mr.last_routing(model)[0].logits, trained_logits)
     seen = []  # the per-epoch expert-usage pass runs in float32, like every reported number
