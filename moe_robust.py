@@ -256,7 +256,8 @@ def seed_everything(seed: int) -> None:
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write to a temporary file beside `path`, then rename: a crash never leaves half a file, and an interrupted
     write leaves no temporary file (a SIGKILL can: see remove_stale_temps)."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(str(tmp))
         os.replace(tmp, path)
@@ -294,8 +295,9 @@ def writable_folder(folder: str, flag: str = "--out") -> Path:
     check(not p.exists() or p.is_dir(), f"{flag} {folder} is a file; give a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
-        (p / f".write-test{os.getpid()}").write_bytes(b"")
-        (p / f".write-test{os.getpid()}").unlink()
+        probe = p / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as e:
         raise UserError(f"{flag} {folder} is not a writable folder ({e.strerror or type(e).__name__})") from None
     return p
@@ -667,8 +669,8 @@ def routing_control(model: nn.Module, controls):
 def soft_routing(model: nn.Module):
     """Context: every MoE layer runs all experts, gated by the full softmax (a differentiable surrogate of hard
     top-k routing)."""
-    every = lambda p: list(range(p.shape[1]))
-    return routing_control(model, lambda p, rank: (torch.arange(p.shape[1], device=p.device).expand_as(p), p, every(p)))
+    return routing_control(model, lambda p, rank: (torch.arange(p.shape[1], device=p.device).expand_as(p), p,
+                                                   list(range(p.shape[1]))))
 
 def forced_routes(model: nn.Module, routes: list[Route]):
     """Context: MoE layer l uses routes[l] (indices and gates) for every row (e.g. the clean routes, for RA-E)."""
@@ -1441,12 +1443,13 @@ def masking_warnings(res: dict, n: int) -> list[str]:
     if res["attacks"][0].startswith("PGD") and len(after) > 1 and after[0][1] - res["robust_acc"] > 0.02:
         warn.append(f"the suite's other attacks lower RA {after[0][1] - res['robust_acc']:.3f} below PGD alone: "
                     "PGD overstates this model's robustness")
-    radii, accs = (res["probe"]["eps"], res["probe"]["robust_acc"]) if "probe" in res else ([0], [0])
-    if accs[-1] > 0:
-        warn.append(f"PGD at eps={radii[-1]:.3g} leaves {accs[-1]:.1%} robust: attack success should reach 100% at a "
-                    "large eps; gradients may be masked")
-    if any(b > a + 0.02 for a, b in zip(accs, accs[1:])):
-        warn.append("PGD's robust accuracy rises with eps somewhere in the probe: gradients may be masked")
+    if "probe" in res:
+        radii, accs = res["probe"]["eps"], res["probe"]["robust_acc"]
+        if accs[-1] > 0:
+            warn.append(f"PGD at eps={radii[-1]:.3g} leaves {accs[-1]:.1%} robust: attack success should reach 100% "
+                        "at a large eps; gradients may be masked")
+        if any(b > a + 0.02 for a, b in zip(accs, accs[1:])):
+            warn.append("PGD's robust accuracy rises with eps somewhere in the probe: gradients may be masked")
     return warn
 
 @float32_evaluation()
@@ -1458,6 +1461,7 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     precision."""
     suite, layers = suite or cfg.eval_suite, moe_layers(model)
     moe = suite == "full" and analysis and len(layers) > 0
+    attack = AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm)  # also the routing attack's
     attacks = names = class_expert = None
     n, rows, sums, E = 0, 0, {}, (layers[0].num_experts if layers else 0)
     usage = [torch.zeros(m.num_experts, dtype=torch.long) for m in layers]
@@ -1500,7 +1504,7 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
         ra_e, _ = attack_cascade(model, xb, yb, fixed, ok,  # which per-row forced routes cannot follow
                                  lambda idx: forced_routes(model, take_routes(routes, idx, B)))
         add("ra_e", ra_e[fixed[-1][0]])
-        xr = router_attack(model, xb, AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm))
+        xr = router_attack(model, xb, attack)
         r_routes = current_routes(model, xr)  # RA-R: routing attacked, experts see clean x
         count_flips("router_attack", r_routes)
         with forced_routes(model, r_routes):
@@ -2258,9 +2262,9 @@ def check_flags(args: argparse.Namespace, argv: list[str]) -> None:
     mode = modes[0] if modes else ("resume" if resume else None)
     if mode is not None:
         extra = ", ".join(flag(d) for d in sorted(given - MODE_FLAGS[mode]))
-        check(not extra, f"--resume continues the saved run with its own settings; drop {extra} (only --out and "
-                         f"--device may change)" if mode == "resume" else f"{flag(mode)} does not use {extra}; leave "
-                         "it out")
+        check(not extra, f"--resume continues the saved run with its own settings; drop {extra} (only --out "
+                         "and --device may change)" if mode == "resume" else
+                         f"{flag(mode)} does not use {extra}; leave it out")
         return
     read = {f.name for f in dataclasses.fields(Config)} | {"resume", "overwrite"}  # what training reads
     extra = ", ".join(flag(d) for d in sorted(given - read))
