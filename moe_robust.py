@@ -68,11 +68,19 @@ DUAL_MIXES = ("logits", "normalized")
 DUAL = ("dual", "jtdmoe")
 BLOCK_NAMES = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))  # ResNet-18's BasicBlocks
 
-def opt(default, help: str, choices=None, ge=None, gt=None, le=None, group=None, methods=None):
-    """A Config field: its default, its --flag's help and allowed values (choices, ge/gt/le bounds), the --help
-    group it opens and the methods that read it (None: every one)."""
-    return field(default=default, metadata=dict(help=help, choices=choices, ge=ge, gt=gt, le=le, group=group,
-                                                methods=methods))
+MODES = ("train", "dual", "eval", "lipschitz", "benchmark", "demo", "resume")  # the ways of running (see run_context)
+MOE_ARCHS = ("moe-resnet18", "moe-vit")
+READ_FROM_DISK = ("cifar10", "cifar100", "tinyimagenet", "imagefolder")  # the data sets that --data-dir locates
+SUITE_RUNS = ("train", "dual", "eval")  # the modes whose report runs an --eval-suite
+
+KIND_NAMES = {"float": "a number", "int": "a whole number", "str": "a string", "bool": "true or false"}
+
+def opt(default, help: str, choices=None, ge=None, gt=None, le=None, lt=None, group=None, where=None):
+    """A Config field: its default, its --flag's help and allowed values (choices, ge/gt/le/lt bounds), the --help
+    group it opens, and `where` it is read: {dimension: values} over the run's context (run_context: mode, method,
+    arch, suite, norm, dataset, member), or a list of such dicts of which one must hold; None: in every run."""
+    return field(default=default, metadata=dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, group=group,
+                                                where=where))
 
 def moe_block_set(spec: str) -> set:
     """'all' or a comma list of ResNet-18 block names -> the set of names."""
@@ -86,62 +94,95 @@ class Config:
     """Everything a run needs: each field is one --flag (underscores become dashes). The parser (build_parser) and
     `validate` read help and allowed values from here; checkpoints store it."""
 
-    method: str = opt("at", "training method", METHODS, group="what to run")
-    dataset: str = opt("synthetic", "data set (random: noise in CIFAR-10's shape, for timing)", DATASETS, group="data")
-    data_dir: str = opt("data", "where data sets live (CIFAR is downloaded here)")
-    image_size: Optional[int] = opt(None, "tinyimagenet/imagefolder image side, 16..256 in steps of 8 (default 64/32)")
-    train_limit: Optional[int] = opt(None, "use only the first N training examples", ge=1)
-    test_limit: Optional[int] = opt(None, "use only the first N test examples", ge=1)
-    val_size: Optional[int] = opt(None, "held-out validation examples (default 10%%, at most 1000)", ge=1)
-    augment: bool = opt(True, "no random crop + flip")
-    arch: str = opt("moe-resnet18", "architecture; resnet18 is moe-resnet18 without MoE blocks", ARCHS, group="model")
-    width: float = opt(1.0, "multiplier of every channel width (0.125 for CPU)", gt=0, le=8)
-    experts: int = opt(4, "experts E per MoE layer (Robust Experts: 4; AdvMoE: 2)", ge=1, le=64)
-    top_k: int = opt(1, "experts K used per image/token (CNN-MoE papers: 1; V-MoE: 2)", ge=1)
-    moe_blocks: str = opt("layer4.1", "ResNet blocks made MoE: 'all' or e.g. layer3.1,layer4.1 (Robust Experts: one)")
-    expert_ratio: float = opt(1.0, "expert inner width / block width (AdvMoE: 0.5)", gt=0, le=4)
-    noisy_gating: bool = opt(False, "Shazeer noisy top-k routing while training")
-    epochs: int = opt(10, "passes over the training split", ge=1, group="optimisation")
-    batch_size: int = opt(128, "images per training step", ge=1, le=65536)
-    lr: float = opt(0.1, "SGD learning rate, cosine decay to 0 over all steps (Madry/Rice recipe, shortened)", ge=0)
-    momentum: float = opt(0.9, "SGD (Nesterov) momentum", ge=0)
-    weight_decay: float = opt(5e-4, "SGD weight decay", ge=0)
-    balance_coef: float = opt(1e-2, "Switch balance loss weight", ge=0)
-    z_coef: float = opt(1e-3, "router z-loss weight (ST-MoE)", ge=0)
-    beta: float = opt(6.0, "weight of the KL term: TRADES, RT-ER's runner-up term, JTDMoE's expert terms", ge=0,
-                      methods=("trades", "advmoe", "rt-er", "jtdmoe", "dual"))
-    seed: int = opt(0, "initial weights, data order, attacks' random starts", ge=0, le=2 ** 31 - 1)
-    eps: float = opt(8 / 255, "radius in pixel units, e.g. 8/255 (L2: e.g. 0.5)", ge=0, group="attack")
-    alpha: Optional[float] = opt(None, "PGD step size, e.g. 2/255 (default eps/4)", gt=0)
-    norm: str = opt("linf", "threat model", NORMS)
-    train_steps: int = opt(10, "PGD steps while training (Madry: 10)", ge=0)
-    val_steps: int = opt(10, "PGD steps on the validation split each epoch", ge=0)
-    eval_steps: int = opt(20, "PGD steps of the final test evaluation", ge=0)
-    eval_restarts: int = opt(1, "PGD restarts of the final test evaluation", ge=1)
+    method: str = opt("at", "training method", METHODS, group="what to run", where=dict(mode=("train", "dual")))
+    dataset: str = opt("synthetic", "data set (random: noise in CIFAR-10's shape, for timing)", DATASETS, group="data",
+                       where=dict(mode=("train", "dual")))
+    data_dir: str = opt("data", "where data sets live (CIFAR is downloaded here)",
+                        where=dict(mode=("train", "dual", "eval", "lipschitz"), dataset=READ_FROM_DISK))
+    image_size: Optional[int] = opt(None, "tinyimagenet/imagefolder image side, 16..256 in steps of 8 (default 64/32)",
+                                    where=dict(mode=("train", "dual"), dataset=DATASETS[:1] + DATASETS[3:]))
+    train_limit: Optional[int] = opt(None, "use only the first N training examples", ge=1, where=dict(mode=("train",)))
+    test_limit: Optional[int] = opt(None, "use only the first N test examples", ge=1, where=dict(mode=SUITE_RUNS))
+    val_size: Optional[int] = opt(None, "held-out validation examples (default 10%%, at most 1000)", ge=1,
+                                  where=dict(mode=("train",)))
+    augment: bool = opt(True, "no random crop + flip", where=dict(mode=("train",)))
+    arch: str = opt("moe-resnet18", "architecture; resnet18 is moe-resnet18 without MoE blocks", ARCHS, group="model",
+                    where=dict(mode=("train",)))
+    width: float = opt(1.0, "multiplier of every channel width (0.125 for CPU)", gt=0, le=8,
+                       where=dict(mode=("train", "benchmark")))
+    experts: int = opt(4, "experts E per MoE layer (Robust Experts: 4; AdvMoE: 2)", ge=1, le=64,
+                       where=dict(mode=("train",), arch=MOE_ARCHS))
+    top_k: int = opt(1, "experts K used per image/token (CNN-MoE papers: 1; V-MoE: 2)", ge=1,
+                     where=dict(mode=("train",), arch=MOE_ARCHS))
+    moe_blocks: str = opt("layer4.1", "ResNet blocks made MoE: 'all' or e.g. layer3.1,layer4.1 (Robust Experts: one)",
+                          where=dict(mode=("train", "benchmark"), arch=("moe-resnet18",)))
+    expert_ratio: float = opt(1.0, "expert inner width / block width (AdvMoE: 0.5)", gt=0, le=4,
+                              where=dict(mode=("train",), arch=("moe-resnet18",)))
+    noisy_gating: bool = opt(False, "Shazeer noisy top-k routing while training", where=dict(mode=("train",),
+                                                                                             arch=MOE_ARCHS))
+    epochs: int = opt(10, "passes over the training split", ge=1, group="optimisation", where=dict(mode=("train",)))
+    batch_size: int = opt(128, "images per training step", ge=1, le=65536, where=dict(mode=("train", "benchmark")))
+    lr: float = opt(0.1, "SGD learning rate, cosine decay to 0 over all steps (Madry/Rice recipe, shortened)", ge=0,
+                    where=dict(mode=("train",)))
+    momentum: float = opt(0.9, "SGD (Nesterov) momentum", ge=0, lt=1, where=dict(mode=("train",)))
+    weight_decay: float = opt(5e-4, "SGD weight decay", ge=0, where=dict(mode=("train",)))
+    balance_coef: float = opt(1e-2, "Switch balance loss weight", ge=0, where=dict(mode=("train",), arch=MOE_ARCHS))
+    z_coef: float = opt(1e-3, "router z-loss weight (ST-MoE)", ge=0, where=dict(mode=("train",), arch=MOE_ARCHS))
+    beta: float = opt(6.0, "weight of the KL term: TRADES (also advmoe's), RT-ER's runner-up term, JTDMoE's expert "
+                           "terms", ge=0, where=dict(mode=("train",), method=("trades", "rt-er", "jtdmoe")))
+    seed: int = opt(0, "initial weights, data order, attacks' random starts", ge=0, le=2 ** 31 - 1,
+                    where=dict(mode=("train", "dual", "eval", "lipschitz")))
+    eps: Optional[float] = opt(None, "radius in pixel units; an L2 run must give one, e.g. 0.5 (default: 8/255)", ge=0,
+                               group="attack", where=dict(mode=("train", "dual", "eval", "lipschitz")))
+    alpha: Optional[float] = opt(None, "PGD step size, e.g. 2/255 (default eps/4)", gt=0,
+                                 where=[dict(mode=("train",)), dict(mode=SUITE_RUNS, suite=("full", "pgd"))])
+    norm: str = opt("linf", "threat model", NORMS, where=dict(mode=("train", "dual", "eval", "lipschitz")))
+    train_steps: int = opt(10, "PGD steps while training (Madry: 10)", ge=1,
+                           where=dict(mode=("train",), method=METHODS[1:]))
+    val_steps: int = opt(10, "PGD steps on the validation split each epoch", ge=1, where=dict(mode=("train",)))
+    eval_steps: int = opt(20, "PGD steps of the final test evaluation", ge=1,
+                          where=dict(mode=SUITE_RUNS, suite=("full", "pgd")))
+    eval_restarts: int = opt(1, "PGD restarts of the final test evaluation", ge=1,
+                             where=dict(mode=SUITE_RUNS, suite=("full", "pgd")))
     eval_suite: str = opt("full", "autoattack: APGD-CE, APGD-T, Square; full: PGD, those and soft-router PGD, plus "
-                                  "masking probes, RA-E, RA-R, per-expert and routing statistics; pgd", EVAL_SUITES)
-    apgd_steps: int = opt(100, "APGD-CE and APGD-T iterations (AutoAttack: 100)", ge=1)
-    apgd_targets: int = opt(9, "APGD-T target classes (AutoAttack: 9)", ge=1)
-    square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1)
+                                  "masking probes, RA-E, RA-R, per-expert and routing statistics; pgd", EVAL_SUITES,
+                          where=dict(mode=SUITE_RUNS))
+    apgd_steps: int = opt(100, "APGD-CE and APGD-T iterations (AutoAttack: 100)", ge=1,
+                          where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
+    apgd_targets: int = opt(9, "APGD-T target classes, at most classes - 1 (AutoAttack: 9)", ge=1,
+                            where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
+    square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1,
+                              where=dict(mode=SUITE_RUNS, suite=("full", "autoattack"), norm=("linf",)))
     router_lr: Optional[float] = opt(None, "router learning rate (default --lr)", ge=0,
-                                     group="advmoe (router-expert alternating training)", methods=("advmoe",))
-    router_schedule: str = opt("cosine", "router lr schedule", ("cosine", "constant"), methods=("advmoe",))
-    robust_loss: str = opt("at", "robust loss of both steps: PGD-AT or TRADES", ("at", "trades"), methods=("advmoe",))
+                                     group="advmoe (router-expert alternating training)",
+                                     where=dict(mode=("train",), method=("advmoe",)))
+    router_schedule: str = opt("cosine", "router lr schedule", ("cosine", "constant"),
+                               where=dict(mode=("train",), method=("advmoe",)))
+    robust_loss: str = opt("at", "robust loss of both steps: PGD-AT or TRADES", ("at", "trades"),
+                           where=dict(mode=("train",), method=("advmoe",)))
     dual_a: float = opt(0.5, "smoothing parameter a of f_D = (1-a) f_S + a f_R (fixed in jtdmoe)", ge=0, le=1,
-                        group="dual model and jtdmoe", methods=DUAL)
+                        group="dual model and jtdmoe", where=dict(mode=("train", "dual"), method=DUAL))
     dual_mix: str = opt("logits", "logits: f_D mixes logits (the paper); normalized: each member's logits scaled to "
-                                  "unit std first", DUAL_MIXES, methods=DUAL)
-    dual_sweep: str = opt("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "values of a to evaluate", methods=("dual",))
-    standard_ckpt: Optional[str] = opt(None, "dual: f_S from this checkpoint (else trained)", methods=("dual",))
-    robust_ckpt: Optional[str] = opt(None, "dual: f_R from this checkpoint (else trained)", methods=("dual",))
+                                  "unit std first", DUAL_MIXES, where=dict(mode=("train", "dual"), method=DUAL))
+    dual_sweep: str = opt("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "values of a to evaluate",
+                          where=dict(mode=("dual",)))
+    standard_ckpt: Optional[str] = opt(None, "dual: f_S from this checkpoint (else trained)", where=dict(mode=("dual",)))
+    robust_ckpt: Optional[str] = opt(None, "dual: f_R from this checkpoint (else trained)", where=dict(mode=("dual",)))
     robust_method: str = opt("rt-er", "dual: how f_R is trained without --robust-ckpt",
-                             ("at", "trades", "advmoe", "rt-er"), methods=("dual",))
+                             ("at", "trades", "advmoe", "rt-er"), where=dict(mode=("dual",), member=("robust",)))
     expert_attack: str = opt("pgd", "rt-er/jtdmoe: x' of each expert path's KL term by label PGD (the paper and its "
-                                    "code) or TRADES' KL attack", ("pgd", "kl"), methods=("rt-er", "jtdmoe"))
+                                    "code) or TRADES' KL attack", ("pgd", "kl"),
+                             where=dict(mode=("train",), method=("rt-er", "jtdmoe")))
     device: str = opt("auto", "auto: cuda when available", ("auto", "cpu", "cuda"), group="run")
-    precision: str = opt("auto", "auto: bf16 + channels_last on CUDA, float32 on CPU (bf16: fast CPUs)", PRECISIONS)
-    compile: bool = opt(False, "torch.compile the dense parts and each expert (compile_model)")
+    precision: str = opt("auto", "auto: bf16 + channels_last on CUDA, float32 on CPU (bf16: fast CPUs)", PRECISIONS,
+                         where=dict(mode=("train", "dual", "eval", "lipschitz", "benchmark")))
+    compile: bool = opt(False, "torch.compile the dense parts and each expert (compile_model)",
+                        where=dict(mode=("train", "benchmark")))
     out: str = opt("runs/default", "output folder (default runs/<dataset>-<arch>-<method>)")
+
+    def __post_init__(self):
+        if self.eps is None and self.norm == "linf":  # the L-inf default; an L2 radius has no default (validate)
+            self.eps = 8 / 255
 
     def sweep_values(self) -> list[float]:
         bad = f"--dual-sweep {self.dual_sweep!r} must be a comma list of numbers in [0, 1]"
@@ -157,12 +198,23 @@ class Config:
         and nan pass no bound), then the settings that depend on each other."""
         for f in dataclasses.fields(self):
             v, m, flag = getattr(self, f.name), f.metadata, "--" + f.name.replace("_", "-")
-            if v is None or isinstance(v, bool):
+            kind = f.type.removeprefix("Optional[").rstrip("]")
+            if v is None:
+                check(f.type.startswith("Optional") or f.name == "eps", f"{flag} needs a value ({kind})")
+                continue
+            check(isinstance(v, {"float": (int, float), "int": int, "str": str, "bool": bool}[kind]) and
+                  (kind == "bool") == isinstance(v, bool), f"{flag} {v!r} is not {KIND_NAMES[kind]}")
+            if kind == "bool":
                 continue
             check(not isinstance(v, float) or math.isfinite(v), f"{flag} {v} is not a finite number")
             check(v in (m["choices"] or [v]), f"unknown {flag} {v!r}; allowed: {', '.join(m['choices'] or ())}")
-            for op, b, ok in ((">=", m["ge"], operator.ge), (">", m["gt"], operator.gt), ("<=", m["le"], operator.le)):
+            for op, b, ok in ((">=", m["ge"], operator.ge), (">", m["gt"], operator.gt), ("<=", m["le"], operator.le),
+                              ("<", m["lt"], operator.lt)):
                 check(b is None or ok(v, b), f"{flag} {v} not allowed; need {flag[2:]} {op} {b}")
+        check(self.eps is not None, f"--norm {self.norm} needs an explicit --eps (an L2 radius, e.g. 0.5); the 8/255 "
+                                    "default is an L-inf radius")
+        check(self.norm != "linf" or self.eps <= 1, f"--eps {self.eps:g} not allowed under linf: images are in [0, 1], "
+                                                    "so eps <= 1 (e.g. 8/255)")
         size = self.image_size
         check(size is None or (16 <= size <= 256 and size % 8 == 0),  # 16: layer4 still sees 2x2 maps;
               f"--image-size {size} not allowed; need a multiple of 8 from 16 to 256")  # 8: the ViT's 8x8 grid
@@ -175,6 +227,58 @@ class Config:
               f"--method rt-er needs a runner-up expert: --experts {self.experts} must be >= 2")
         check(bool(moe_block_set(self.moe_blocks)) or self.arch != "moe-resnet18",
               f"--moe-blocks {self.moe_blocks!r} makes no MoE layer; name blocks (layer4.1) or use --arch resnet18")
+
+def run_context(cfg: Config, mode: str, saved: Optional[Config] = None) -> dict:
+    """Where a run stands, as sets of names, for each Config field's `where`: the mode; the methods whose steps run
+    (a dual run's trained members' too; advmoe --robust-loss trades runs TRADES' loss); the architecture, suite,
+    threat model and data set (eval and lipschitz: the checkpoint's `saved` config); the dual members trained here."""
+    if mode in ("eval", "lipschitz"):
+        return dict(mode={mode}, arch={saved.arch}, dataset={saved.dataset}, norm={cfg.norm},
+                    suite={cfg.eval_suite} if mode == "eval" else set())
+    if mode in ("benchmark", "demo", "resume"):
+        return dict(mode={mode}, arch=set(ARCHS) if mode == "benchmark" else set())
+    dual = cfg.method == "dual"
+    trained = [m for m, ckpt in (("standard", cfg.standard_ckpt), ("robust", cfg.robust_ckpt)) if ckpt is None] \
+        if dual else []
+    methods = {cfg.method} | {cfg.robust_method if m == "robust" else "standard" for m in trained}
+    methods |= {"trades"} if "advmoe" in methods and cfg.robust_loss == "trades" else set()
+    return dict(mode={"dual"} | ({"train"} if trained else set()) if dual else {"train"}, method=methods,
+                arch={cfg.arch}, suite={cfg.eval_suite}, norm={cfg.norm}, dataset={cfg.dataset}, member=set(trained))
+
+CONTEXT_FLAGS = {"method": "--method", "arch": "--arch", "suite": "--eval-suite", "norm": "--norm",
+                 "dataset": "--dataset"}
+MODE_NAMES = {"train": "training", "dual": "--method dual", "eval": "--eval", "lipschitz": "--lipschitz",
+              "benchmark": "--benchmark", "demo": "the demo", "resume": "--resume"}
+MODE_WHERE = {"lipschitz_n": dict(mode=("lipschitz",)), "overwrite": dict(mode=("train", "dual")),  # not in Config
+              "resume": dict(mode=("dual",))}
+
+def field_where(name: str):
+    """A Config field's `where`, or that of a flag in MODE_WHERE."""
+    return MODE_WHERE[name] if name in MODE_WHERE else Config.__dataclass_fields__[name].metadata["where"]
+
+def unread_reason(where, ctx: dict) -> Optional[str]:
+    """None if a setting with this `where` is read in the run `ctx`, else why not (the first condition that fails)."""
+    alts = [where] if isinstance(where, dict) else where or [{}]
+    fails = [[(k, v) for k, v in alt.items() if not ctx.get(k, set()) & set(v)] for alt in alts]
+    if any(not f for f in fails):
+        return None
+    k, v = fails[0][0]
+    if k == "mode":
+        return f"it is read only by {' or '.join(MODE_NAMES[m] for m in v)}"
+    if k == "member":
+        return "it is read only when the dual model trains f_R (no --robust-ckpt)"
+    return f"it applies to {CONTEXT_FLAGS[k]} {', '.join(v)}, not {', '.join(sorted(ctx.get(k, ())))}"
+
+def refuse_unread(given: set, ctx: dict) -> None:
+    """Every setting given is read by this run, or the run is refused before anything happens (rule: no flag is
+    silently ignored). `given`: field names (and lipschitz_n / overwrite) the user set."""
+    for name in sorted(given):
+        why = unread_reason(field_where(name), ctx)
+        flag = "--" + ("no-augment" if name == "augment" else name.replace("_", "-"))
+        if why and ctx["mode"] == {"resume"}:
+            raise UserError(f"--resume continues the saved run with its own settings; drop {flag} (only --out and "
+                            "--device may change)")
+        check(why is None, f"{flag} is not read by this run: {why}; leave it out")
 
 # ==== 1. Setup: device and precision chosen in one place; files written atomically ================================
 # One precision rule, amp_dtype: auto is bf16 autocast on CUDA and float32 on CPU (README's CPU numbers were taken in
@@ -289,10 +393,18 @@ def read_json(path: Path) -> dict:
     check(isinstance(obj, dict), f"{path} does not hold a JSON object; move it away or choose another --out")
     return obj
 
-def writable_folder(folder: str, flag: str = "--out") -> Path:
-    """Create `folder` if needed and prove it is writable, before any work starts."""
+def check_writable(folder: str, flag: str = "--out") -> Path:
+    """Prove that `folder` is, or can be created as, a writable folder, without writing anything."""
     p = Path(folder)
-    check(not p.exists() or p.is_dir(), f"{flag} {folder} is a file; give a folder")
+    check(not p.is_file(), f"{flag} {folder} is a file; give a folder")
+    base = next(a for a in (p, *p.parents) if a.exists())
+    check(base.is_dir() and os.access(base, os.W_OK | os.X_OK), f"{flag} {folder} is not a writable folder "
+                                                                 f"({base} is {'not a folder' if not base.is_dir() else 'read-only'})")
+    return p
+
+def writable_folder(folder: str, flag: str = "--out") -> Path:
+    """Create `folder` (checked by check_writable) and prove it is writable: the first write of a run."""
+    p = check_writable(folder, flag)
     try:
         p.mkdir(parents=True, exist_ok=True)
         probe = p / f".write-test{os.getpid()}"
@@ -301,6 +413,19 @@ def writable_folder(folder: str, flag: str = "--out") -> Path:
     except OSError as e:
         raise UserError(f"{flag} {folder} is not a writable folder ({e.strerror or type(e).__name__})") from None
     return p
+
+def read_records(path: Path) -> list:
+    """The entries of a record file (eval.json, lipschitz.json: {"records": [...]}), read before the work so that a
+    broken file stops the run early. Records only grow: add_record appends."""
+    if not Path(path).exists():
+        return []
+    obj = read_json(path)
+    entries = obj.get("records", [obj])  # a file of one entry, as earlier versions wrote it
+    check(isinstance(entries, list), f"{path} is not a record file (its 'records' is not a list); move it away")
+    return entries
+
+def add_record(path: Path, entries: list, entry: dict) -> None:
+    write_json(path, {"records": entries + [entry]})
 
 # ==== 2. Data: uint8 tensors in memory, float [0, 1] batches on the device ========================================
 # Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,). Batches are cast to float in
@@ -384,9 +509,14 @@ def load_cifar(name: str, data_dir: str) -> Dataset:
         if not isinstance(d, dict) or "data" not in d or not ({"labels", "fine_labels"} & set(d)):
             raise bad("expected a dict with 'data' and 'labels'")
         try:
-            x, y = np.asarray(d["data"], np.uint8), np.asarray(d.get("labels", d.get("fine_labels")), np.int64)
+            x, y = np.asarray(d["data"]), np.asarray(d.get("labels", d.get("fine_labels")))
         except (TypeError, ValueError, OverflowError):
             raise bad("data or labels are not numbers") from None
+        if x.dtype != np.uint8:  # a cast would turn floats in [0, 1] into black images
+            raise bad(f"pixels are {x.dtype}; expected uint8 values 0..255")
+        if y.dtype.kind not in "iu":
+            raise bad(f"labels are {y.dtype}; expected whole numbers")
+        y = y.astype(np.int64)
         if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (len(x),):
             raise bad(f"data {tuple(x.shape)}, labels {tuple(y.shape)}; expected (N, 3072) and (N,)")
         if len(y) and (y.min() < 0 or y.max() >= classes):
@@ -438,6 +568,7 @@ def load_tinyimagenet(data_dir: str, size: int = 64) -> Dataset:
           f"tinyimagenet not found in {data_dir}/: expected train/<wnid>/images/ and val/val_annotations.txt "
           "(unzip tiny-imagenet-200.zip from http://cs231n.stanford.edu/tiny-imagenet-200.zip there)")
     wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    check(len(wnids) >= 2, f"tinyimagenet: {root / 'train'}/ has {len(wnids)} class folders; need at least 2")
     paths, labels = class_images(root / "train", wnids, "tinyimagenet", need_all=False)
     val = [line.split()[:2] for line in ann.read_text().splitlines() if len(line.split()) >= 2]
     for _, w in val:
@@ -478,7 +609,25 @@ def load_dataset(name: str, data_dir: str = "data", image_size: Optional[int] = 
                 if name == "tinyimagenet" else load_imagefolder(data_dir, image_size or 32))
     data.train_x, data.train_y = data.train_x[:train_limit], data.train_y[:train_limit]  # [:None] keeps all
     data.test_x, data.test_y = data.test_x[:test_limit], data.test_y[:test_limit]
-    return data
+    return check_dataset(data)
+
+def check_dataset(d: Dataset) -> Dataset:
+    """A Dataset is what it claims: uint8 images (N, 3, S, S) of one size, int64 labels 0..classes-1, a train and a
+    test split that are not empty. Every loader's result passes here before any training."""
+    what = f"data set {d.name}"
+    check(isinstance(d.num_classes, int) and d.num_classes >= 2, f"{what}: {d.num_classes} classes; need at least 2")
+    for split, x, y in (("train", d.train_x, d.train_y), ("test", d.test_x, d.test_y)):
+        check(torch.is_tensor(x) and x.dtype == torch.uint8, f"{what}: {split} images are "
+              f"{getattr(x, 'dtype', type(x).__name__)}; expected uint8 pixel values 0..255")
+        check(x.dim() == 4 and x.shape[1] == 3 and x.shape[2] == x.shape[3] == d.train_x.shape[-1],
+              f"{what}: {split} images have shape {tuple(x.shape)}; expected (N, 3, S, S) with the train split's S")
+        check(torch.is_tensor(y) and y.dtype == torch.int64 and y.shape == (len(x),),
+              f"{what}: {split} labels must be int64 of shape ({len(x)},)")
+        check(len(x) > 0, f"{what}: the {split} split is empty")
+        check(int(y.min()) >= 0 and int(y.max()) < d.num_classes,
+              f"{what}: {split} label {int(y.max() if y.max() >= d.num_classes else y.min())} outside "
+              f"0..{d.num_classes - 1}")
+    return d
 
 def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, seed: int):
     """Hold out `n_val` training examples (a fixed random subset) for model selection: the test set never chooses a
@@ -1581,7 +1730,29 @@ def load_checkpoint(path: str) -> dict:
     missing += [] if "model" in state or "method" in state else ["model"]
     check(not missing, f"checkpoint {path!r} is incomplete (no {', '.join(missing)}); not written by moe_robust.py")
     check(isinstance(state["config"], dict), f"checkpoint {path!r} is incomplete (its config is not a dict)")
+    try:
+        config_from_dict(state["config"]).validate()
+    except UserError as e:
+        raise UserError(f"checkpoint {path!r} holds an invalid config ({e})") from None
+    for k in ("num_classes", "image_size", "epoch"):
+        check(type(state[k]) is int and state[k] >= 0, f"checkpoint {path!r} has a bad {k} {state[k]!r}")
+    weights = state["model"] if "model" in state else state["method"].get("model") \
+        if isinstance(state["method"], dict) else None
+    check(isinstance(weights, dict), f"checkpoint {path!r} is incomplete (no model weights)")
+    bad = [k for k, t in weights.items() if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
+    check(not bad, f"checkpoint {path!r} has non-finite weights ({(bad or [''])[0]}): the run that wrote it "
+                   "diverged; use an earlier checkpoint")
     return state
+
+def check_fits(state: dict, saved: Config, data: "Dataset", what: str) -> None:
+    """A checkpoint's model meets the data it is evaluated on: its classes, image size and normalisation (the data
+    set it was trained on)."""
+    check(saved.dataset == data.name, f"{what} was trained on {saved.dataset}, not on the {data.name} data it would be "
+                                      "evaluated on (each data set has its own normalisation)")
+    check(state["num_classes"] == data.num_classes, f"{what} has {state['num_classes']} classes; the {data.name} data "
+                                                    f"has {data.num_classes}")
+    check(state["image_size"] == data.image_size, f"{what} takes {state['image_size']}x{state['image_size']} images; "
+                                                  f"the {data.name} data has {data.image_size}x{data.image_size}")
 
 def config_from_dict(d: dict) -> Config:
     known = {f.name for f in dataclasses.fields(Config)}
@@ -1600,55 +1771,113 @@ def log(msg: str) -> None:
 def check_resume(resume: bool, overwrite: bool) -> None:
     check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
 
+EXPLODED = 100.0  # a step loss this many times the run's first (at least 1) stops training like a non-finite one
+
 def train_epoch(method: Method, x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device,
-                epoch: int) -> dict:
-    """One pass over (x, y) with method.step. Logs are summed on the device and read back once; a non-finite loss or
-    weight stops the run before anything of this epoch is saved (the last good checkpoint stays).
-    -> {"train_loss": mean, ..., "images": n, "seconds": training time}"""
+                epoch: int, start_loss: Optional[float] = None) -> dict:
+    """One pass over (x, y) with method.step. Logs are summed on the device and read back once. Divergence stops the
+    run before anything of this epoch is saved (the last good checkpoint stays): a non-finite loss or weight, or a
+    loss EXPLODED times the run's first step loss (`start_loss`; None: this epoch's first step is the run's first).
+    -> {"train_loss": mean, ..., "images": n, "seconds": training time, "start_loss": the reference}"""
     t0, sums, n = time.time(), {}, 0
-    first_bad = torch.tensor(-1, device=device)  # first step with a non-finite log, found on the device
+    first_bad = torch.tensor(-1, device=device)  # first step with a non-finite or exploded loss, found on the device
+    bad_loss = torch.tensor(0.0, device=device)
+    limit = torch.tensor(math.inf if start_loss is None else EXPLODED * max(start_loss, 1.0), device=device)
     for step, (xb, yb) in enumerate(batches(x, y, cfg.batch_size, device, shuffle=True, train_augment=cfg.augment)):
         logs = method.step(xb, yb)
+        if step == 0 and start_loss is None:
+            first = logs["loss"].float()
+            limit = EXPLODED * first.clamp(min=1.0)
         for k, v in logs.items():  # summed on the device: no host sync per step
             sums[k] = sums.get(k, 0.0) + v.double() * len(xb)
-        bad = ~torch.isfinite(torch.stack([v.float() for v in logs.values()])).all()
-        first_bad, n = torch.where(bad & (first_bad < 0), step + 1, first_bad), n + len(xb)
+        bad = ~torch.isfinite(torch.stack([v.float() for v in logs.values()])).all() | (logs["loss"].float() > limit)
+        new = bad & (first_bad < 0)
+        first_bad, bad_loss = torch.where(new, step + 1, first_bad), torch.where(new, logs["loss"].float(), bad_loss)
+        n += len(xb)
     sums, bad_step = {k: v.item() for k, v in sums.items()}, first_bad.item()  # the epoch's one read-back
+    start_loss = first.item() if start_loss is None else start_loss
     params = [p for o in method.opts for g in o.param_groups for p in g["params"]]
     if bad_step > 0 or not all(bool(p.isfinite().all()) for p in params):
+        loss = bad_loss.item()
         where = f"step {bad_step}/{math.ceil(len(x) / cfg.batch_size)}" if bad_step > 0 else "its weights"
+        what = (f"the loss exploded to {loss:.3g} (the run started at {start_loss:.3g})" if math.isfinite(loss) and
+                bad_step > 0 else "a value is not finite")
         kept = f"epoch {epoch} is kept in {Path(cfg.out) / 'last.pt'}" if epoch > 0 else "nothing was saved"
-        raise UserError(f"training diverged in epoch {epoch + 1}, {where}: the loss is not finite (lr {cfg.lr}); "
-                        f"lower --lr; {kept}")
+        raise UserError(f"training diverged in epoch {epoch + 1}, {where}: {what} (lr {cfg.lr}); lower --lr; {kept}")
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return {**{f"train_{k}": v / n for k, v in sums.items()}, "images": n, "seconds": time.time() - t0}
+    return {**{f"train_{k}": v / n for k, v in sums.items()}, "images": n, "seconds": time.time() - t0,
+            "start_loss": start_loss}
 
-def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
-    """Train with `cfg.method`, validate each epoch, keep the best checkpoint, test it. Files in cfg.out: last.pt
-    (everything, every epoch), best.pt (best validation epoch), metrics.json (config, per-epoch history, final test
-    report). resume=True continues from last.pt and repeats, on CPU, what the uninterrupted run would have done:
-    every epoch reseeds the RNG from (seed, epoch). Method 'dual' is run by run_dual (below)."""
-    check_resume(resume, overwrite)
-    check(cfg.method != "dual", "method 'dual' trains nothing itself: call run_dual")
-    out, state = Path(cfg.out), None
-    last = out / "last.pt"
+RECORD_FILES = ("eval.json", "lipschitz.json")  # what --eval and --lipschitz add to a run's folder
+
+def record_config(cfg: Config, ctx: dict) -> dict:
+    """The settings a run read (each field whose `where` holds in ctx): what a record states as its configuration."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if unread_reason(f.metadata["where"], ctx) is None}
+
+def data_record(cfg: Config, data: Dataset, **sizes) -> dict:
+    """Which data a record's numbers come from."""
+    return {"dataset": data.name, "data_dir": cfg.data_dir if data.name in READ_FROM_DISK else None,
+            "num_classes": data.num_classes, "image_size": data.image_size, **sizes}
+
+def check_run_data(cfg: Config, data: Dataset) -> None:
+    """Settings whose meaning depends on the data: APGD-T's targets, an L2 radius."""
+    if cfg.eval_suite != "pgd" and data.num_classes >= 4:
+        check(cfg.apgd_targets <= data.num_classes - 1, f"--apgd-targets {cfg.apgd_targets} not allowed: {data.name} "
+                                                        f"has {data.num_classes} classes, so at most "
+                                                        f"{data.num_classes - 1} targets")
+    diameter = math.sqrt(3) * data.image_size  # the L2 distance between a black and a white image
+    check(cfg.norm != "l2" or cfg.eps <= diameter, f"--eps {cfg.eps:g} not allowed under l2: no two {data.image_size}x"
+                                                   f"{data.image_size} images are further apart than {diameter:.1f}")
+
+def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> Optional[dict]:
+    """What --out holds agrees with resume/overwrite; for resume, its last.pt (checked). Reads, never writes."""
+    out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
+    check_writable(cfg.out)
     if resume:
         check(last.is_file(), f"nothing to resume: {last} does not exist (an interrupted first epoch saves nothing)")
         state = load_checkpoint(str(last))
         check("method" in state and "history" in state, f"{last} is not a training checkpoint (no optimiser state)")
-        cfg = dataclasses.replace(config_from_dict(state["config"]), out=cfg.out, device=cfg.device)
-    else:
-        found = [f for f in RUN_FILES if (out / f).exists()]
-        check(overwrite or not found, f"--out {cfg.out} already holds a run ({', '.join(found)}); pass --resume to "
-                                      "continue it, --overwrite to start afresh, or choose another --out")
-    cfg.validate()
-    writable_folder(cfg.out)
+        return state
+    found = [f for f in RUN_FILES if (out / f).exists()]
+    check(overwrite or not found, f"--out {cfg.out} already holds a run ({', '.join(found)}); pass --resume to "
+                                  "continue it, --overwrite to start afresh, or choose another --out")
+    return None
+
+def start_writing(out: Path, overwrite: bool, files: tuple) -> None:
+    """The first write of a run, after every check: create --out, clear dead temporary files and, with --overwrite,
+    remove the earlier run's files (named in the log)."""
+    writable_folder(str(out))
     remove_stale_temps(out)
-    for f in RUN_FILES + ("eval.json",) if overwrite else ():
-        (out / f).unlink(missing_ok=True)
+    gone = [f for f in files if (out / f).exists()] if overwrite else []
+    for f in gone:
+        (out / f).unlink()
+    if gone:
+        log(f"--overwrite: removed {', '.join(gone)} of the earlier run in {out}")
+
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
+    """Train with `cfg.method`, validate each epoch, keep the best checkpoint, test it. Files in cfg.out: last.pt
+    (everything, every epoch), best.pt (best validation epoch), metrics.json (the settings read, the data, per-epoch
+    history, final test report). resume=True continues from last.pt and repeats, on CPU, what the uninterrupted run
+    would have done: every epoch reseeds the RNG from (seed, epoch). Every input (settings, folder, checkpoint, data,
+    split) is checked before the first write. Method 'dual' is run by run_dual (below)."""
+    check_resume(resume, overwrite)
+    check(cfg.method != "dual", "method 'dual' trains nothing itself: call run_dual")
+    out, previous = Path(cfg.out), {}
+    state = check_run_folder(cfg, resume, overwrite)
+    if state is not None:
+        cfg = dataclasses.replace(config_from_dict(state["config"]), out=cfg.out, device=cfg.device)
+        previous = read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}
+        if state["epoch"] + 1 >= cfg.epochs and "test" in previous:
+            remove_stale_temps(out)
+            log(f"{out} is finished and tested (epoch {state['epoch'] + 1}/{cfg.epochs}); nothing to do")
+            return previous
+    cfg.validate()
     runtime = make_runtime(cfg.device, cfg.precision)
-    data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.train_limit, cfg.test_limit)
+    data = check_dataset(data) if data is not None else load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size,
+                                                                     cfg.seed, cfg.train_limit, cfg.test_limit)
+    check_run_data(cfg, data)
     n_val = cfg.val_size or min(1000, max(1, len(data.train_x) // 10))
     check(n_val < len(data.train_x), f"--val-size {n_val} leaves no training data ({len(data.train_x)} examples)"
           if cfg.val_size else f"{len(data.train_x)} training example(s) (--train-limit {cfg.train_limit}) leave none "
@@ -1658,24 +1887,33 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     shape = (data.num_classes, data.image_size)
     model = runtime.prepare(build_run_model(cfg, *shape))
     method = METHOD_CLASSES[cfg.method](model, cfg, cfg.epochs * math.ceil(len(tx) / cfg.batch_size))
-    history, best, start = [], {"epoch": -1, "score": -1.0}, 0
+    history, best, start, start_loss = [], {"epoch": -1, "score": -1.0}, 0, None
     if state is not None:
-        method.load_state_dict(state["method"])
-        history, best, start = state["history"], state["best"], state["epoch"] + 1
-        log(f"resumed {last} at epoch {start}/{cfg.epochs}" + ": all epochs done, testing" * (start >= cfg.epochs))
+        check(state["num_classes"] == data.num_classes and state["image_size"] == data.image_size,
+              f"{out / 'last.pt'} was trained on data of another shape than {cfg.dataset} in {cfg.data_dir} now has")
+        try:
+            method.load_state_dict(state["method"])
+        except Exception as e:
+            raise UserError(f"{out / 'last.pt'} does not fit its own config ({type(e).__name__})") from None
+        history, best, start, start_loss = state["history"], state["best"], state["epoch"] + 1, state.get("start_loss")
+    start_writing(out, overwrite, RUN_FILES + RECORD_FILES)  # every input is checked: from here on the run writes
+    if state is not None:
+        log(f"resumed {out / 'last.pt'} at epoch {start}/{cfg.epochs}" + ": all epochs done, testing" * (start >= cfg.epochs))
     if cfg.compile:
         compile_model(method.model)
     selection, params = "val_clean_acc" if cfg.method == "standard" else "val_robust_acc", count_params(model)
-    metrics = {"config": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_config(cfg, *shape)),
-               "params": params, "selection": selection, "history": history, "best_epoch": best["epoch"]}
+    metrics = {**previous, "config": record_config(cfg, run_context(cfg, "train")),
+               "data": data_record(cfg, data, train=len(tx), val=n_val, test=len(data.test_x)),
+               "model": dataclasses.asdict(model_config(cfg, *shape)), "params": params, "selection": selection,
+               "history": history, "best_epoch": best["epoch"]}
     log(f"{cfg.method} | {cfg.arch} on {cfg.dataset} ({len(tx)} train / {n_val} val / {len(data.test_x)} test) | "
         f"{params['total'] / 1e6:.2f}M params ({params['active'] / 1e6:.2f}M active) | {runtime.device}")
     saved = {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg), "num_classes": data.num_classes,
              "image_size": data.image_size}
     for epoch in range(start, cfg.epochs):
         seed_everything(cfg.seed * 100003 + epoch)
-        t0, row = time.time(), train_epoch(method, tx, ty, cfg, runtime.device, epoch)
-        n, seconds = row.pop("images"), row.pop("seconds")
+        t0, row = time.time(), train_epoch(method, tx, ty, cfg, runtime.device, epoch, start_loss)
+        n, seconds, start_loss = row.pop("images"), row.pop("seconds"), row.pop("start_loss")
         reset_routing_stats(model)  # expert usage on the clean validation split, in float32 like every report
         with float32_evaluation():
             for xb, _ in batches(vx, vy, 256, runtime.device):
@@ -1689,8 +1927,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         if row[selection] > best["score"]:
             best = {"epoch": epoch + 1, "score": row[selection]}
             save_checkpoint(out / "best.pt", {**saved, "epoch": epoch, "model": model.state_dict()})
-        save_checkpoint(last, {**saved, "epoch": epoch, "method": method.state_dict(), "history": history,
-                               "best": best})
+        save_checkpoint(out / "last.pt", {**saved, "epoch": epoch, "method": method.state_dict(), "history": history,
+                                          "best": best, "start_loss": start_loss})
         metrics["best_epoch"] = best["epoch"]
         write_json(out / "metrics.json", metrics)
         log(f"epoch {epoch + 1:3d}/{cfg.epochs} | loss {row['train_loss']:.3f} acc {row['train_acc']:.3f} | val "
@@ -1715,13 +1953,18 @@ def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module,
         raise UserError(f"checkpoint {path!r} does not fit its own config ({type(e).__name__})") from None
     return (runtime or make_runtime("auto")).prepare(model), cfg, state
 
+DUAL_ROLES = ("standard", "robust")
+
 def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
     """--method dual: f_S and f_R from --standard-ckpt / --robust-ckpt, or trained here into OUT/standard (standard
     training) and OUT/robust (--robust-method, RT-ER by default); then f_D = (1 - a) f_S + a f_R is evaluated for
-    every a of --dual-sweep (SA, and RA as the minimum over the suite's attacks) and fully at a = --dual-a."""
+    every a of --dual-sweep (SA, and RA as the minimum over the suite's attacks) and fully at a = --dual-a. Both
+    members, their folders and the data are checked before anything is trained or written. metrics.json states the
+    dual settings read, each member's checkpoint and saved config, and the data."""
     check_resume(resume, overwrite)
     cfg.validate()
     out = Path(cfg.out)
+    check_writable(cfg.out)
     training = [f for f in ("last.pt", "best.pt") if (out / f).exists()]
     check(not training, f"--out {cfg.out} holds a training run ({', '.join(training)}), not a dual run; "
                         "choose another --out")
@@ -1730,24 +1973,47 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
                                    "--resume to finish it, or choose another --out")
         check(overwrite or "dual_sweep" in read_json(out / "metrics.json"),
               f"--out {cfg.out} holds a training run's metrics.json, not a dual run; choose another --out")
-    writable_folder(cfg.out)
     runtime = make_runtime(cfg.device, cfg.precision)
-    data = data or load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.seed, cfg.train_limit, cfg.test_limit)
-    members = []
-    roles = (("standard", cfg.standard_ckpt, "standard"), ("robust", cfg.robust_ckpt, cfg.robust_method))
-    for role, ckpt, method in roles:
-        if ckpt is None:
-            sub = dataclasses.replace(cfg, method=method, out=str(out / role))
-            log(f"\n== dual model: training f_{role[0].upper()} ({method}) into {sub.out} ==")
-            train(sub, resume=resume and (out / role / "last.pt").exists(), overwrite=overwrite, data=data)
-            ckpt = str(out / role / "best.pt")
-        model, _, state = load_model(ckpt, runtime)
-        check(state["num_classes"] == data.num_classes,
-              f"{ckpt} has {state['num_classes']} classes, {cfg.dataset} has {data.num_classes}")
-        members.append(model)
-    report = lambda a, **kw: evaluate_full(DualModel(*members, a, cfg.dual_mix), data.test_x, data.test_y, cfg,
+    data = check_dataset(data) if data is not None else load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size,
+                                                                     cfg.seed, cfg.train_limit, cfg.test_limit)
+    check_run_data(cfg, data)
+    plan = {}  # role -> a checkpoint to load, or the Config to train it with
+    for role, ckpt in zip(DUAL_ROLES, (cfg.standard_ckpt, cfg.robust_ckpt)):
+        if ckpt is not None:
+            state = load_checkpoint(ckpt)
+            check_fits(state, config_from_dict(state["config"]), data, f"--{role}-ckpt {ckpt}")
+            plan[role] = ckpt
+            continue
+        sub = dataclasses.replace(cfg, method="standard" if role == "standard" else cfg.robust_method,
+                                  out=str(out / role))
+        sub.validate()
+        again = resume and (out / role / "last.pt").exists()
+        saved = check_run_folder(sub, again, overwrite)
+        if saved is not None:  # a resumed member keeps its settings: the flags given must say the same
+            kept, ctx = config_from_dict(saved["config"]), run_context(sub, "train")
+            differ = [f"--{k.replace('_', '-')} {v!r} (saved: {getattr(kept, k)!r})"
+                      for k, v in record_config(sub, ctx).items() if k not in ("out", "device") and getattr(kept, k) != v]
+            check(not differ, f"f_{role[0].upper()} in {sub.out} was trained with other settings: {'; '.join(differ)}; "
+                              "give the flags of the run you resume")
+        plan[role] = sub
+    members = {}
+    start_writing(out, overwrite, ("metrics.json",) + RECORD_FILES)
+    for role, how in plan.items():
+        if isinstance(how, Config):
+            log(f"\n== dual model: training f_{role[0].upper()} ({how.method}) into {how.out} ==")
+            train(how, resume=resume and (Path(how.out) / "last.pt").exists(), overwrite=overwrite, data=data)
+        path = how if isinstance(how, str) else str(Path(how.out) / "best.pt")
+        model, saved, state = load_model(path, runtime)
+        check_fits(state, saved, data, f"f_{role[0].upper()} ({path})")
+        members[role] = (model, {"checkpoint": path, "trained_here": not isinstance(how, str), "epoch": state["epoch"] + 1,
+                                 "config": record_config(saved, run_context(saved, "train"))})
+    seed_everything(cfg.seed)  # the attacks' random starts
+    models = [members[r][0] for r in DUAL_ROLES]
+    report = lambda a, **kw: evaluate_full(DualModel(*models, a, cfg.dual_mix), data.test_x, data.test_y, cfg,
                                            runtime.device, **kw)
-    metrics = {"config": dataclasses.asdict(cfg), "dual_sweep": []}
+    metrics = {"config": record_config(cfg, run_context(cfg, "dual")),
+               "data": data_record(cfg, data, test=len(data.test_x)),
+               "members": {r: members[r][1] for r in DUAL_ROLES}, "dual_sweep": []}
     log("\n== dual model sweep over a (f_D = (1 - a) f_S + a f_R) ==")
     for a in cfg.sweep_values():
         r = report(a, analysis=False)
@@ -2111,8 +2377,8 @@ def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optiona
 
 def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
     """`--benchmark`: training throughput and the MoE layer's cost versus E on this device; printed and written to
-    OUT/benchmark.json."""
-    writable_folder(out)
+    OUT/benchmark.json (named in the log when it replaces an earlier one)."""
+    check_writable(out)
     rt = make_runtime(cfg.device, cfg.precision)
     cuda = rt.device.type == "cuda"
     name = torch.cuda.get_device_name(rt.device) if cuda else f"CPU, {torch.get_num_threads()} threads"
@@ -2125,8 +2391,10 @@ def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
     log(f"MoE-ResNet18 / ResNet-18 throughput: standard {ratio['standard']:.2f}, PGD-10 AT {ratio['at']:.2f}")
     res["moe_layer_us_per_example"] = benchmark_moe(cfg.device, precision=cfg.precision)
     res["moe_layer_shape"] = "batch 256, 64 channels, 8x8 maps, forward + backward"
-    write_json(Path(out) / "benchmark.json", res)
-    log(f"-> {Path(out) / 'benchmark.json'}")
+    dest = writable_folder(out) / "benchmark.json"
+    replaced = " (replaces the earlier benchmark there)" * dest.exists()
+    write_json(dest, res)
+    log(f"-> {dest}{replaced}")
     return res
 
 def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
@@ -2134,11 +2402,23 @@ def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
     common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4, batch_size=64,
                   lr=0.05, train_limit=2400, test_limit=500, train_steps=5, val_steps=5, eval_steps=10,
                   eval_suite="pgd", device=device)
-    writable_folder(out)
+    runs = {m: Config(method=m, out=f"{out}/{m}", **common) for m in ("standard", "at")}
+    for cfg in runs.values():  # the demo replaces an earlier demo, never another run
+        cfg.validate()
+        check_writable(cfg.out)
+        here = Path(cfg.out)
+        saved = [config_from_dict(load_checkpoint(str(here / f))["config"]) for f in ("last.pt", "best.pt")
+                 if (here / f).is_file()]
+        saved = [dataclasses.replace(c, out=cfg.out, device=cfg.device) for c in saved]
+        earlier = read_json(here / "metrics.json").get("config") if (here / "metrics.json").exists() else None
+        ours = record_config(cfg, run_context(cfg, "train"))
+        check(all(c == cfg for c in saved) and earlier in (None, {**ours, "out": earlier and earlier.get("out"),
+                                                                   "device": earlier and earlier.get("device")}),
+              f"{cfg.out} holds a run that is not the demo's; give the demo another --out")
     results = {}
-    for method in ("standard", "at"):
+    for method, cfg in runs.items():
         log(f"\n== demo: {method} ==")
-        results[method] = train(Config(method=method, out=f"{out}/{method}", **common), overwrite=True)["test"]
+        results[method] = train(cfg, overwrite=True)["test"]
     log(f"\n{'method':10s} {'clean':>6s} {'robust':>7s}   ({results['at']['attack']}, synthetic test set)")
     for method, r in results.items():
         log(f"{method:10s} {r['clean_acc']:6.3f} {r['robust_acc']:7.3f}")
@@ -2184,7 +2464,7 @@ def build_parser() -> argparse.ArgumentParser:
                            action="store_false" if f.default else "store_true")
             continue
         kind = _eps if f.name in ("eps", "alpha") else types[f.type.removeprefix("Optional[").rstrip("]")]
-        default = {"eps": "8/255", "out": None}.get(f.name, f.default)
+        default = None if f.name == "out" else f.default
         g.add_argument(flag, type=kind, default=default, choices=m["choices"], help=m["help"])
     g = groups["what to run"]
     g.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint (best.pt or last.pt) on the test set")
@@ -2200,80 +2480,72 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     return p
 
-def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int], out: Optional[str]):
+def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int], out: Optional[str],
+                        data_dir: Optional[str], record: str):
     """A checkpoint's model on the CLI's device, the first `test_limit` test examples of its data set (from
-    --data-dir when given) and the folder the report goes to (proven writable before the work: --out, else the
-    checkpoint's). -> (runtime, model, saved config, Dataset, folder)"""
+    `data_dir`, else the checkpoint's), checked against each other, and the record file the report is added to (its
+    folder proven writable, its entries read, before the work: --out, else the checkpoint's folder).
+    -> (runtime, model, saved config, Dataset, record path, earlier entries, data record)"""
     rt = make_runtime(overrides.device, overrides.precision)
-    model, saved, _ = load_model(path, rt)
+    model, saved, state = load_model(path, rt)
+    saved.data_dir = data_dir or saved.data_dir
+    data = load_dataset(saved.dataset, saved.data_dir, saved.image_size, saved.seed, None, test_limit)
+    check_fits(state, saved, data, f"checkpoint {path}")
+    check_run_data(overrides, data)
+    dest = check_writable(out or str(Path(path).parent), "--out" if out else "the checkpoint's folder") / record
+    entries = read_records(dest)  # a broken record file stops us before the work
     seed_everything(overrides.seed)  # attacks' random starts and power iterations repeat run to run
-    data_dir = overrides.data_dir if overrides.data_dir != "data" else saved.data_dir
-    data = load_dataset(saved.dataset, data_dir, saved.image_size, saved.seed, None, test_limit)
-    dest = writable_folder(out or str(Path(path).parent), "--out" if out else "the checkpoint's folder")
-    return rt, model, saved, data, dest
+    head = {"checkpoint": path, "checkpoint_epoch": state["epoch"] + 1,
+            "model_config": record_config(saved, run_context(saved, "train")),
+            "data": data_record(saved, data, test=len(data.test_x))}
+    return rt, model, saved, data, dest, entries, head
 
-def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str]) -> dict:
-    """Test-set report of a saved checkpoint, with the attack and suite settings given on the CLI."""
-    rt, model, saved, data, dest = checkpoint_and_data(path, overrides, overrides.test_limit, out)
-    result = {"checkpoint": path, "config": dataclasses.asdict(saved),
+def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str], data_dir: Optional[str] = None) -> dict:
+    """Test-set report of a saved checkpoint, with the attack and suite settings given on the CLI, added to
+    OUT/eval.json (OUT: the checkpoint's folder by default); earlier evaluations there are kept."""
+    rt, model, saved, data, dest, entries, head = checkpoint_and_data(path, overrides, overrides.test_limit, out,
+                                                                      data_dir, "eval.json")
+    ctx = run_context(overrides, "eval", saved)
+    result = {**head, "settings": record_config(overrides, ctx),
               "test": evaluate_full(model, data.test_x, data.test_y, overrides, rt.device)}
-    write_json(dest / "eval.json", result)
-    log(format_report(result["test"], path) + f"\n-> {dest / 'eval.json'}")
+    writable_folder(str(dest.parent))
+    add_record(dest, entries, result)
+    log(format_report(result["test"], path) + f"\n-> {dest} (evaluation {len(entries) + 1})")
     return result
 
-def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str]) -> dict:
-    """lipschitz_report on the first n test examples of a checkpoint's data set, written to the `lipschitz` entry of
-    OUT/metrics.json (OUT: the checkpoint's folder by default)."""
-    rt, model, saved, data, dest = checkpoint_and_data(path, overrides, n, out)
-    metrics_path = dest / "metrics.json"
-    metrics = read_json(metrics_path) if metrics_path.exists() else {}  # a broken file stops us before the work
+def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str],
+                         data_dir: Optional[str] = None) -> dict:
+    """lipschitz_report on the first n test examples of a checkpoint's data set, added to OUT/lipschitz.json (OUT:
+    the checkpoint's folder by default); earlier reports there are kept."""
+    rt, model, saved, data, dest, entries, head = checkpoint_and_data(path, overrides, n, out, data_dir,
+                                                                      "lipschitz.json")
     x, y = data.test_x.to(rt.device).float() / 255, data.test_y.to(rt.device)
-    metrics["lipschitz"] = rep = {**lipschitz_report(model, x, y, overrides.eps, overrides.norm), "checkpoint": path}
-    write_json(metrics_path, metrics)
+    rep = lipschitz_report(model, x, y, overrides.eps, overrides.norm)
+    writable_folder(str(dest.parent))
+    add_record(dest, entries, {**head, "settings": record_config(overrides, run_context(overrides, "lipschitz", saved)),
+                               **rep})
     keys = ("local_linf", "local_l2", "jacobian_l2", "global_linf", "global_l2", "route_stable_linf", "route_stable_l2",
             "certified_acc", "median_route_radius")
     log(f"{path}: " + " | ".join(f"{k} {rep[k]:.4g}" for k in keys if k in rep)
-        + f" | expert spread {', '.join(f'{v:.3f}' for v in rep.get('expert_spread', []))} -> {metrics_path}")
-    return rep
+        + f" | expert spread {', '.join(f'{v:.3f}' for v in rep.get('expert_spread', []))} -> {dest}")
+    return {**rep, "checkpoint": path}
 
-# Which flags each way of running reads; anything else given with it is an error, not silently dropped. Training
-# reads every flag except those of other methods (the `methods` of each field).
-MODE_FLAGS = {
-    "eval": {"eval", "eps", "alpha", "norm", "eval_steps", "eval_restarts", "eval_suite", "apgd_steps", "apgd_targets",
-             "square_queries", "test_limit", "data_dir", "device", "precision", "seed", "out"},
-    "lipschitz": {"lipschitz", "lipschitz_n", "eps", "norm", "data_dir", "device", "precision", "seed", "out"},
-    "benchmark": {"benchmark", "width", "batch_size", "moe_blocks", "device", "precision", "compile", "out"},
-    "demo": {"demo", "device", "out"},
-    "resume": {"resume", "out", "device"},  # a resumed run keeps its saved settings (bit-identical)
-}
-
-def check_flags(args: argparse.Namespace, argv: list[str]) -> None:
-    """One way of running at a time, and no flag that it would ignore. The flags given are found by a second parse
-    without defaults."""
+def check_flags(args: argparse.Namespace, argv: list[str], cfg: Config) -> str:
+    """One way of running at a time, and no setting that it would not read (refuse_unread, from each field's
+    `where`). The settings given are found by a second parse without defaults. -> (the mode, the names given)"""
     parser = build_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
     given = set(vars(parser.parse_args(argv)))
-    flag = lambda dest: "--" + ("no-augment" if dest == "augment" else dest.replace("_", "-"))
     modes = [m for m in ("eval", "lipschitz", "benchmark", "demo") if m in given]
-    check(len(modes) <= 1, f"{' and '.join(flag(m) for m in modes)} cannot be combined; give one")
+    check(len(modes) <= 1, f"{' and '.join('--' + m for m in modes)} cannot be combined; give one")
     check_resume("resume" in given, "overwrite" in given)
-    resume = "resume" in given and args.method != "dual"  # a dual run is resumed with its flags given again
-    mode = modes[0] if modes else ("resume" if resume else None)
-    if mode is not None:
-        extra = ", ".join(flag(d) for d in sorted(given - MODE_FLAGS[mode]))
-        check(not extra, f"--resume continues the saved run with its own settings; drop {extra} (only --out "
-                         "and --device may change)" if mode == "resume" else
-                         f"{flag(mode)} does not use {extra}; leave it out")
-        return
-    read = {f.name for f in dataclasses.fields(Config)} | {"resume", "overwrite"}  # what training reads
-    extra = ", ".join(flag(d) for d in sorted(given - read))
-    check(not extra, f"{extra} is not read by training; leave it out or give the mode that reads it")
-    f_r = args.robust_method if args.method == "dual" else None  # dual also reads the flags of its f_R's method
-    for f in dataclasses.fields(Config):
-        ok = f.metadata["methods"]
-        check(f.name not in given or ok is None or args.method in ok or f_r in ok,
-              f"{flag(f.name)} is not read by --method {args.method}; it applies to --method {', '.join(ok or ())}")
+    resume = "resume" in given and cfg.method != "dual"  # a dual run is resumed with its flags given again
+    mode = modes[0] if modes else "resume" if resume else "dual" if cfg.method == "dual" else "train"
+    saved = config_from_dict(load_checkpoint(args.eval or args.lipschitz)["config"]) if mode in ("eval", "lipschitz") \
+        else None
+    refuse_unread(given - set(modes) - ({"resume"} if mode == "resume" else set()), run_context(cfg, mode, saved))
+    return mode, given
 
 def _interrupt(signum, frame):  # SIGTERM (how schedulers stop jobs) goes the way of Ctrl-C
     raise KeyboardInterrupt(signum)
@@ -2301,19 +2573,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = config_from_dict(vars(args))
         cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
         cfg.validate()
-        check_flags(args, argv)
         check(args.lipschitz_n >= 1, f"--lipschitz-n {args.lipschitz_n} must be >= 1")
         for ckpt in (args.eval, args.lipschitz, cfg.standard_ckpt, cfg.robust_ckpt):  # inputs before outputs
             if ckpt is not None:
                 check_checkpoint_file(ckpt)
+        mode, given = check_flags(args, argv, cfg)
+        data_dir = args.data_dir if "data_dir" in given else None
+        if mode in ("train", "dual", "eval", "lipschitz") and cfg.norm == "linf" and cfg.eps > 32 / 255:
+            log(f"note: --eps {cfg.eps * 255:g}/255 is far beyond the usual L-inf radii (2/255 to 16/255)")
         if not argv or args.demo:
             run_demo(args.out or "runs/demo", args.device)
         elif args.benchmark:
             benchmark(cfg, args.out or "runs/benchmark")
         elif args.eval:
-            evaluate_checkpoint(args.eval, cfg, args.out)
+            evaluate_checkpoint(args.eval, cfg, args.out, data_dir)
         elif args.lipschitz:
-            lipschitz_checkpoint(args.lipschitz, cfg, args.lipschitz_n, args.out)
+            lipschitz_checkpoint(args.lipschitz, cfg, args.lipschitz_n, args.out, data_dir)
         else:
             (run_dual if cfg.method == "dual" else train)(cfg, resume=args.resume, overwrite=args.overwrite)
     except UserError as e:

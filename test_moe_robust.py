@@ -359,6 +359,7 @@ def test_existing_run_is_not_overwritten(trained, capsys):
 # {run} byte for byte as it was. Add a case in one line.
 T = ["--dataset", "synthetic", "--width", "0.0625", "--epochs", "1", "--train-limit", "128", "--test-limit", "32",
      "--train-steps", "1", "--val-steps", "1", "--eval-steps", "1", "--eval-suite", "pgd"]
+TS = T[:T.index("--train-steps")] + T[T.index("--train-steps") + 2:]  # for --method standard, which runs no attack
 BAD_INPUTS = [
     (["--eps", "8/0"], "'8/0'"), (["--alpha", "1/0"], "'1/0'"), (["--eps", "inf"], "'inf'"), (["--eps", "nan"], "'nan'"),
     (["--lr", "inf"], "--lr inf"), (["--beta", "nan"], "--beta nan"),
@@ -376,8 +377,9 @@ BAD_INPUTS = [
     (["--dataset", "cifar10", "--data-dir", "{cifar_list}"] + T[2:], "'labels'"),
     (["--dataset", "cifar10", "--data-dir", "{cifar_label99}"] + T[2:], "label 99"),
     (["--lipschitz", "{run}/best.pt", "--out", "{badjson}"], "not valid JSON"),
+    (["--eval", "{run}/best.pt", "--eval-suite", "pgd", "--out", "{badjson}"], "not valid JSON"),
     (["--eval", "{nocls}"], "no num_classes"), (["--eval", "{tmp}"], "is a folder"),
-    (T + ["--method", "standard", "--out", "{nolast}"], "already holds a run"),
+    (TS + ["--method", "standard", "--out", "{nolast}"], "already holds a run"),
     (T + ["--method", "dual", "--resume", "--out", "{run}"], "training run"),
     (["--resume", "--overwrite", "--out", "{run}"], "contradict"), (["--resume", "--epochs", "4", "--out", "{run}"], "--epochs"),
     (["--resume", "--out", "{tmp}"], "nothing to resume"),
@@ -404,7 +406,8 @@ def hostile_world(trained, tmp_path_factory):
     w["file"] = root / "plain-file"
     w["file"].write_text("x")
     w["badjson"].mkdir()
-    (w["badjson"] / "metrics.json").write_text("{not json")
+    for f in ("metrics.json", "eval.json", "lipschitz.json"):
+        (w["badjson"] / f).write_text("{not json")
     state = torch.load(w["run"] / "best.pt", weights_only=True)
     del state["num_classes"]
     w["nocls"] = root / "nocls.pt"
@@ -506,7 +509,7 @@ def test_ctrl_c_in_the_first_epoch_does_not_advise_a_resume(tmp_path, monkeypatc
         raise KeyboardInterrupt
     monkeypatch.setattr(mr.Standard, "step", interrupted)
     out = tmp_path / "cut"
-    assert mr.main(T + ["--method", "standard", "--out", str(out), "--device", "cpu"]) == 130
+    assert mr.main(TS + ["--method", "standard", "--out", str(out), "--device", "cpu"]) == 130
     err = capsys.readouterr().err
     assert f"nothing to resume in {out}" in err and "--resume" not in err and not list(out.iterdir())
 
@@ -520,16 +523,33 @@ def test_help_shows_each_default_once_and_every_flag_explained(capsys):
         assert action.help, action.option_strings
 
 
-def test_eval_only_of_a_checkpoint(trained):
-    _, _, _, out = trained
-    assert mr.main(["--eval", str(out / "best.pt"), "--eval-steps", "2", "--eval-suite", "pgd", "--test-limit", "50",
-                    "--device", "cpu"]) == 0
-    res = json.loads((out / "eval.json").read_text())
+def copy_of_trained_run(trained, tmp_path) -> Path:
+    """A copy of the shared fixture's run folder, so that a test writing records leaves the fixture as it was."""
+    import shutil
+    return Path(shutil.copytree(trained[3], tmp_path / "run"))
+
+
+def test_eval_only_of_a_checkpoint_adds_records_and_keeps_earlier_ones(trained, tmp_path):
+    out = copy_of_trained_run(trained, tmp_path)
+    metrics = (out / "metrics.json").read_bytes()
+    args = ["--eval-steps", "2", "--eval-suite", "pgd", "--test-limit", "50", "--device", "cpu"]
+    assert mr.main(["--eval", str(out / "best.pt")] + args) == 0
+    first = json.loads((out / "eval.json").read_text())["records"]
+    assert len(first) == 1 and first[0]["checkpoint"] == str(out / "best.pt")
+    res = first[0]
     assert 0 <= res["test"]["robust_acc"] <= res["test"]["clean_acc"] <= 1
+    # the record says what ran: the eval settings read (no training flag), the data used, the checkpoint's epoch
+    assert res["settings"]["eval_steps"] == 2 and res["settings"]["eval_suite"] == "pgd"
+    assert "apgd_steps" not in res["settings"] and "epochs" not in res["settings"] and "lr" not in res["settings"]
+    assert res["data"]["dataset"] == "synthetic" and res["data"]["test"] == 50 and res["data"]["data_dir"] is None
+    assert res["checkpoint_epoch"] == mr.load_checkpoint(str(out / "best.pt"))["epoch"] + 1
     torch.manual_seed(123)  # whatever the process did before, --seed fixes the attack's random starts
-    assert mr.main(["--eval", str(out / "best.pt"), "--eval-steps", "2", "--eval-suite", "pgd", "--test-limit", "50",
-                    "--device", "cpu"]) == 0
-    assert json.loads((out / "eval.json").read_text())["test"] == res["test"]
+    assert mr.main(["--eval", str(out / "best.pt")] + args) == 0
+    assert mr.main(["--eval", str(out / "last.pt")] + args) == 0  # another checkpoint of the same run
+    records = json.loads((out / "eval.json").read_text())["records"]
+    assert len(records) == 3 and records[0] == res and records[1]["test"] == res["test"]
+    assert records[2]["checkpoint"] == str(out / "last.pt")
+    assert (out / "metrics.json").read_bytes() == metrics  # the training record is not touched
 
 
 def test_import_has_no_side_effects():
@@ -1073,18 +1093,20 @@ def test_certificate_survives_pgd_just_below_its_radius():
         assert torch.equal(mr.current_routes(model, xa)[0].indices, mr.current_routes(model, x[n:n + 1])[0].indices)
 
 
-def test_lipschitz_cli_on_a_checkpoint(trained):
-    _, _, _, out = trained
+def test_lipschitz_cli_on_a_checkpoint(trained, tmp_path):
+    out = copy_of_trained_run(trained, tmp_path)
+    metrics = (out / "metrics.json").read_bytes()
     assert mr.main(["--lipschitz", str(out / "best.pt"), "--lipschitz-n", "8", "--device", "cpu"]) == 0
-    rep = json.loads((out / "metrics.json").read_text())["lipschitz"]
+    [rep] = json.loads((out / "lipschitz.json").read_text())["records"]
+    assert rep["checkpoint"] == str(out / "best.pt") and rep["data"]["test"] == 8 and rep["settings"]["norm"] == "linf"
     # an MoE's bound holds only where no route changes: it is named for that, never "global"
     assert {"local_linf", "local_l2", "jacobian_l2", "route_stable_linf", "route_stable_l2", "certified_acc",
             "expert_spread"} <= set(rep) and "global_l2" not in rep
     assert rep["route_stable_l2"] >= rep["jacobian_l2"] and 0 <= rep["certified_acc"] <= 1
     torch.manual_seed(123)  # whatever the process did before, --seed fixes the random estimates
     assert mr.main(["--lipschitz", str(out / "best.pt"), "--lipschitz-n", "8", "--device", "cpu"]) == 0
-    again = json.loads((out / "metrics.json").read_text())["lipschitz"]
-    assert again == rep
+    first, again = json.loads((out / "lipschitz.json").read_text())["records"]
+    assert first == rep and again == rep and (out / "metrics.json").read_bytes() == metrics
 
 
 def test_vit_has_local_estimates_but_no_global_bound():
