@@ -149,7 +149,8 @@ class Config:
                           where=dict(mode=SUITE_RUNS))
     apgd_steps: int = opt(100, "APGD-CE and APGD-T iterations (AutoAttack: 100)", ge=1,
                           where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
-    apgd_targets: int = opt(9, "APGD-T target classes, at most classes - 1 (AutoAttack: 9)", ge=1,
+    apgd_targets: Optional[int] = opt(None, "APGD-T target classes, at most classes - 1; needs 4 classes (default: "
+                                            "AutoAttack's 9, or classes - 1 if fewer)", ge=1,
                             where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
     square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1,
                               where=dict(mode=SUITE_RUNS, suite=("full", "autoattack"), norm=("linf",)))
@@ -490,11 +491,15 @@ def load_cifar(name: str, data_dir: str) -> Dataset:
     root, classes = Path(data_dir), 10 if name == "cifar10" else 100
     folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     if not folder.is_dir():
+        made = next(a for a in (root, *root.parents) if a.exists())  # a failed download leaves no folder behind
         try:
             import torchvision  # only needed for the download
             (torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100)(
                 str(root), train=True, download=True)
         except Exception as e:  # offline, or no write access
+            if made != root:
+                import shutil
+                shutil.rmtree(made / root.relative_to(made).parts[0], ignore_errors=True)
             raise UserError(f"{name} not found in {root}/ and the download failed ({type(e).__name__}); put "
                             f"{name.replace('cifar', 'cifar-')}-python.tar.gz from https://www.cs.toronto.edu/~kriz/ "
                             f"extracted into {root}/") from None
@@ -1542,8 +1547,8 @@ def suite_attacks(cfg: Config, suite: str, num_classes: int, moe: bool) -> list[
     out = [(a.describe(), a)] if suite == "full" else []
     out.append((f"APGD-CE-{n}", lambda m, x, y: apgd(m, x, y, e, n, cfg.norm)))
     if num_classes >= 4:  # the DLR loss needs 4 classes
-        out.append((f"APGD-T-{n} x{cfg.apgd_targets}",
-                    lambda m, x, y: apgd_targeted(m, x, y, e, n, cfg.norm, cfg.apgd_targets)))
+        t = cfg.apgd_targets or min(9, num_classes - 1)
+        out.append((f"APGD-T-{n} x{t}", lambda m, x, y: apgd_targeted(m, x, y, e, n, cfg.norm, t)))
     if suite == "full" and moe:
         out.append((f"soft-router {a.describe()}", lambda m, x, y: a(SoftRouted(m), x, y, judge=m)))
     if cfg.norm == "linf":
@@ -1823,10 +1828,10 @@ def data_record(cfg: Config, data: Dataset, **sizes) -> dict:
 
 def check_run_data(cfg: Config, data: Dataset) -> None:
     """Settings whose meaning depends on the data: APGD-T's targets, an L2 radius."""
-    if cfg.eval_suite != "pgd" and data.num_classes >= 4:
-        check(cfg.apgd_targets <= data.num_classes - 1, f"--apgd-targets {cfg.apgd_targets} not allowed: {data.name} "
-                                                        f"has {data.num_classes} classes, so at most "
-                                                        f"{data.num_classes - 1} targets")
+    if cfg.eval_suite != "pgd" and cfg.apgd_targets is not None:  # APGD-T's DLR loss needs 4 classes
+        check(4 <= data.num_classes and cfg.apgd_targets <= data.num_classes - 1,
+              f"--apgd-targets {cfg.apgd_targets} not allowed: {data.name} has {data.num_classes} classes; APGD-T "
+              f"runs on 4 or more, with at most classes - 1 targets")
     diameter = math.sqrt(3) * data.image_size  # the L2 distance between a black and a white image
     check(cfg.norm != "l2" or cfg.eps <= diameter, f"--eps {cfg.eps:g} not allowed under l2: no two {data.image_size}x"
                                                    f"{data.image_size} images are further apart than {diameter:.1f}")
@@ -1977,13 +1982,15 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
     data = check_dataset(data) if data is not None else load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size,
                                                                      cfg.seed, cfg.train_limit, cfg.test_limit)
     check_run_data(cfg, data)
-    plan = {}  # role -> a checkpoint to load, or the Config to train it with
+    plan, sizes = {}, set()  # role -> a checkpoint to load, or the Config to train it with; the members' E
     for role, ckpt in zip(DUAL_ROLES, (cfg.standard_ckpt, cfg.robust_ckpt)):
         if ckpt is not None:
             state = load_checkpoint(ckpt)
-            check_fits(state, config_from_dict(state["config"]), data, f"--{role}-ckpt {ckpt}")
-            plan[role] = ckpt
+            saved = config_from_dict(state["config"])
+            check_fits(state, saved, data, f"--{role}-ckpt {ckpt}")
+            plan[role], sizes = ckpt, sizes | ({saved.experts} if saved.arch != "resnet18" else set())
             continue
+        sizes |= {cfg.experts} if cfg.arch != "resnet18" else set()
         sub = dataclasses.replace(cfg, method="standard" if role == "standard" else cfg.robust_method,
                                   out=str(out / role))
         sub.validate()
@@ -1996,6 +2003,9 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
             check(not differ, f"f_{role[0].upper()} in {sub.out} was trained with other settings: {'; '.join(differ)}; "
                               "give the flags of the run you resume")
         plan[role] = sub
+    check(len(sizes) <= 1 or cfg.eval_suite != "full", f"f_S and f_R have MoE layers of {' and '.join(map(str, sorted(sizes)))}"
+          " experts: the full suite's per-expert figures force expert i in every layer; use members with the same "
+          "--experts or --eval-suite autoattack")
     members = {}
     start_writing(out, overwrite, ("metrics.json",) + RECORD_FILES)
     for role, how in plan.items():

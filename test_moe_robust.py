@@ -239,7 +239,10 @@ def test_resume_after_interruption_reproduces_uninterrupted_run(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         mr.train(mr.Config(out=str(tmp_path / "cut"), **cfg))
     monkeypatch.setattr(mr, "save_checkpoint", real_save)
+    m = json.loads((tmp_path / "cut" / "metrics.json").read_text())  # an entry another tool added is kept
+    (tmp_path / "cut" / "metrics.json").write_text(json.dumps({**m, "note": {"kept": True}}))
     resumed = mr.train(mr.Config(out=str(tmp_path / "cut"), device="cpu"), resume=True)
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["note"] == {"kept": True}
     strip = lambda h: [{k: v for k, v in r.items() if k not in ("time_s", "images_per_s")} for r in h]
     assert strip(resumed["history"]) == strip(full["history"])
     assert resumed["test"] == full["test"]
@@ -390,6 +393,43 @@ BAD_INPUTS = [
     (["--moe-blocks", "", "--method", "rt-er"], "no MoE layer"),
     (T + ["--train-limit", "1"], "--train-limit 1"),
     (T + ["--dataset", "imagefolder", "--data-dir", "{emptyclass}"], "no images"),
+    # rule 1: nothing on disk changes before every input (data, split, checkpoint) is checked
+    (T + ["--dataset", "cifar10", "--data-dir", "{tmp}/typo", "--overwrite", "--out", "{run}"], "download failed"),
+    (T + ["--val-size", "5000", "--overwrite", "--out", "{run}"], "--val-size 5000"),
+    (T + ["--dataset", "cifar10", "--data-dir", "{cifar_float}", "--overwrite", "--out", "{run}"], "float32"),
+    (T + ["--apgd-targets", "3", "--eval-suite", "full", "--dataset", "imagefolder", "--data-dir", "{twoclass}",
+          "--overwrite", "--out", "{run}"], "--apgd-targets"),
+    (["--demo", "--out", "{demo}"], "not the demo's"),
+    # rule 3: every flag given is read, or refused
+    (T + ["--arch", "resnet18", "--experts", "3"], "--experts"), (T + ["--arch", "resnet18", "--top-k", "1"], "--top-k"),
+    (T + ["--arch", "resnet18", "--noisy-gating"], "--noisy-gating"),
+    (T + ["--arch", "resnet18", "--balance-coef", "0"], "--balance-coef"),
+    (T + ["--arch", "moe-vit", "--moe-blocks", "all"], "--moe-blocks"), (T + ["--apgd-steps", "5"], "--apgd-steps"),
+    (["--eval", "{run}/best.pt", "--eval-suite", "pgd", "--square-queries", "9"], "--square-queries"),
+    (["--method", "dual", "--standard-ckpt", "{run}/best.pt", "--robust-ckpt", "{run}/best.pt", "--robust-method", "at",
+      "--out", "{tmp}/d"], "--robust-method"),
+    (["--method", "dual", "--standard-ckpt", "{run}/best.pt", "--robust-ckpt", "{run}/best.pt", "--epochs", "3",
+      "--out", "{tmp}/d"], "--epochs"),
+    (T + ["--data-dir", "{tmp}"], "--data-dir"), (["--eval", "{run}/best.pt", "--data-dir", "{tmp}"], "--data-dir"),
+    (T + ["--method", "advmoe", "--beta", "3"], "--beta"), (T + ["--method", "at", "--expert-attack", "kl"], "--expert-attack"),
+    (["--norm", "l2", "--eps", "0.5", "--square-queries", "10"], "--square-queries"),
+    # rule 4: values checked against their meaning
+    (["--eps", "300"], "--eps 300"), (["--momentum", "5"], "--momentum 5"), (["--momentum", "1"], "--momentum 1"),
+    (["--eval-steps", "0"], "--eval-steps 0"), (["--train-steps", "0"], "--train-steps 0"),
+    (["--val-steps", "0"], "--val-steps 0"), (["--norm", "l2"], "explicit --eps"),
+    (["--train-limit", "128", "--test-limit", "32", "--eval-suite", "autoattack", "--apgd-targets", "20"],
+     "--apgd-targets 20"),
+    (T + ["--norm", "l2", "--eps", "100"], "--eps 100"),
+    # rule 5: data and models are what they claim to be
+    (["--eval", "{nanckpt}"], "non-finite"), (["--lipschitz", "{nanckpt}"], "non-finite"),
+    (["--method", "dual", "--standard-ckpt", "{nanckpt}", "--robust-ckpt", "{run}/best.pt", "--out", "{tmp}/d"],
+     "non-finite"),
+    (["--eval", "{badtype}"], "--width 'abc'"), (["--eval", "{folder10}"], "10 classes"),
+    (["--method", "dual", "--standard-ckpt", "{cifarckpt}", "--robust-ckpt", "{run}/best.pt", "--out", "{tmp}/d"],
+     "trained on cifar10"),
+    (["--method", "dual", "--standard-ckpt", "{run}/best.pt", "--robust-ckpt", "{e4ckpt}", "--out", "{tmp}/d"],
+     "experts"),
+    (T + ["--dataset", "tinyimagenet", "--data-dir", "{tiny1}"], "at least 2"),
 ]
 
 
@@ -401,6 +441,8 @@ def hostile_world(trained, tmp_path_factory):
     w = {k: root / k for k in ("run", "nolast", "tmp", "badjson", "emptyclass")}
     shutil.copytree(trained[3], w["run"])
     shutil.copytree(trained[3], w["nolast"])
+    shutil.copytree(trained[3], root / "demo" / "standard")  # a real run where the demo would write
+    w["demo"] = root / "demo"
     (w["nolast"] / "last.pt").unlink()  # what a kill during the first last.pt write leaves
     w["tmp"].mkdir()
     w["file"] = root / "plain-file"
@@ -424,20 +466,55 @@ def hostile_world(trained, tmp_path_factory):
     write_images(w["emptyclass"] / "train" / "cat", 2, (32, 32))
     (w["emptyclass"] / "train" / "dog").mkdir()
     write_images(w["emptyclass"] / "test" / "cat", 1, (32, 32))
+    folder = root / "cifar_float" / "cifar-10-batches-py"  # float pixels in [0, 1]: a cast would give black images
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": np.random.rand(4, 3072).astype(np.float32), "labels": [0, 1, 2, 3]}, f)
+    w["cifar_float"] = root / "cifar_float"
+    for c in ("cat", "dog"):  # a 2-class image folder
+        write_images(root / "twoclass" / "train" / c, 30, (32, 32))
+        write_images(root / "twoclass" / "test" / c, 2, (32, 32))
+    w["twoclass"] = root / "twoclass"
+    write_images(root / "tiny1" / "train" / "n01" / "images", 2, (64, 64))  # TinyImageNet's layout, one class
+    write_images(root / "tiny1" / "val" / "images", 1, (64, 64))
+    (root / "tiny1" / "val" / "val_annotations.txt").write_text("img0.JPEG n01 0 0 1 1\n")
+    w["tiny1"] = root / "tiny1"
+    good = torch.load(w["run"] / "best.pt", weights_only=True)
+
+    def variant(name, change):
+        state = {**good, "config": dict(good["config"]), "model": dict(good["model"])}
+        change(state)
+        w[name] = root / f"{name}.pt"
+        torch.save(state, w[name])
+    variant("nanckpt", lambda s: s["model"].update({"fc.weight": s["model"]["fc.weight"] * float("nan")}))
+    variant("badtype", lambda s: s["config"].update(width="abc"))
+    variant("folder10", lambda s: s["config"].update(dataset="imagefolder", data_dir=str(w["twoclass"])))
+    variant("cifarckpt", lambda s: s["config"].update(dataset="cifar10"))
+    variant("e4ckpt", lambda s: s["config"].update(experts=4))
     return {k: str(v) for k, v in w.items()}
 
 
-def folder_bytes(folder) -> dict:
-    return {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()}
+def tree_hashes(root) -> dict:
+    """Every file and folder under root with a hash of its bytes (folders: None)."""
+    import hashlib
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+            for p in sorted(Path(root).rglob("*"))}
 
 
 @pytest.mark.parametrize("argv,needle", BAD_INPUTS, ids=[" ".join(a)[-60:] for a, _ in BAD_INPUTS])
-def test_hostile_input_gives_one_line_error_and_damages_nothing(hostile_world, argv, needle, capsys):
-    before = {k: folder_bytes(hostile_world[k]) for k in ("run", "nolast", "badjson")}
+def test_hostile_input_gives_one_line_error_and_damages_nothing(hostile_world, argv, needle, capsys, tmp_path,
+                                                                monkeypatch):
+    """Each row: exit 2, one line naming the problem, and nothing on disk changed: every file and folder under the
+    world (runs, data, checkpoints) and under the working directory (where runs/ would go) hashes as before."""
+    root, cwd = Path(hostile_world["run"]).parent, tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    before = tree_hashes(root), tree_hashes(cwd)
     rc = mr.main([a.format(**hostile_world) for a in argv] + ["--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err, err
-    assert {k: folder_bytes(hostile_world[k]) for k in before} == before
+    assert (tree_hashes(root), tree_hashes(cwd)) == before
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes to read-only folders")
@@ -461,6 +538,23 @@ def test_divergence_stops_training_keeps_the_last_good_epoch(tmp_path, capsys):
         m = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
         assert "test" not in m and all(math.isfinite(r["train_loss"]) for r in m["history"])
         assert mr.load_checkpoint(str(out / "last.pt"))["epoch"] + 1 == len(m["history"])
+
+
+def test_an_exploding_finite_loss_stops_training_in_its_first_epoch(tmp_path, capsys, monkeypatch):
+    """A loss 100x the run's first stops the run even though every number is finite (lr 1e6 reached 2.4e14)."""
+    real = mr.Standard.loss
+    calls = []
+
+    def exploding(self, x, y):  # finite, but from the third step on far above where the run started
+        loss, logits = real(self, x, y)
+        calls.append(1)
+        return (loss * 1e6 if len(calls) >= 3 else loss), logits
+    monkeypatch.setattr(mr.Standard, "loss", exploding)
+    out = tmp_path / "boom"
+    assert mr.main(TS + ["--method", "standard", "--batch-size", "16", "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "diverged in epoch 1, step 3/" in err and "exploded" in err and len(err.splitlines()) == 1
+    assert not (out / "last.pt").exists() and not (out / "metrics.json").exists()
 
 
 def test_json_is_strict(tmp_path):
@@ -550,6 +644,19 @@ def test_eval_only_of_a_checkpoint_adds_records_and_keeps_earlier_ones(trained, 
     assert len(records) == 3 and records[0] == res and records[1]["test"] == res["test"]
     assert records[2]["checkpoint"] == str(out / "last.pt")
     assert (out / "metrics.json").read_bytes() == metrics  # the training record is not touched
+
+
+def test_eval_on_other_data_records_the_data_it_used(tmp_path, capsys):
+    for d in ("a", "b"):
+        write_fake_cifar(tmp_path / d)
+    out = tmp_path / "run"
+    assert mr.main(TS + ["--method", "standard", "--dataset", "cifar10", "--data-dir", str(tmp_path / "a"), "--out",
+                         str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["data"]["data_dir"] == str(tmp_path / "a")
+    assert mr.main(["--eval", str(out / "best.pt"), "--data-dir", str(tmp_path / "b"), "--eval-suite", "pgd",
+                    "--eval-steps", "1", "--device", "cpu"]) == 0
+    [rec] = json.loads((out / "eval.json").read_text())["records"]
+    assert rec["data"]["data_dir"] == str(tmp_path / "b") and rec["data"]["dataset"] == "cifar10"
 
 
 def test_import_has_no_side_effects():
@@ -976,7 +1083,18 @@ def test_dual_method_trains_both_members_and_sweeps(tmp_path):
     assert mr.main(["--method", "dual", "--standard-ckpt", str(tmp_path / "standard" / "best.pt"), "--robust-ckpt",
                     str(tmp_path / "robust" / "best.pt"), "--test-limit", "32", "--eval-suite", "pgd", "--eval-steps", "2",
                     "--dual-sweep", "0,1", "--device", "cpu", "--out", str(out2)]) == 0
-    assert json.loads((out2 / "metrics.json").read_text())["dual_sweep"][0]["clean_acc"] == std["clean_acc"]
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    assert m2["dual_sweep"][0]["clean_acc"] == std["clean_acc"]
+    # the record states what ran: the dual settings read, no training flag it ignored, each member's own config
+    assert {"epochs", "lr", "arch", "width", "robust_method", "train_limit"}.isdisjoint(m2["config"])
+    assert m2["config"]["dual_sweep"] == "0,1" and m2["data"]["test"] == 32
+    assert m2["members"]["robust"]["config"]["method"] == "rt-er" and not m2["members"]["robust"]["trained_here"]
+    assert m2["members"]["standard"]["config"]["width"] == 0.0625 and "beta" not in m2["members"]["standard"]["config"]
+    assert m["members"]["robust"]["trained_here"] and m["config"]["robust_method"] == "rt-er"
+    # a resumed dual run keeps its members' settings: flags that differ are refused, and nothing is written
+    before = tree_hashes(tmp_path)
+    assert mr.main([a if a != "200" else "300" for a in args] + ["--resume"]) == 2
+    assert tree_hashes(tmp_path) == before
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -1354,3 +1472,106 @@ def test_dispatch_output_keeps_the_experts_memory_format():
         out = layer(x)
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(out, dense_reference(layer, x), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- every setting read or refused
+FIELDS = [f.name for f in mr.dataclasses.fields(mr.Config)]
+
+
+def all_contexts():
+    """Every (mode, run) the CLI can be asked for, as run_context computes it: each training method, arch, suite,
+    threat model and data set; the dual model with each member from a checkpoint or trained; eval and lipschitz of a
+    checkpoint of each arch and data set; benchmark, demo, resume."""
+    import itertools
+    saved = [mr.Config(arch=a, dataset=d) for a in mr.ARCHS for d in mr.DATASETS]
+    for m, a, s, n, d, loss in itertools.product(mr.METHODS, mr.ARCHS, mr.EVAL_SUITES, mr.NORMS, mr.DATASETS,
+                                                 ("at", "trades")):
+        ckpts = [(x, y) for x in (None, "s.pt") for y in (None, "r.pt")] if m == "dual" else [(None, None)]
+        for (sc, rc), rm in itertools.product(ckpts, ("at", "advmoe", "rt-er") if m == "dual" else ("rt-er",)):
+            cfg = mr.Config(method=m, arch=a, eval_suite=s, norm=n, eps=0.5, dataset=d, robust_loss=loss,
+                            standard_ckpt=sc, robust_ckpt=rc, robust_method=rm)
+            yield cfg, ("dual" if m == "dual" else "train"), None
+    for sv, s, n in itertools.product(saved, mr.EVAL_SUITES, mr.NORMS):
+        for mode in ("eval", "lipschitz"):
+            yield mr.Config(eval_suite=s, norm=n, eps=0.5), mode, sv
+    for mode in ("benchmark", "demo", "resume"):
+        yield mr.Config(), mode, None
+
+
+def test_every_setting_is_refused_exactly_where_its_declaration_says_it_is_not_read():
+    """Walk every field through every context: refuse_unread refuses it alone iff its `where` excludes the context,
+    and the refusal names the flag. Spot checks pin the declarations to what the code does."""
+    n = 0
+    for cfg, mode, saved in all_contexts():
+        ctx = mr.run_context(cfg, mode, saved)
+        for name in FIELDS:
+            read = mr.unread_reason(mr.field_where(name), ctx) is None
+            try:
+                mr.refuse_unread({name}, ctx)
+                refused = None
+            except mr.UserError as e:
+                refused = str(e)
+            assert (refused is None) == read, (name, mode, ctx, refused)
+            assert refused is None or "--" + ("no-augment" if name == "augment" else name.replace("_", "-")) in refused
+            n += 1
+    assert n > 10000
+    ctx = lambda **kw: mr.run_context(mr.Config(**kw), "train")
+    unread = lambda name, c: mr.unread_reason(mr.field_where(name), c) is not None
+    assert unread("experts", ctx(arch="resnet18")) and not unread("experts", ctx(arch="moe-vit"))
+    assert unread("moe_blocks", ctx(arch="moe-vit")) and unread("expert_ratio", ctx(arch="moe-vit"))
+    assert unread("beta", ctx(method="advmoe")) and not unread("beta", ctx(method="advmoe", robust_loss="trades"))
+    assert unread("square_queries", ctx(norm="l2", eps=0.5)) and unread("apgd_steps", ctx(eval_suite="pgd"))
+    assert not unread("alpha", ctx(eval_suite="autoattack"))  # training's PGD reads it
+    assert unread("eval_steps", ctx(eval_suite="autoattack")) and unread("data_dir", ctx(dataset="synthetic"))
+    both = mr.run_context(mr.Config(method="dual", standard_ckpt="a", robust_ckpt="b"), "dual")
+    assert unread("robust_method", both) and unread("epochs", both) and not unread("dual_sweep", both)
+    assert not unread("robust_method", mr.run_context(mr.Config(method="dual", standard_ckpt="a"), "dual"))
+
+
+class TrackedConfig(mr.Config):
+    """A Config that records which settings the module's code reads (bookkeeping that reads every field aside)."""
+    reads: set = set()
+    BOOKKEEPING = {"validate", "record_config", "run_context", "check_flags", "refuse_unread", "sweep_values",
+                   "__post_init__", "config_from_dict", "main", "data_record", "run_demo"}
+
+    def __getattribute__(self, name):
+        if name in FIELDS:
+            code = sys._getframe(1).f_code
+            if code.co_filename == mr.__file__ and code.co_name not in TrackedConfig.BOOKKEEPING:
+                TrackedConfig.reads.add(name)
+        return object.__getattribute__(self, name)
+
+
+@pytest.mark.parametrize("mode,argv", [
+    ("train", ["--method", "advmoe", "--robust-loss", "trades", "--eval-suite", "full", "--eval-steps", "1",
+               "--apgd-steps", "1", "--square-queries", "2"]),
+    ("train", ["--method", "rt-er", "--arch", "moe-vit", "--norm", "l2", "--eps", "0.5", "--eval-suite", "autoattack",
+               "--apgd-steps", "1", "--apgd-targets", "2"]),
+    ("train", ["--method", "jtdmoe", "--expert-attack", "kl"]),
+    ("train", ["--method", "trades", "--arch", "resnet18"]),
+    ("dual", ["--method", "dual", "--standard-ckpt", "{ckpt}", "--robust-method", "at", "--dual-sweep", "0,1"]),
+    ("eval", ["--eval", "{ckpt}", "--eval-suite", "full", "--eval-steps", "1", "--apgd-steps", "1",
+              "--square-queries", "2"]),
+    ("lipschitz", ["--lipschitz", "{ckpt}", "--lipschitz-n", "4"]),
+])
+def test_every_setting_a_run_accepts_is_read_by_it(trained, tmp_path, monkeypatch, mode, argv):
+    """Run real (tiny) CLI runs with a Config that records reads: every setting that refuse_unread lets through in
+    that run is read by the code (so a flag is never accepted and then ignored)."""
+    base = {"train": ["--width", "0.0625", "--epochs", "1", "--train-limit", "96", "--batch-size", "32",
+                      "--train-steps", "1", "--val-steps", "1"], "eval": [],
+            "dual": ["--width", "0.0625", "--epochs", "1", "--train-limit", "96", "--batch-size", "32",
+                     "--train-steps", "1", "--val-steps", "1"],
+            "lipschitz": []}[mode] + ["--test-limit", "8"] * (mode != "lipschitz")
+    if "--eval-suite" not in argv and mode != "lipschitz":
+        base += ["--eval-suite", "pgd", "--eval-steps", "1"]
+    monkeypatch.setattr(mr, "Config", TrackedConfig)
+    monkeypatch.chdir(tmp_path)
+    TrackedConfig.reads = set()
+    ckpt = str(trained[3] / "best.pt")
+    args = base + [a.format(ckpt=ckpt) for a in argv] + ["--device", "cpu", "--out", str(tmp_path / "o")]
+    assert mr.main(args) == 0
+    cfg = mr.config_from_dict(vars(mr.build_parser().parse_args(args)))
+    saved = mr.config_from_dict(mr.load_checkpoint(ckpt)["config"]) if mode in ("eval", "lipschitz") else None
+    ctx = mr.run_context(cfg, mode, saved)
+    accepted = {n for n in FIELDS if mr.unread_reason(mr.field_where(n), ctx) is None} - {"out"}  # out: args.out
+    assert accepted - TrackedConfig.reads == set()
