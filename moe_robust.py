@@ -4,8 +4,10 @@ A sparse top-k MoE layer (per image or per token), MoE-ResNet18 and a small MoE-
 a soft-router surrogate and a routing-only attack; standard training, PGD-AT, TRADES, AdvMoE, RT-ER, the dual model
 and JTDMoE; the evaluation an MoE needs (RA as the per-example minimum over a cascade of named attacks, masking
 probes, RA-E / RA-R, per-expert SA/RA, route flips); Lipschitz estimates, bounds and route-stable certificates; a
-CLI with atomic checkpoints, bit-identical --resume and --benchmark. Sections 0-10 are in dependency order (nothing
-is called before it is defined); README.md "Layout" says what each piece needs when copied on its own.
+CLI with atomic checkpoints, bit-identical --resume and --benchmark, in which every flag is read or refused
+(Config's `where`), nothing is written before every input is checked, and records only grow. Sections 0-10 are in
+dependency order (nothing is called before it is defined); README.md "Layout" says what each piece needs when copied
+on its own.
 
 Quick start (CPU, nothing downloaded): pip install -r requirements.txt; python moe_robust.py (the demo: standard vs
 PGD-AT MoE-ResNet18 on `synthetic`); python -m pytest -q test_moe_robust.py
@@ -167,7 +169,8 @@ class Config:
                                   "unit std first", DUAL_MIXES, where=dict(mode=("train", "dual"), method=DUAL))
     dual_sweep: str = opt("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "values of a to evaluate",
                           where=dict(mode=("dual",)))
-    standard_ckpt: Optional[str] = opt(None, "dual: f_S from this checkpoint (else trained)", where=dict(mode=("dual",)))
+    standard_ckpt: Optional[str] = opt(None, "dual: f_S from this checkpoint (else trained)",
+                                       where=dict(mode=("dual",)))
     robust_ckpt: Optional[str] = opt(None, "dual: f_R from this checkpoint (else trained)", where=dict(mode=("dual",)))
     robust_method: str = opt("rt-er", "dual: how f_R is trained without --robust-ckpt",
                              ("at", "trades", "advmoe", "rt-er"), where=dict(mode=("dual",), member=("robust",)))
@@ -399,8 +402,9 @@ def check_writable(folder: str, flag: str = "--out") -> Path:
     p = Path(folder)
     check(not p.is_file(), f"{flag} {folder} is a file; give a folder")
     base = next(a for a in (p, *p.parents) if a.exists())
-    check(base.is_dir() and os.access(base, os.W_OK | os.X_OK), f"{flag} {folder} is not a writable folder "
-                                                                 f"({base} is {'not a folder' if not base.is_dir() else 'read-only'})")
+    why = "read-only" if base.is_dir() else "not a folder"
+    check(base.is_dir() and os.access(base, os.W_OK | os.X_OK), f"{flag} {folder} is not a writable folder ({base} is "
+                                                                 f"{why})")
     return p
 
 def writable_folder(folder: str, flag: str = "--out") -> Path:
@@ -1903,7 +1907,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         history, best, start, start_loss = state["history"], state["best"], state["epoch"] + 1, state.get("start_loss")
     start_writing(out, overwrite, RUN_FILES + RECORD_FILES)  # every input is checked: from here on the run writes
     if state is not None:
-        log(f"resumed {out / 'last.pt'} at epoch {start}/{cfg.epochs}" + ": all epochs done, testing" * (start >= cfg.epochs))
+        log(f"resumed {out / 'last.pt'} at epoch {start}/{cfg.epochs}"
+            + ": all epochs done, testing" * (start >= cfg.epochs))
     if cfg.compile:
         compile_model(method.model)
     selection, params = "val_clean_acc" if cfg.method == "standard" else "val_robust_acc", count_params(model)
@@ -1998,14 +2003,14 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
         saved = check_run_folder(sub, again, overwrite)
         if saved is not None:  # a resumed member keeps its settings: the flags given must say the same
             kept, ctx = config_from_dict(saved["config"]), run_context(sub, "train")
-            differ = [f"--{k.replace('_', '-')} {v!r} (saved: {getattr(kept, k)!r})"
-                      for k, v in record_config(sub, ctx).items() if k not in ("out", "device") and getattr(kept, k) != v]
+            differ = [f"--{k.replace('_', '-')} {v!r} (saved: {getattr(kept, k)!r})" for k, v in
+                      record_config(sub, ctx).items() if k not in ("out", "device") and getattr(kept, k) != v]
             check(not differ, f"f_{role[0].upper()} in {sub.out} was trained with other settings: {'; '.join(differ)}; "
                               "give the flags of the run you resume")
         plan[role] = sub
-    check(len(sizes) <= 1 or cfg.eval_suite != "full", f"f_S and f_R have MoE layers of {' and '.join(map(str, sorted(sizes)))}"
-          " experts: the full suite's per-expert figures force expert i in every layer; use members with the same "
-          "--experts or --eval-suite autoattack")
+    check(len(sizes) <= 1 or cfg.eval_suite != "full", f"f_S and f_R have MoE layers of "
+          f"{' and '.join(map(str, sorted(sizes)))} experts: the full suite's per-expert figures force expert i in "
+          "every layer; use members with the same --experts or --eval-suite autoattack")
     members = {}
     start_writing(out, overwrite, ("metrics.json",) + RECORD_FILES)
     for role, how in plan.items():
@@ -2015,7 +2020,8 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
         path = how if isinstance(how, str) else str(Path(how.out) / "best.pt")
         model, saved, state = load_model(path, runtime)
         check_fits(state, saved, data, f"f_{role[0].upper()} ({path})")
-        members[role] = (model, {"checkpoint": path, "trained_here": not isinstance(how, str), "epoch": state["epoch"] + 1,
+        members[role] = (model, {"checkpoint": path, "trained_here": not isinstance(how, str),
+                                 "epoch": state["epoch"] + 1,
                                  "config": record_config(saved, run_context(saved, "train"))})
     seed_everything(cfg.seed)  # the attacks' random starts
     models = [members[r][0] for r in DUAL_ROLES]
@@ -2416,14 +2422,12 @@ def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
     for cfg in runs.values():  # the demo replaces an earlier demo, never another run
         cfg.validate()
         check_writable(cfg.out)
-        here = Path(cfg.out)
-        saved = [config_from_dict(load_checkpoint(str(here / f))["config"]) for f in ("last.pt", "best.pt")
-                 if (here / f).is_file()]
-        saved = [dataclasses.replace(c, out=cfg.out, device=cfg.device) for c in saved]
-        earlier = read_json(here / "metrics.json").get("config") if (here / "metrics.json").exists() else None
-        ours = record_config(cfg, run_context(cfg, "train"))
-        check(all(c == cfg for c in saved) and earlier in (None, {**ours, "out": earlier and earlier.get("out"),
-                                                                   "device": earlier and earlier.get("device")}),
+        here, ctx = Path(cfg.out), run_context(cfg, "train")
+        ours = {k: v for k, v in record_config(cfg, ctx).items() if k not in ("out", "device")}
+        found = [record_config(config_from_dict(load_checkpoint(str(here / f))["config"]), ctx)
+                 for f in ("last.pt", "best.pt") if (here / f).is_file()]
+        found += [read_json(here / "metrics.json").get("config", {})] if (here / "metrics.json").exists() else []
+        check(all({k: c.get(k) for k in ours} == ours for c in found),
               f"{cfg.out} holds a run that is not the demo's; give the demo another --out")
     results = {}
     for method, cfg in runs.items():
