@@ -94,7 +94,7 @@ def moe_block_set(spec: str) -> set:
 @dataclass
 class Config:
     """Everything a run needs: each field is one --flag (underscores become dashes). The parser (build_parser) and
-    `validate` read help and allowed values from here; checkpoints store it."""
+    `validate` read help and allowed values from here, refuse_unread where each is read; checkpoints store it."""
 
     method: str = opt("at", "training method", METHODS, group="what to run", where=dict(mode=("train", "dual")))
     dataset: str = opt("synthetic", "data set (random: noise in CIFAR-10's shape, for timing)", DATASETS, group="data",
@@ -102,7 +102,8 @@ class Config:
     data_dir: str = opt("data", "where data sets live (CIFAR is downloaded here)",
                         where=dict(mode=("train", "dual", "eval", "lipschitz"), dataset=READ_FROM_DISK))
     image_size: Optional[int] = opt(None, "tinyimagenet/imagefolder image side, 16..256 in steps of 8 (default 64/32)",
-                                    where=dict(mode=("train", "dual"), dataset=DATASETS[:1] + DATASETS[3:]))
+                                    where=dict(mode=("train", "dual"),
+                                               dataset=("synthetic", "random", "tinyimagenet", "imagefolder")))
     train_limit: Optional[int] = opt(None, "use only the first N training examples", ge=1, where=dict(mode=("train",)))
     test_limit: Optional[int] = opt(None, "use only the first N test examples", ge=1, where=dict(mode=SUITE_RUNS))
     val_size: Optional[int] = opt(None, "held-out validation examples (default 10%%, at most 1000)", ge=1,
@@ -153,7 +154,7 @@ class Config:
                           where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
     apgd_targets: Optional[int] = opt(None, "APGD-T target classes, at most classes - 1; needs 4 classes (default: "
                                             "AutoAttack's 9, or classes - 1 if fewer)", ge=1,
-                            where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
+                                      where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
     square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1,
                               where=dict(mode=SUITE_RUNS, suite=("full", "autoattack"), norm=("linf",)))
     router_lr: Optional[float] = opt(None, "router learning rate (default --lr)", ge=0,
@@ -1171,9 +1172,10 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
     """APGD (Croce & Hein 2020, Alg. 1), L-inf or L2: PGD with momentum 0.75 and a per-example step size that starts
     at 2 eps and halves at checkpoints when progress stalls (condition 1: at most rho of the steps since the last
     checkpoint increased the loss; condition 2: the step was not halved at the last checkpoint and the best loss has
-    not improved since), restarting from the best point, at apgd_checkpoints(steps). No step size to tune, so it exposes defences that only fool fixed-step PGD.
-    Maximises loss_fn(logits, y) -> (B,) (CE: APGD-CE). Returns per example the first misclassified iterate (every
-    iterate is scored right after its forward), else the highest-loss one."""
+    not improved since), restarting from the best point, at apgd_checkpoints(steps). No step size to tune, so it
+    exposes defences that only fool fixed-step PGD. Maximises loss_fn(logits, y) -> (B,) (CE: APGD-CE). Returns per
+    example the first misclassified iterate (every iterate is scored right after its forward), else the highest-loss
+    one."""
     check(norm in NORMS, f"unknown attack norm {norm!r}; allowed: {', '.join(NORMS)}")
     check(eps >= 0 and steps >= 1, f"APGD needs eps >= 0 and steps >= 1, got {eps}, {steps}")
     x = x.detach()
