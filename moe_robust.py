@@ -1,8 +1,8 @@
 """moe_robust.py: robust sparse Mixture-of-Experts training in one readable file.
 
-A sparse top-k MoE layer (per image or per token), MoE-ResNet18 and a small MoE-ViT; PGD, APGD-CE, APGD-T, Square,
-a soft-router surrogate and a routing-only attack; standard training, PGD-AT, TRADES, AdvMoE, RT-ER, the dual model
-and JTDMoE; the evaluation an MoE needs (RA as the per-example minimum over a cascade of named attacks, masking
+A sparse top-k MoE layer (per image or per token), MoE-ResNet18 and a small MoE-ViT; PGD, APGD-CE, APGD-T, FAB-T,
+Square, a soft-router surrogate and a routing-only attack; standard training, PGD-AT, TRADES, AdvMoE, RT-ER, the dual
+model and JTDMoE; the evaluation an MoE needs (RA as the per-example minimum over a cascade of named attacks, masking
 probes, RA-E / RA-R, per-expert SA/RA, route flips); Lipschitz estimates, bounds and route-stable certificates; a
 CLI with atomic checkpoints, bit-identical --resume and --benchmark, in which every flag is read or refused
 (Config's `where`), nothing is written before every input is checked, and records only grow. Sections 0-10 are in
@@ -1221,6 +1221,11 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
                 increases.zero_()
     return torch.where(view(found), adv, x_max).detach()
 
+def target_ranking(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, classes - 1): every class but y, highest clean logit first: APGD-T's and FAB-T's target order."""
+    order = logits.argsort(1, descending=True)
+    return order[order != y[:, None]].view(len(y), -1)
+
 @torch.no_grad()
 def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 100,
                   norm: str = "linf", targets: int = 9) -> torch.Tensor:
@@ -1231,8 +1236,7 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
     with eval_mode(model):
         logits = model(x).float()
     check(logits.shape[1] >= 4, f"APGD-T's DLR loss needs at least 4 classes, the model has {logits.shape[1]}")
-    order = logits.argsort(1, descending=True)
-    ranked = order[order != y[:, None]].view(len(x), -1)  # (B, classes - 1): every class but y, best first
+    ranked = target_ranking(logits, y)  # (B, classes - 1)
     x_adv, robust = x.detach().clone(), logits.argmax(1) == y
     for t in range(min(targets, ranked.shape[1])):
         idx = robust.nonzero()[:, 0]
@@ -1243,6 +1247,69 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
             xa = apgd(model, x[idx], y[idx], eps, steps, norm, loss_fn=lambda z, yy: dlr_targeted(z, yy, tgt))
         fooled = predict(model, xa) != y[idx]
         x_adv[idx[fooled]], robust[idx[fooled]] = xa[fooled], False
+    return x_adv
+
+def box_projection(t: torch.Tensor, w: torch.Tensor, c: torch.Tensor, norm: str) -> torch.Tensor:
+    """The smallest perturbation d (L-inf or L2) with w.d = -c that keeps t + d in the box [0, 1]: t (B, D) onto the
+    hyperplane {z: w.z = w.t - c} (FAB's projections, Croce & Hein 2020). Oriented so that w.z must fall by |c|, each
+    coordinate moves against the sign of its w by min(lam s_i, room_i), room_i its distance to the box, s_i = 1 in
+    L-inf and |w_i| in L2 (the KKT solution). The fall F(lam) = sum_i |w_i| min(lam s_i, room_i) is piecewise linear
+    with breaks at room_i / s_i: sorting them gives F at every break, and the smallest lam with F(lam) = |c| follows
+    exactly. Where the box does not reach the hyperplane, every coordinate moves as far as it can."""
+    w = w * torch.where(c >= 0, 1.0, -1.0)[:, None]
+    c, mag = c.abs()[:, None], w.abs()
+    room = torch.where(w > 0, t, 1 - t)  # (B, D)
+    s = torch.ones_like(mag) if norm == "linf" else mag
+    brk, order = torch.where(s > 0, room / s.clamp_min(1e-30), math.inf).sort(1)  # (B, D) breaks, ascending
+    total = (mag * s).sum(1, keepdim=True)  # the slope of F before the first break
+    done = (mag * room).gather(1, order).cumsum(1)  # the fall of the coordinates saturated up to each break
+    rest = total - (mag * s).gather(1, order).cumsum(1)  # the slope of F after each break
+    fall = done + torch.where(rest > 0, brk * rest, 0.0)  # F at each break, non-decreasing
+    j = torch.searchsorted(fall, c)  # the first break with F >= |c| (D: none)
+    before = lambda v, first: torch.cat([first, v], 1).gather(1, j.clamp(max=v.shape[1]))  # at break j - 1
+    lam = (c - before(done, torch.zeros_like(c))) / before(rest, total).clamp_min(1e-30)
+    lam = torch.where(j >= brk.shape[1], brk.nan_to_num(posinf=0.0).amax(1, keepdim=True), lam)  # out of reach
+    return -w.sign() * torch.minimum(lam * s, room)
+
+@torch.no_grad()
+def fab_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 100,
+                 norm: str = "linf", targets: int = 9, alpha_max: float = 0.1, eta: float = 1.05,
+                 beta: float = 0.9) -> torch.Tensor:
+    """FAB-T (Croce & Hein 2020, "Minimally distorted adversarial examples with a fast adaptive boundary attack";
+    AutoAttack's third attack), L-inf or L2, per target class in APGD-T's order. Each step linearises the boundary
+    f_t = f_y at the current point z, projects z and the clean x onto it within the image box (d1, d2), and moves to
+    (1 - a)(z + eta d1) + a (x + eta d2), a = ||d1|| / (||d1|| + ||d2||) capped at alpha_max (biased towards x, so
+    the perturbation stays small); after a success it steps back towards x by beta and keeps the smallest success.
+    A success counts if it is within eps. Returns x_adv (B, C, H, W). (The suites do not run it yet: README.)"""
+    with eval_mode(model):
+        logits = model(x).float()
+    ranked, x_adv, robust = target_ranking(logits, y), x.detach().clone(), logits.argmax(1) == y
+    for k in range(min(targets, ranked.shape[1])):
+        idx = robust.nonzero()[:, 0]
+        if len(idx) == 0:
+            break
+        x0, yy, tt = x[idx], y[idx], ranked[idx, k]
+        flat, view = (lambda t: t.flatten(1)), (lambda t: t.view(-1, *([1] * (x.dim() - 1))))
+        cur, best, best_norm = x0.clone(), x0.clone(), torch.full((len(idx),), math.inf, device=x.device)
+        for _ in range(steps):
+            with torch.enable_grad(), eval_mode(model):
+                z = cur.clone().requires_grad_(True)
+                out = model(z).float()
+                df = out.gather(1, tt[:, None])[:, 0] - out.gather(1, yy[:, None])[:, 0]  # >= 0: classified as t
+                (g,) = torch.autograd.grad(df.sum(), z)
+            w = flat(g)  # the boundary df + w.(p - z) = 0, at signed distances df from z and df + w.(x - z) from x
+            d1 = box_projection(flat(cur), w, df, norm).view_as(x0)
+            d2 = box_projection(flat(x0), w, df + (w * flat(x0 - cur)).sum(1), norm).view_as(x0)
+            a1, a2 = (per_example_norm(d, norm).clamp_min(1e-8) for d in (d1, d2))
+            a = (a1 / (a1 + a2)).clamp(0, alpha_max)
+            cur = ((cur + eta * d1) * (1 - a) + (x0 + eta * d2) * a).clamp(0, 1)
+            wrong = predict(model, cur) != yy
+            dist = per_example_norm(cur - x0, norm, keepdim=False)
+            better = wrong & (dist < best_norm)
+            best, best_norm = torch.where(view(better), cur, best), torch.where(better, dist, best_norm)
+            cur = torch.where(view(wrong), x0 + (cur - x0) * beta, cur)
+        ok = best_norm <= eps * (1 + 1e-6)
+        x_adv[idx[ok]], robust[idx[ok]] = best[ok], False
     return x_adv
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

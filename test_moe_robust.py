@@ -900,7 +900,7 @@ def minimal_linf(model, x, y):
     return (gap / dual.clamp_min(1e-12)).scatter(1, y[:, None], float("inf")).amin(1)
 
 
-@pytest.mark.parametrize("attack", ["apgd-t", "square"])
+@pytest.mark.parametrize("attack", ["apgd-t", "fab-t", "square"])
 def test_new_attacks_find_a_flip_exactly_when_one_exists(attack):
     model = linear_model()
     x = 0.4 + 0.2 * torch.rand(64, 3, 4, 4)  # away from 0 and 1, so clipping never binds
@@ -909,6 +909,7 @@ def test_new_attacks_find_a_flip_exactly_when_one_exists(attack):
     rmin = minimal_linf(model, x, y)
     eps = rmin.quantile(0.75).item()
     run = {"apgd-t": lambda e: mr.apgd_targeted(model, x, y, e, steps=50),
+           "fab-t": lambda e: mr.fab_targeted(model, x, y, e, steps=100, targets=9),
            "square": lambda e: mr.square(model, x, y, e, queries=1000)}[attack]
     torch.manual_seed(0)
     with torch.no_grad():
@@ -923,7 +924,8 @@ def test_new_attacks_stay_in_ball_repeat_with_a_seed_and_restore_mode(trained, n
     model, x, y, _ = trained
     x, y = x[:24], y[:24]
     attacks = {"apgd-ce": lambda: mr.apgd(model, x, y, eps, 5, norm),
-               "apgd-t": lambda: mr.apgd_targeted(model, x, y, eps, 5, norm, targets=3)}
+               "apgd-t": lambda: mr.apgd_targeted(model, x, y, eps, 5, norm, targets=3),
+               "fab-t": lambda: mr.fab_targeted(model, x, y, eps, 5, norm, targets=3)}
     if norm == "linf":
         attacks["square"] = lambda: mr.square(model, x, y, eps, queries=30)
     for name, run in attacks.items():
@@ -2015,6 +2017,7 @@ def test_apgd_t_targets_the_nine_highest_classes_after_the_label_in_order(monkey
     order = [c for i, c in enumerate(seen) if i == 0 or seen[i - 1] != c]
     ranked = [c for c in logits.argsort(descending=True).tolist() if c != int(y[0])]
     assert order == ranked[:9]
+    assert mr.target_ranking(logits.expand(4, -1), y)[0].tolist() == ranked  # FAB-T's order too
 
 
 class Quantised(nn.Module):
@@ -2045,3 +2048,17 @@ def test_masking_warnings_fire_on_a_masked_model_and_stay_silent_on_a_smooth_one
         text = " ".join(res["warnings"])
         assert "Square, which uses no gradient" in text and "PGD overstates" in text and "masked" in text
         assert res["robust_after"]["Square-300"] < res["robust_after"]["PGD-20 linf eps=8/255 restarts=1"] - 0.1
+
+
+def test_box_projection_known_answers():
+    """The smallest L-inf / L2 step onto w.z = w.t - c that stays in [0, 1], worked out by hand."""
+    t, w = torch.tensor([[0.5, 0.5], [0.1, 0.5]]), torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    d = mr.box_projection(t, w, torch.tensor([0.4, 0.4]), "linf")
+    assert torch.allclose(d, torch.tensor([[-0.2, -0.2], [-0.1, -0.3]]), atol=1e-6)  # the box stops coordinate 0 at 0
+    assert torch.allclose(mr.box_projection(t[:1], w[:1], torch.tensor([-0.4]), "linf"), torch.tensor([[0.2, 0.2]]))
+    t, w = torch.tensor([[0.5, 0.5], [0.5, 0.1]]), torch.tensor([[1.0, 2.0], [1.0, 2.0]])
+    d = mr.box_projection(t, w, torch.tensor([0.5, 0.5]), "l2")  # free: -c w / ||w||^2; boxed: -min(lam w, room)
+    assert torch.allclose(d, torch.tensor([[-0.1, -0.2], [-0.3, -0.1]]), atol=1e-6)
+    for norm in ("linf", "l2"):  # out of the box's reach: every coordinate as far as it can go
+        d = mr.box_projection(torch.tensor([[0.5, 0.2]]), torch.tensor([[1.0, -1.0]]), torch.tensor([5.0]), norm)
+        assert torch.allclose(d, torch.tensor([[-0.5, 0.8]]), atol=1e-6)
