@@ -1918,6 +1918,13 @@ def check_run_data(cfg: Config, data: Dataset) -> None:
     check(cfg.norm != "l2" or cfg.eps <= diameter, f"--eps {cfg.eps:g} not allowed under l2: no two {data.image_size}x"
                                                    f"{data.image_size} images are further apart than {diameter:.1f}")
 
+def run_data(cfg: Config, data: Optional[Dataset] = None) -> Dataset:
+    """The run's data, loaded (or the one given, checked), and the settings that depend on it checked."""
+    data = check_dataset(data) if data is not None else load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size,
+                                                                     cfg.seed, cfg.train_limit, cfg.test_limit)
+    check_run_data(cfg, data)
+    return data
+
 def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> Optional[dict]:
     """What --out holds agrees with resume/overwrite; for resume, its last.pt (checked). Reads, never writes."""
     out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
@@ -1962,9 +1969,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
             return previous
     cfg.validate()
     runtime = make_runtime(cfg.device, cfg.precision)
-    data = check_dataset(data) if data is not None else load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size,
-                                                                     cfg.seed, cfg.train_limit, cfg.test_limit)
-    check_run_data(cfg, data)
+    data = run_data(cfg, data)
     n_val = cfg.val_size or min(1000, max(1, len(data.train_x) // 10))
     check(n_val < len(data.train_x), f"--val-size {n_val} leaves no training data ({len(data.train_x)} examples)"
           if cfg.val_size else f"{len(data.train_x)} training example(s) (--train-limit {cfg.train_limit}) leave none "
@@ -2062,9 +2067,7 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
         check(overwrite or "dual_sweep" in read_json(out / "metrics.json"),
               f"--out {cfg.out} holds a training run's metrics.json, not a dual run; choose another --out")
     runtime = make_runtime(cfg.device, cfg.precision)
-    data = check_dataset(data) if data is not None else load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size,
-                                                                     cfg.seed, cfg.train_limit, cfg.test_limit)
-    check_run_data(cfg, data)
+    data = run_data(cfg, data)
     plan, sizes = {}, set()  # role -> a checkpoint to load, or the Config to train it with; the members' E
     for role, ckpt in zip(DUAL_ROLES, (cfg.standard_ckpt, cfg.robust_ckpt)):
         if ckpt is not None:
@@ -2622,7 +2625,7 @@ def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str
         + f" | expert spread {', '.join(f'{v:.3f}' for v in rep.get('expert_spread', []))} -> {dest}")
     return {**rep, "checkpoint": path}
 
-def check_flags(args: argparse.Namespace, argv: list[str], cfg: Config) -> str:
+def check_flags(args: argparse.Namespace, argv: list[str], cfg: Config) -> tuple[str, set]:
     """One way of running at a time, and no setting that it would not read (refuse_unread, from each field's
     `where`). The settings given are found by a second parse without defaults. -> (the mode, the names given)"""
     parser = build_parser()
