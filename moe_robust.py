@@ -67,6 +67,7 @@ NORMS = ("linf", "l2")
 EVAL_SUITES = ("full", "autoattack", "pgd")
 PRECISIONS = ("auto", "fp32", "bf16")
 DUAL_MIXES = ("logits", "normalized")
+ROUTERS = ("centred", "linear")  # see MoE: the router's input standardised, or raw (the papers')
 DUAL = ("dual", "jtdmoe")
 BLOCK_NAMES = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))  # ResNet-18's BasicBlocks
 
@@ -123,6 +124,10 @@ class Config:
                               where=dict(mode=("train",), arch=("moe-resnet18",)))
     noisy_gating: bool = opt(False, "Shazeer noisy top-k routing while training", where=dict(mode=("train",),
                                                                                              arch=MOE_ARCHS))
+    router: str = opt("linear", "centred: the router's input standardised per feature (batch statistics in training, "
+                                "running ones at eval), so no expert starts with every image; linear: the papers' "
+                                "W h + b on the raw pooled features", ROUTERS,
+                      where=dict(mode=("train",), arch=MOE_ARCHS))
     epochs: int = opt(10, "passes over the training split", ge=1, group="optimisation", where=dict(mode=("train",)))
     batch_size: int = opt(128, "images per training step", ge=1, le=65536, where=dict(mode=("train", "benchmark")))
     lr: float = opt(0.1, "SGD learning rate, cosine decay to 0 over all steps (Madry/Rice recipe, shortened)", ge=0,
@@ -147,16 +152,17 @@ class Config:
                           where=dict(mode=SUITE_RUNS, suite=("full", "pgd")))
     eval_restarts: int = opt(1, "PGD restarts of the final test evaluation", ge=1,
                              where=dict(mode=SUITE_RUNS, suite=("full", "pgd")))
-    eval_suite: str = opt("full", "autoattack: APGD-CE, APGD-T, Square; full: PGD, those and soft-router PGD, plus "
-                                  "masking probes, RA-E, RA-R, per-expert and routing statistics; pgd", EVAL_SUITES,
+    eval_suite: str = opt("full", "autoattack: APGD-CE, APGD-T, FAB-T, Square; full: PGD, those and soft-router "
+                                  "PGD, plus masking probes, RA-E, RA-R, per-expert and routing statistics; pgd",
+                          EVAL_SUITES,
                           where=dict(mode=SUITE_RUNS))
-    apgd_steps: int = opt(100, "APGD-CE and APGD-T iterations (AutoAttack: 100)", ge=1,
+    apgd_steps: int = opt(100, "APGD-CE, APGD-T and FAB-T iterations (AutoAttack: 100)", ge=1,
                           where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
-    apgd_targets: Optional[int] = opt(None, "APGD-T target classes, at most classes - 1; needs 4 classes (default: "
-                                            "AutoAttack's 9, or classes - 1 if fewer)", ge=1,
+    apgd_targets: Optional[int] = opt(None, "APGD-T and FAB-T target classes, at most classes - 1; needs 4 classes "
+                                            "(default: AutoAttack's 9, or classes - 1 if fewer)", ge=1,
                                       where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
     square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1,
-                              where=dict(mode=SUITE_RUNS, suite=("full", "autoattack"), norm=("linf",)))
+                              where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
     router_lr: Optional[float] = opt(None, "router learning rate (default --lr)", ge=0,
                                      group="advmoe (router-expert alternating training)",
                                      where=dict(mode=("train",), method=("advmoe",)))
@@ -676,6 +682,11 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
 # the task gradient to the router: K = 1 uses g = p_i (Switch); K > 1 renormalises over the kept experts (the
 # straight-through one-hot of the AdvMoE and dual-model official codes gives the router no task gradient). No
 # capacity limit and no token dropping: evaluation routing is deterministic and independent of the rest of the batch.
+# The router's input h is the block input pooled over space (or a token). Pooled post-ReLU features share one large
+# common direction mu, so W h + b = W mu + W (h - mu) + b is dominated by the same W mu for every image and one expert
+# takes (nearly) every image at initialisation (README "Routing"). router="centred" standardises h per feature first
+# (BatchNorm without affine parameters: batch statistics while training, running statistics at eval, so evaluation
+# routing stays per image); router="linear" is the papers' router on the raw h.
 
 class Routing(NamedTuple):
     """What one MoE layer decided for its last batch (detached, for analysis)."""
@@ -703,13 +714,18 @@ class MoE(nn.Module):
     Each expert runs only on its own rows. `control` (None in training), an analysis hook, replaces the top-k choice:
     (probs, ranking) -> (indices, gates, every); soft_routing, forced_routes/rank/expert set it for a `with` block."""
 
-    def __init__(self, experts: list[nn.Module], dim: int, k: int = 1, tokens: bool = False, noisy: bool = False):
+    def __init__(self, experts: list[nn.Module], dim: int, k: int = 1, tokens: bool = False, noisy: bool = False,
+                 router: str = "linear"):
         super().__init__()
         E = len(experts)
         check(E >= 1, "an MoE layer needs at least one expert")
         check(1 <= k <= E, f"top-k {k} not allowed with {E} experts; need 1 <= k <= {E}")
+        check(router in ROUTERS, f"unknown router {router!r}; allowed: {', '.join(ROUTERS)}")
         self.experts = nn.ModuleList(experts)
+        self.centre = nn.BatchNorm1d(dim, affine=False) if router == "centred" else None  # (h - mean) / std
         self.router = nn.Linear(dim, E)
+        if router == "centred":  # zero-mean logits over a batch: no expert starts ahead (Switch's router has no bias)
+            nn.init.zeros_(self.router.bias)
         self.noise = nn.Linear(dim, E) if noisy else None  # Shazeer's noisy top-k, training only; starts at zero
         for p in self.noise.parameters() if noisy else ():
             nn.init.zeros_(p)
@@ -724,6 +740,15 @@ class MoE(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
+    def router_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router at eval as logits = W h + b on its raw input h, float32: W (E, D), b (E,), the centring's
+        running statistics folded in (W diag(1/s), b - W diag(1/s) mean). What the certificates and bounds use."""
+        W, b = self.router.weight.detach().float(), self.router.bias.detach().float()
+        if self.centre is not None:
+            W = W * (self.centre.running_var.float() + self.centre.eps).rsqrt()
+            b = b - W @ self.centre.running_mean.float()
+        return W, b
+
     def route(self, h: torch.Tensor):
         """h: (N, D) -> indices (N, K'), gates (N, K'), every; records routing and aux losses. every: when a control
         fixes the experts of every row (soft: all E, forced_expert: [i]), those experts in slot order, so dispatch
@@ -731,6 +756,7 @@ class MoE(nn.Module):
         E = self.num_experts
         with torch.autocast(h.device.type, enabled=False):  # the router in float32 (Switch 2021, sec. 2.4):
             h = h.float()  # under bf16, near-equal logits would tie and top-k would break ties at random
+            h = self.centre(h) if self.centre is not None else h
             logits = self.router(h)  # (N, E)
             if self.noise is not None and self.training:
                 logits = logits + torch.randn_like(logits) * F.softplus(self.noise(h))
@@ -810,6 +836,24 @@ def expert_counts(model: nn.Module) -> list[list[int]]:
     """Rows sent to each expert of each MoE layer since the last reset."""
     return [m.counts.tolist() for m in moe_layers(model)]
 
+COLLAPSE = 0.9  # an expert with more than this share of a layer's rows: the run says the routing has collapsed
+
+def moe_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, MoE)]
+
+def routing_health(model: nn.Module, counts: list[list[int]], what: str) -> tuple[list[dict], list[str]]:
+    """Per MoE layer, from its rows per expert: the largest expert's share and the routing entropy over experts,
+    normalised to [0, 1] (1: uniform, 0: one expert takes every row); and a warning for each layer where one expert
+    takes more than COLLAPSE of `what` (then the MoE is, in effect, one small dense network)."""
+    stats, warn = [], []
+    for name, c in zip(moe_names(model), counts):
+        p = torch.tensor(c, dtype=torch.float64) / max(1, sum(c))
+        entropy = max(0.0, float(-(p * p.clamp_min(1e-12).log()).sum() / math.log(len(c)))) if len(c) > 1 else 1.0
+        stats.append({"layer": name, "max_share": round(float(p.max()), 4), "entropy": round(entropy, 4)})
+        if float(p.max()) > COLLAPSE:
+            warn.append(f"routing collapse in {name}: expert {int(p.argmax())} took {float(p.max()):.1%} of {what}")
+    return stats, warn
+
 @contextlib.contextmanager
 def routing_control(model: nn.Module, controls):
     """Context: MoE layer l of the model routes by controls[l] (one control: every layer)."""
@@ -839,6 +883,11 @@ def forced_routes(model: nn.Module, routes: list[Route]):
             return route.indices, route.gates, None
         return choose
     return routing_control(model, [control(r) for r in routes])
+
+def take_routes(routes: list[Route], idx: torch.Tensor, B: int) -> list[Route]:
+    """The routes of images idx out of a batch of B (per-token routes keep all of an image's rows)."""
+    pick = lambda t: t.view(B, -1, t.shape[-1])[idx].flatten(0, 1)
+    return [Route(pick(r.indices), pick(r.gates)) for r in routes]
 
 def forced_rank(model: nn.Module, r: int):
     """Context: every MoE layer sends each row to its r-th ranked expert with gate 1 (r = 1: the runner-up)."""
@@ -872,6 +921,7 @@ class ModelConfig:
     #                               stage (deeper helps robustness); AdvMoE: "all" with experts=2, expert_ratio=0.5
     expert_ratio: float = 1.0  # each expert's inner width = ratio * planes (AdvMoE r = 0.5)
     noisy_gating: bool = False  # Shazeer noisy top-k (training only)
+    router: str = "linear"  # "centred" or "linear" (see MoE)
     vit_dim: int = 192  # ViT embedding width before `width` scaling
     vit_depth: int = 6  # transformer blocks; MoE MLP in every other one (V-MoE)
     vit_heads: int = 3
@@ -904,11 +954,11 @@ class BasicBlock(nn.Module):
     identity skip the two differ only in whether the skip is scaled by the gate.)"""
 
     def __init__(self, inp: int, planes: int, stride: int, experts: int = 0, k: int = 1, expert_ratio: float = 1.0,
-                 noisy: bool = False):
+                 noisy: bool = False, router: str = "linear"):
         super().__init__()
         mid = max(1, round(expert_ratio * planes))
-        self.branch = (MoE([residual_branch(inp, mid, planes, stride) for _ in range(experts)], inp, k, noisy=noisy)
-                       if experts else residual_branch(inp, planes, planes, stride))
+        self.branch = (MoE([residual_branch(inp, mid, planes, stride) for _ in range(experts)], inp, k, noisy=noisy,
+                           router=router) if experts else residual_branch(inp, planes, planes, stride))
         self.shortcut = nn.Identity() if stride == 1 and inp == planes else nn.Sequential(
             nn.Conv2d(inp, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
@@ -930,7 +980,7 @@ class ResNet18(nn.Module):
             blocks = []
             for j, s in enumerate((stride, 1)):
                 e = cfg.experts if f"layer{i}.{j}" in wanted else 0
-                blocks.append(BasicBlock(inp, planes, s, e, cfg.top_k, cfg.expert_ratio, cfg.noisy_gating))
+                blocks.append(BasicBlock(inp, planes, s, e, cfg.top_k, cfg.expert_ratio, cfg.noisy_gating, cfg.router))
                 inp = planes
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
@@ -956,10 +1006,11 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
 
 class ViTBlock(nn.Module):
     """Pre-LN transformer block; the MLP is an MoE of MLPs (per-token routing) when experts > 0."""
-    def __init__(self, dim: int, heads: int, experts: int = 0, k: int = 1, noisy: bool = False):
+    def __init__(self, dim: int, heads: int, experts: int = 0, k: int = 1, noisy: bool = False,
+                 router: str = "linear"):
         super().__init__()
         self.ln1, self.ln2, self.attn = nn.LayerNorm(dim), nn.LayerNorm(dim), Attention(dim, heads)
-        self.mlp = (MoE([mlp(dim, 4 * dim) for _ in range(experts)], dim, k, tokens=True, noisy=noisy)
+        self.mlp = (MoE([mlp(dim, 4 * dim) for _ in range(experts)], dim, k, tokens=True, noisy=noisy, router=router)
                     if experts else mlp(dim, 4 * dim))
 
     def forward(self, x):
@@ -978,8 +1029,8 @@ class MoEViT(nn.Module):
         self.normalize, self.patch = Normalize(*NORM_STATS[cfg.norm]), nn.Conv2d(3, dim, p, p)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos = nn.Parameter(torch.randn(1, 65, dim) * 0.02)
-        self.blocks = nn.Sequential(*[ViTBlock(dim, h, cfg.experts if i % 2 == 1 else 0, cfg.top_k, cfg.noisy_gating)
-                                      for i in range(cfg.vit_depth)])
+        self.blocks = nn.Sequential(*[ViTBlock(dim, h, cfg.experts if i % 2 == 1 else 0, cfg.top_k, cfg.noisy_gating,
+                                               cfg.router) for i in range(cfg.vit_depth)])
         self.ln, self.head = nn.LayerNorm(dim), nn.Linear(dim, cfg.num_classes)
 
     def forward(self, x):  # (B, 3, H, W) -> logits (B, classes)
@@ -1036,7 +1087,7 @@ class DualModel(nn.Module):
             zs, zr = zs / zs.std(-1, keepdim=True).clamp_min(1e-6), zr / zr.std(-1, keepdim=True).clamp_min(1e-6)
         return (1 - self.a) * zs + self.a * zr
 
-# ==== 5. Attacks: PGD (Madry et al. 2018), APGD-CE / APGD-T and Square (AutoAttack's attacks) ======================
+# ==== 5. Attacks: PGD (Madry et al. 2018); AutoAttack's APGD-CE, APGD-T, FAB-T and Square ==========================
 # x_0 = x + U(-eps, eps); x_{t+1} = clip_[0,1](Proj_eps(x_t + alpha * sign(grad_x loss))). The model is put in eval
 # mode (BatchNorm frozen, routing deterministic) and its mode is restored afterwards; gradients are taken with
 # respect to the input only (autograd.grad), so no parameter gradient is left behind; the loss is computed on float32
@@ -1056,6 +1107,12 @@ def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
 
 def ce_per_example(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y, reduction="none")
+
+def rows_of(model: nn.Module, idx: torch.Tensor) -> nn.Module:
+    """The model to run on rows idx of the batch an attack was given. A model whose forward depends on which example
+    a row is (FixedRoutes: each example's own routes) offers for_rows(idx); any other model is itself. Every attack
+    that works on a subset of its batch goes through this, so per-example state follows the examples."""
+    return model.for_rows(idx) if hasattr(model, "for_rows") else model
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, alpha: Optional[float] = None,
         steps: int = 10, norm: str = "linf", random_start: bool = True, loss_fn: Callable = ce_per_example,
@@ -1088,9 +1145,10 @@ def pgd_worst(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8
               judge: Optional[nn.Module] = None) -> torch.Tensor:
     """PGD for evaluation: `restarts` random starts, and per example the worst of every iterate (the clean point and
     each run's last one included): a misclassified one if any, else the one of highest loss, so with a fixed seed
-    more steps or restarts never help the model (soft targets `y` with a custom loss_fn: the loss only). judge: the
-    model whose verdict picks the worst (default `model`): the soft-router attack follows the surrogate's gradient
-    but keeps what the hard-routed model gets worst."""
+    more steps or restarts never help the model (soft targets `y` with a custom loss_fn: the loss only). judge: a
+    model whose misclassification and CE pick the worst instead: the soft-router attack follows the surrogate's
+    gradient but keeps what the hard-routed model gets worst; the routing attack ascends a routing score and keeps
+    what the routing-only model gets wrong."""
     x, judge_model = x.detach(), judge if judge is not None else model
     best_x, best = x.clone(), torch.full((len(x),), -float("inf"), device=x.device)
 
@@ -1099,7 +1157,7 @@ def pgd_worst(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8
         if judge is not None:
             with torch.no_grad():
                 logits = judge(xa).float()
-        score = loss_fn(logits, y)
+        score = ce_per_example(logits, y) if judge is not None else loss_fn(logits, y)
         if y.dtype == torch.long:  # a misclassified point beats any loss
             score = score + 1e6 * (logits.argmax(1) != y).float()
         best_x = torch.where((score > best).view(-1, 1, 1, 1), xa, best_x)
@@ -1167,15 +1225,20 @@ def apgd_checkpoints(steps: int) -> list[int]:
         at += k
     return out
 
+def apgd_halve(increases: torch.Tensor, k: int, halved: torch.Tensor, best_then: torch.Tensor,
+               best_now: torch.Tensor, rho: float = 0.75) -> torch.Tensor:
+    """APGD's rule at a checkpoint k steps after the last (Croce & Hein 2020, Sec. 3.2), per example: halve the step
+    where at most rho k of those steps increased the loss (condition 1), or where it was not halved at the last
+    checkpoint and the best loss has not improved since (condition 2)."""
+    return (increases <= rho * k) | (~halved & (best_then >= best_now))
+
 def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 100,
          norm: str = "linf", loss_fn: Callable = ce_per_example, rho: float = 0.75) -> torch.Tensor:
     """APGD (Croce & Hein 2020, Alg. 1), L-inf or L2: PGD with momentum 0.75 and a per-example step size that starts
-    at 2 eps and halves at checkpoints when progress stalls (condition 1: at most rho of the steps since the last
-    checkpoint increased the loss; condition 2: the step was not halved at the last checkpoint and the best loss has
-    not improved since), restarting from the best point, at apgd_checkpoints(steps). No step size to tune, so it
-    exposes defences that only fool fixed-step PGD. Maximises loss_fn(logits, y) -> (B,) (CE: APGD-CE). Returns per
-    example the first misclassified iterate (every iterate is scored right after its forward), else the highest-loss
-    one."""
+    at 2 eps and halves where progress stalls (apgd_halve), restarting from the best point, at apgd_checkpoints(steps).
+    No step size to tune, so it exposes defences that only fool fixed-step PGD. Maximises loss_fn(logits, y) -> (B,)
+    (CE: APGD-CE). Returns per example the first misclassified iterate (every iterate is scored right after its
+    forward), else the highest-loss one."""
     check(norm in NORMS, f"unknown attack norm {norm!r}; allowed: {', '.join(NORMS)}")
     check(eps >= 0 and steps >= 1, f"APGD needs eps >= 0 and steps >= 1, got {eps}, {steps}")
     x = x.detach()
@@ -1214,7 +1277,7 @@ def apgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 25
             x_max, g_max = torch.where(view(up), cur, x_max), torch.where(view(up), grad, g_max)
             if i + 1 in checkpoints:  # k steps since the last one
                 k, last_check = i + 1 - last_check, i + 1
-                stalled = (increases <= rho * k) | (~halved & (f_max_at_check >= f_max))
+                stalled = apgd_halve(increases, k, halved, f_max_at_check, f_max, rho)
                 halved, f_max_at_check = stalled, f_max.clone()
                 eta = torch.where(stalled, eta / 2, eta)
                 cur, grad = torch.where(view(stalled), x_max, cur), torch.where(view(stalled), g_max, grad)
@@ -1242,10 +1305,10 @@ def apgd_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float
         idx = robust.nonzero()[:, 0]
         if len(idx) == 0:
             break
-        tgt = ranked[idx, t]
+        tgt, m = ranked[idx, t], rows_of(model, idx)
         with torch.enable_grad():
-            xa = apgd(model, x[idx], y[idx], eps, steps, norm, loss_fn=lambda z, yy: dlr_targeted(z, yy, tgt))
-        fooled = predict(model, xa) != y[idx]
+            xa = apgd(m, x[idx], y[idx], eps, steps, norm, loss_fn=lambda z, yy: dlr_targeted(z, yy, tgt))
+        fooled = predict(m, xa) != y[idx]
         x_adv[idx[fooled]], robust[idx[fooled]] = xa[fooled], False
     return x_adv
 
@@ -1280,36 +1343,36 @@ def fab_targeted(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float 
     f_t = f_y at the current point z, projects z and the clean x onto it within the image box (d1, d2), and moves to
     (1 - a)(z + eta d1) + a (x + eta d2), a = ||d1|| / (||d1|| + ||d2||) capped at alpha_max (biased towards x, so
     the perturbation stays small); after a success it steps back towards x by beta and keeps the smallest success.
-    A success counts if it is within eps. Returns x_adv (B, C, H, W). (The suites do not run it yet: README.)"""
-    with eval_mode(model):
+    A success counts if it is within eps. Returns x_adv (B, C, H, W)."""
+    with eval_mode(model):  # once: BatchNorm frozen, routing deterministic; the caller's mode comes back
         logits = model(x).float()
-    ranked, x_adv, robust = target_ranking(logits, y), x.detach().clone(), logits.argmax(1) == y
-    for k in range(min(targets, ranked.shape[1])):
-        idx = robust.nonzero()[:, 0]
-        if len(idx) == 0:
-            break
-        x0, yy, tt = x[idx], y[idx], ranked[idx, k]
-        flat, view = (lambda t: t.flatten(1)), (lambda t: t.view(-1, *([1] * (x.dim() - 1))))
-        cur, best, best_norm = x0.clone(), x0.clone(), torch.full((len(idx),), math.inf, device=x.device)
-        for _ in range(steps):
-            with torch.enable_grad(), eval_mode(model):
-                z = cur.clone().requires_grad_(True)
-                out = model(z).float()
-                df = out.gather(1, tt[:, None])[:, 0] - out.gather(1, yy[:, None])[:, 0]  # >= 0: classified as t
-                (g,) = torch.autograd.grad(df.sum(), z)
-            w = flat(g)  # the boundary df + w.(p - z) = 0, at signed distances df from z and df + w.(x - z) from x
-            d1 = box_projection(flat(cur), w, df, norm).view_as(x0)
-            d2 = box_projection(flat(x0), w, df + (w * flat(x0 - cur)).sum(1), norm).view_as(x0)
-            a1, a2 = (per_example_norm(d, norm).clamp_min(1e-8) for d in (d1, d2))
-            a = (a1 / (a1 + a2)).clamp(0, alpha_max)
-            cur = ((cur + eta * d1) * (1 - a) + (x0 + eta * d2) * a).clamp(0, 1)
-            wrong = predict(model, cur) != yy
-            dist = per_example_norm(cur - x0, norm, keepdim=False)
-            better = wrong & (dist < best_norm)
-            best, best_norm = torch.where(view(better), cur, best), torch.where(better, dist, best_norm)
-            cur = torch.where(view(wrong), x0 + (cur - x0) * beta, cur)
-        ok = best_norm <= eps * (1 + 1e-6)
-        x_adv[idx[ok]], robust[idx[ok]] = best[ok], False
+        ranked, x_adv, robust = target_ranking(logits, y), x.detach().clone(), logits.argmax(1) == y
+        for k in range(min(targets, ranked.shape[1])):
+            idx = robust.nonzero()[:, 0]
+            if len(idx) == 0:
+                break
+            x0, yy, tt, m = x[idx], y[idx], ranked[idx, k], rows_of(model, idx)
+            flat, view = (lambda t: t.flatten(1)), (lambda t: t.view(-1, *([1] * (x.dim() - 1))))
+            cur, best, best_norm = x0.clone(), x0.clone(), torch.full((len(idx),), math.inf, device=x.device)
+            for _ in range(steps):
+                with torch.enable_grad():
+                    z = cur.clone().requires_grad_(True)
+                    out = m(z).float()
+                    df = out.gather(1, tt[:, None])[:, 0] - out.gather(1, yy[:, None])[:, 0]  # >= 0: classified as t
+                    (g,) = torch.autograd.grad(df.sum(), z)
+                w = flat(g)  # the boundary df + w.(p - z) = 0, at signed distances df from z and df + w.(x - z) from x
+                d1 = box_projection(flat(cur), w, df, norm).view_as(x0)
+                d2 = box_projection(flat(x0), w, df + (w * flat(x0 - cur)).sum(1), norm).view_as(x0)
+                a1, a2 = (per_example_norm(d, norm).clamp_min(1e-8) for d in (d1, d2))
+                a = (a1 / (a1 + a2)).clamp(0, alpha_max)
+                cur = ((cur + eta * d1) * (1 - a) + (x0 + eta * d2) * a).clamp(0, 1)
+                wrong = m(cur).argmax(1) != yy
+                dist = per_example_norm(cur - x0, norm, keepdim=False)
+                better = wrong & (dist < best_norm)
+                best, best_norm = torch.where(view(better), cur, best), torch.where(better, dist, best_norm)
+                cur = torch.where(view(wrong), x0 + (cur - x0) * beta, cur)
+            ok = best_norm <= eps * (1 + 1e-6)
+            x_adv[idx[ok]], robust[idx[ok]] = best[ok], False
     return x_adv
 
 def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -1317,36 +1380,84 @@ def margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     z = logits.float()
     return z.gather(1, y[:, None])[:, 0] - z.masked_fill(F.one_hot(y, z.shape[1]).bool(), -float("inf")).amax(1)
 
+SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # queries after which Square's p halves
+
+def square_p(q: int, p_init: float = 0.8) -> float:
+    """The fraction of the image Square's window covers at query q (0-based): p_init, halved after each query in
+    SQUARE_HALVINGS. Not rescaled to the budget (AutoAttack's standard suite): at 5,000 queries p ends at p_init/128."""
+    return p_init / 2 ** sum(q > m for m in SQUARE_HALVINGS)
+
+def square_eta(s: int) -> torch.Tensor:
+    """Square-L2's window pattern (s, s) with unit L2 norm: an upper and a lower rectangle of opposite signs, each a
+    sum of centred squares of weight 1 / (k + 1)^2 (Andriushchenko et al. 2020, Sec. 3.2)."""
+    def rect(a, b):  # entry (i, j): sum_{k >= max(|i - a//2|, |j - b//2|)} 1 / (k + 1)^2
+        d = torch.maximum((torch.arange(a) - a // 2).abs()[:, None], (torch.arange(b) - b // 2).abs()[None, :])
+        w = 1 / torch.arange(1, max(a // 2, b // 2) + 2, dtype=torch.float32) ** 2
+        r = w.flip(0).cumsum(0).flip(0)[d]
+        return r / r.norm()
+    eta = torch.cat([rect(s // 2, s), -rect(s - s // 2, s)])
+    return eta / eta.norm()
+
 @torch.no_grad()
 def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, queries: int = 5000,
-           p_init: float = 0.8) -> torch.Tensor:
-    """Square attack (Andriushchenko et al. 2020, Alg. 1), L-inf: a random search that needs no gradient, so hard
-    routing cannot mask it. Start from vertical stripes of +-eps; each query redraws one random square window per
-    image (a random +-eps per channel) and keeps it if the margin z_y - max_{j != y} z_j decreases. The window covers
-    a fraction p of the image, p halving from p_init (AutoAttack: 0.8) at queries 10, 50, 200, 500, 1000, 2000, 4000,
-    6000, 8000 of 10,000 (rescaled to `queries`). One query is one forward of the examples not yet fooled."""
-    check(queries >= 1 and 0 < p_init <= 1, f"Square needs queries >= 1 and 0 < p_init <= 1, got {queries}, {p_init}")
+           norm: str = "linf", p_init: float = 0.8) -> torch.Tensor:
+    """Square attack (Andriushchenko et al. 2020, Alg. 1), L-inf or L2: a random search that needs no gradient, so
+    hard routing cannot mask it. Each query changes one random s x s window per image (s^2 = square_p(q) of the image)
+    and keeps the change if the margin z_y - max_{j != y} z_j falls; one query is one forward of the examples not yet
+    fooled. L-inf: start from vertical stripes of +-eps; a window gets a random +-eps per channel. L2: start from a
+    5 x 5 grid of square_eta patterns; a window gets square_eta (random sign per channel, random transpose) plus its
+    old content, rescaled to carry the old mass of it and of a second window that is zeroed, so ||delta||_2 = eps.
+    Windows are drawn per image (AutoAttack's code draws one per query for the whole batch)."""
+    check(norm in NORMS and queries >= 1 and 0 < p_init <= 1,
+          f"Square needs a norm in {NORMS}, queries >= 1 and 0 < p_init <= 1, got {norm!r}, {queries}, {p_init}")
     B, C, H, W = x.shape
     r, c = torch.arange(H, device=x.device).view(1, 1, H, 1), torch.arange(W, device=x.device).view(1, 1, 1, W)
+    sign = lambda n: torch.randint(0, 2, (n, C, 1, 1), device=x.device) * 2.0 - 1
+    l2 = lambda t, dims=(1, 2, 3): t.pow(2).sum(dims, keepdim=True).sqrt()  # per image, or per channel (2, 3)
+
+    def window(n, s):  # n random s x s windows: (row, column) of each pixel within its window, and the mask
+        top = torch.randint(0, H - s + 1, (n, 1, 1, 1), device=x.device)
+        left = torch.randint(0, W - s + 1, (n, 1, 1, 1), device=x.device)
+        return (r - top).clamp(0, s - 1), (c - left).clamp(0, s - 1), (r >= top) & (r < top + s) & (c >= left) & (
+            c < left + s)
+
+    def l2_step(x0, delta, s):  # (n, C, H, W) -> the new perturbation, ||.||_2 = eps
+        ri, ci, m1 = window(len(x0), s)
+        m2 = window(len(x0), s)[2]
+        e = square_eta(s).to(x0)
+        eta = torch.stack([e, e.T])[torch.randint(0, 2, (len(x0),), device=x.device)]  # (n, s, s), some transposed
+        new = eta[torch.arange(len(x0)).view(-1, 1, 1, 1), ri, ci] * m1 * sign(len(x0))
+        new = new + delta * m1 / (l2(delta * m1, (2, 3)) + 1e-12)
+        mass = ((eps ** 2 - l2(delta) ** 2).clamp_min(0) / C + l2(delta * (m1 | m2), (2, 3)) ** 2).sqrt()
+        delta = torch.where(m1, new / (l2(new, (2, 3)) + 1e-12) * mass, torch.where(m2, 0.0, delta))
+        return delta * eps / (l2(delta) + 1e-12)
+
     with eval_mode(model):
-        x_best = (x + eps * (torch.randint(0, 2, (B, C, 1, W), device=x.device) * 2 - 1)).clamp(0, 1)  # stripes
+        if norm == "linf":
+            x_best = (x + eps * torch.randint(0, 2, (B, C, 1, W), device=x.device) * 2 - eps).clamp(0, 1)  # stripes
+        else:
+            s, delta = max(H // 5, 1), torch.zeros_like(x)
+            for i in range((H - 5 * s) // 2, H - s + 1, s):
+                for j in range((W - 5 * s) // 2, W - s + 1, s):
+                    eta = square_eta(s).to(x)
+                    delta[:, :, i:i + s, j:j + s] += (eta.T if torch.rand(()) > 0.5 else eta) * sign(B)
+            x_best = (x + delta * eps / (l2(delta) + 1e-12)).clamp(0, 1)
         best = margin(model(x_best), y)
         for q in range(queries):
             idx = (best > 0).nonzero()[:, 0]
             if len(idx) == 0:
                 break
-            n, it = len(idx), int(q / queries * 10000)
-            p = p_init / 2 ** sum(it > m for m in (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000))
-            s = max(min(round(math.sqrt(p * H * W)), min(H, W) - 1), 1)  # window side
-            top = torch.randint(0, H - s + 1, (n, 1, 1, 1), device=x.device)
-            left = torch.randint(0, W - s + 1, (n, 1, 1, 1), device=x.device)
-            window = (r >= top) & (r < top + s) & (c >= left) & (c < left + s)  # (n, 1, H, W)
-            sign = torch.randint(0, 2, (n, C, 1, 1), device=x.device) * 2 - 1  # per image and channel
-            x_new = torch.where(window, (x[idx] + eps * sign).clamp(0, 1), x_best[idx])
-            new = margin(model(x_new), y[idx])
+            x0, side = x[idx], math.sqrt(square_p(q, p_init) * H * W)
+            if norm == "linf":
+                s = min(max(round(side), 1), H, W)
+                x_new = torch.where(window(len(idx), s)[2], (x0 + eps * sign(len(idx))).clamp(0, 1), x_best[idx])
+            else:
+                s = min(max(round(side), 3) | 1, H, W)  # odd, at least 3
+                x_new = (x0 + l2_step(x0, x_best[idx] - x0, s)).clamp(0, 1)
+            new = margin(rows_of(model, idx)(x_new), y[idx])
             better = new < best[idx]
             x_best[idx[better]], best[idx[better]] = x_new[better], new[better]
-    return x_best  # (B, C, H, W), ||x_best - x||_inf <= eps, in [0, 1]
+    return x_best  # (B, C, H, W), ||x_best - x|| <= eps, in [0, 1]
 
 class SoftRouted(nn.Module):
     """The model with every MoE layer running all experts gated by the full softmax: a differentiable surrogate of
@@ -1361,11 +1472,28 @@ class SoftRouted(nn.Module):
         with soft_routing(self.model):
             return self.model(x)
 
+class FixedRoutes(nn.Module):
+    """The model with every MoE layer's routes fixed per example (RA-E: the clean routes of x): its forward takes a
+    batch of the examples the routes belong to, in order; for_rows(idx) is the model of a subset (see rows_of), so
+    attacks that re-batch (APGD-T, FAB-T, Square, the cascade) carry each example's routes along."""
+
+    def __init__(self, model: nn.Module, routes: list[Route], B: int):
+        super().__init__()
+        self.model, self.routes, self.B = model, routes, B
+        self.train(model.training)  # so that an attack restores the model's own mode
+
+    def forward(self, x):
+        check(len(x) == self.B, f"FixedRoutes holds the routes of {self.B} examples, got a batch of {len(x)}")
+        with forced_routes(self.model, self.routes):
+            return self.model(x)
+
+    def for_rows(self, idx: torch.Tensor) -> "FixedRoutes":
+        return FixedRoutes(self.model, take_routes(self.routes, idx, self.B), len(idx))
+
 class RouterDeviation(nn.Module):
     """Per-example score of how far the routing of x has moved from given routes: the sum over MoE layers of
-    CE(router logits, clean top-1 expert), averaged over an image's tokens. PGD on this score is the routing-only
-    attack behind RA-R (a surrogate objective: the hard route has no gradient, so the attack pushes the router away
-    from the clean choice)."""
+    CE(router logits, clean top-1 expert), averaged over an image's tokens. The hard route has no gradient, so the
+    routing-only attack (router_attack) ascends this surrogate, which pushes each router away from its clean choice."""
 
     def __init__(self, model: nn.Module, clean_top1: list[torch.Tensor]):
         super().__init__()
@@ -1378,11 +1506,26 @@ class RouterDeviation(nn.Module):
             total = total + F.cross_entropy(m.router_logits, target, reduction="none").view(len(x), -1).mean(1)
         return total[:, None]
 
-def router_attack(model: nn.Module, x: torch.Tensor, attack: AttackConfig) -> torch.Tensor:
-    """PGD that only tries to change the routes of x (see RouterDeviation)."""
+class RoutesOf(nn.Module):
+    """The routing-only model of clean images x: forward(x') runs the experts on x with the routes that x' gets.
+    What RA-R judges: its examples misclassified for some x' in the ball are the ones the routing alone can break."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor):
+        super().__init__()
+        self.model, self.x = model, x
+        self.train(model.training)
+
+    def forward(self, xa):
+        with forced_routes(self.model, current_routes(self.model, xa)):
+            return self.model(self.x)
+
+def router_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig) -> torch.Tensor:
+    """The routing-only attack behind RA-R: PGD (`attack`'s budget) on RouterDeviation, keeping per example the
+    iterate that RoutesOf(model, x), the experts on clean x with the routes of the iterate, gets wrong (else the one of
+    highest loss). -> x' (B, C, H, W)."""
     clean_top1 = [r.indices[:, 0] for r in current_routes(model, x)]
     score = RouterDeviation(model, clean_top1).train(model.training)  # so pgd restores the model's own mode
-    return attack(score, x, torch.zeros(len(x), device=x.device), loss_fn=lambda out, _: out[:, 0])
+    return attack(score, x, y, loss_fn=lambda out, _: out[:, 0], judge=RoutesOf(model, x))
 
 # ==== 6. Training methods: standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE =========================================
 def sgd(params, cfg: Config, lr: Optional[float] = None) -> torch.optim.Optimizer:
@@ -1609,14 +1752,16 @@ METHOD_CLASSES: dict[str, type] = {"standard": Standard, "at": PGDAT, "trades": 
 # ==== 7. Evaluating an MoE honestly ===============================================================================
 # SA: clean accuracy. RA: robust accuracy under a cascade of named attacks, each run only on the examples every
 # earlier attack left robust (AutoAttack's protocol): the per-example minimum. Suites: pgd (validation, quick looks);
-# autoattack: APGD-CE, APGD-T, Square, AutoAttack's standard suite without FAB-T (README says why); full: PGD,
-# APGD-CE, APGD-T, PGD through a soft all-experts surrogate of the router, Square, then the analyses below.
+# autoattack: APGD-CE, APGD-T, FAB-T, Square, AutoAttack's standard suite (L-inf and L2); full: PGD, APGD-CE,
+# APGD-T, FAB-T, PGD through a soft all-experts surrogate of the router, Square, then the analyses below.
 # Hard top-k routing hides gradients (a route change is a jump the gradient does not see), so the suites end with
 # Square, which uses none. Masking probes (full): PGD's success must grow with eps and reach 100% at a large eps;
 # the report warns when APGD/Square beat PGD widely or Square breaks what every gradient attack missed.
-# RA-E: routes fixed at the clean routes, experts attacked (PGD, APGD-CE). RA-R: only the routing attacked: routes
-# from the perturbed input, experts on the clean input (RouterDeviation). Per-expert SA/RA: every f_i (all MoE layers
-# forced to expert i) meets the suite's gradient attacks anew; with no routing decision left, nothing hides them.
+# RA-E: every example's routes fixed at its clean routes (FixedRoutes, carried through re-batching), the experts
+# attacked by the whole suite but the soft-router PGD. RA-R: only the routing attacked (RoutesOf: experts on the
+# clean input, routes from the perturbed one), by PGD on a routing surrogate whose iterates the routing-only model
+# judges: an RA of that model under that one attack. Per-expert SA/RA: every f_i (all MoE layers forced to expert i)
+# meets the same attacks as RA-E anew; with no routing decision left, nothing hides them.
 # Routing: expert usage, class x expert counts, and the fraction of routes that the suite's adversarial examples and
 # the routing attack flip (Puigcerver 2022 report the overlap of experts before and after an attack).
 PROBE_FACTORS = (1, 2, 4, 8, 16)  # eps multiples of the probe; L-inf radii are capped at 1
@@ -1628,36 +1773,31 @@ def suite_attacks(cfg: Config, suite: str, num_classes: int, moe: bool) -> list[
         return [(a.describe(), a)]
     out = [(a.describe(), a)] if suite == "full" else []
     out.append((f"APGD-CE-{n}", lambda m, x, y: apgd(m, x, y, e, n, cfg.norm)))
+    t = cfg.apgd_targets or min(9, num_classes - 1)  # target classes of APGD-T and FAB-T
     if num_classes >= 4:  # the DLR loss needs 4 classes
-        t = cfg.apgd_targets or min(9, num_classes - 1)
         out.append((f"APGD-T-{n} x{t}", lambda m, x, y: apgd_targeted(m, x, y, e, n, cfg.norm, t)))
+    out.append((f"FAB-T-{n} x{t}", lambda m, x, y: fab_targeted(m, x, y, e, n, cfg.norm, t)))
     if suite == "full" and moe:
         out.append((f"soft-router {a.describe()}", lambda m, x, y: a(SoftRouted(m), x, y, judge=m)))
-    if cfg.norm == "linf":
-        out.append((f"Square-{cfg.square_queries}", lambda m, x, y: square(m, x, y, e, cfg.square_queries)))
+    q = cfg.square_queries
+    out.append((f"Square-{q}", lambda m, x, y: square(m, x, y, e, q, cfg.norm)))
     return out
 
-def attack_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list, ok: torch.Tensor,
-                   context: Callable = lambda idx: contextlib.nullcontext()):
+def attack_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: list, ok: torch.Tensor):
     """Run `attacks` in order, each on the examples still robust (correct on x, ok (B,), and not fooled by an earlier
-    attack); `context(idx)` wraps each attack and its scoring (e.g. the clean routes of those rows). -> ({name:
-    robust after it (B,) bool}, x_adv (B, ...): what fooled each example, else the last attack's output)"""
+    attack), through rows_of (a FixedRoutes model keeps each example's routes). -> ({name: robust after it (B,)
+    bool}, x_adv (B, ...): what fooled each example, else the last attack's output)"""
     robust, x_adv, after = ok.clone(), x.clone(), {}
     for name, attack in attacks:
         idx = robust.nonzero()[:, 0]
         if len(idx):
-            with context(idx):
-                xa = attack(model, x[idx], y[idx])
-                fooled = predict(model, xa) != y[idx]
+            m = rows_of(model, idx)
+            xa = attack(m, x[idx], y[idx])
+            fooled = predict(m, xa) != y[idx]
             x_adv[idx] = xa
             robust[idx[fooled]] = False
         after[name] = robust.clone()
     return after, x_adv
-
-def take_routes(routes: list[Route], idx: torch.Tensor, B: int) -> list[Route]:
-    """The routes of images idx out of a batch of B (per-token routes keep all of an image's rows)."""
-    pick = lambda t: t.view(B, -1, t.shape[-1])[idx].flatten(0, 1)
-    return [Route(pick(r.indices), pick(r.gates)) for r in routes]
 
 def masking_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config) -> dict:
     """PGD's robust accuracy at growing eps (PROBE_FACTORS x eps) on float images x: it should fall with eps and
@@ -1735,39 +1875,37 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
         count_flips("attack", current_routes(model, xa) if layers else [])
         if not moe:
             continue
-        gradient = [(k, a) for k, a in attacks if k.startswith(("PGD", "APGD"))]
-        fixed = [(k, a) for k, a in gradient if not k.startswith("APGD-T")]  # APGD-T re-batches per target,
-        ra_e, _ = attack_cascade(model, xb, yb, fixed, ok,  # which per-row forced routes cannot follow
-                                 lambda idx: forced_routes(model, take_routes(routes, idx, B)))
+        fixed = [(k, a) for k, a in attacks if not k.startswith("soft-router")]  # with no routing decision left
+        ra_e, _ = attack_cascade(FixedRoutes(model, routes, B), xb, yb, fixed, ok)  # every example its clean routes
         add("ra_e", ra_e[fixed[-1][0]])
-        xr = router_attack(model, xb, attack)
-        r_routes = current_routes(model, xr)  # RA-R: routing attacked, experts see clean x
-        count_flips("router_attack", r_routes)
-        with forced_routes(model, r_routes):
-            add("ra_r", ok & (predict(model, xb) == yb))
+        xr = router_attack(model, xb, yb, attack)  # RA-R: routing attacked, experts see clean x
+        count_flips("router_attack", current_routes(model, xr))
+        add("ra_r", ok & (predict(RoutesOf(model, xb), xr) == yb))
         for i in range(E):  # per-expert networks f_i, attacked anew
             with forced_expert(model, i):
                 ok_i = predict(model, xb) == yb
                 add(f"expert{i}_clean", ok_i)
-                add(f"expert{i}_robust", attack_cascade(model, xb, yb, gradient, ok_i)[0][gradient[-1][0]])
+                add(f"expert{i}_robust", attack_cascade(model, xb, yb, fixed, ok_i)[0][fixed[-1][0]])
     acc = lambda k: sums.get(k, 0) / max(1, n)
     res = {"clean_acc": acc("clean"), "robust_acc": acc("robust"), "attack": "cascade: " + " > ".join(names),
            "attacks": names, "robust_after": {k: acc(k) for k in names}}
     res["fooled_by"] = {k: round(b - acc(k), 6) for k, b in zip(names, [acc("clean")] + [acc(k) for k in names])}
-    if cfg.norm == "l2" and suite != "pgd":
-        res["note"] = "Square is L-inf only here: this L2 suite has no gradient-free attack"
     if suite == "full" and analysis:
         res["probe"] = masking_probe(model, x[:200].to(device).float() / 255, y[:200].to(device), cfg)
     rate = lambda kind: [f / max(1, rows) for f in flips[kind]]
+    collapsed = []
     if layers:
-        res["routing"] = {"usage": [u.tolist() for u in usage], "route_flip_attack": rate("attack")}
+        health, collapsed = routing_health(model, [u.tolist() for u in usage], "the clean test images")
+        res["routing"] = {"usage": [u.tolist() for u in usage], "health": health, "route_flip_attack": rate("attack")}
     if moe:
         res.update(ra_e=acc("ra_e"), ra_r=acc("ra_r"), ra_e_attacks=[k for k, _ in fixed],
+                   ra_r_attack=f"routing-only {attack.describe()} on the router-deviation score, iterates judged by "
+                   "the experts on clean x with the iterate's routes", per_expert_attacks=[k for k, _ in fixed],
                    per_expert=[{"expert": i, "clean_acc": acc(f"expert{i}_clean"),
                                 "robust_acc": acc(f"expert{i}_robust")} for i in range(E)])
         res["routing"].update(class_expert=[c.tolist() for c in class_expert],
                               route_flip_router_attack=rate("router_attack"))
-    res["warnings"] = masking_warnings(res, n) if suite != "pgd" else []
+    res["warnings"] = (masking_warnings(res, n) if suite != "pgd" else []) + collapsed
     return res
 
 def format_report(res: dict, title: str = "test") -> str:
@@ -1779,16 +1917,18 @@ def format_report(res: dict, title: str = "test") -> str:
         lines.append(f"  masking probe, PGD RA by eps ({res['probe']['n']} images): "
                      + ", ".join(f"{e:.3g}: {a:.3f}" for e, a in zip(res["probe"]["eps"], res["probe"]["robust_acc"])))
     if "ra_e" in res:
-        lines.append(f"  RA-E (clean routes, experts attacked) {res['ra_e']:.3f} | RA-R (only routing attacked) "
-                     f"{res['ra_r']:.3f}")
-        lines.append("  per expert SA/RA: " + ", ".join(f"f{e['expert']} {e['clean_acc']:.3f}/{e['robust_acc']:.3f}"
-                                                     for e in res["per_expert"]))
+        lines.append(f"  RA-E (clean routes fixed; {' > '.join(res['ra_e_attacks'])}) {res['ra_e']:.3f}")
+        lines.append(f"  RA-R ({res['ra_r_attack']}) {res['ra_r']:.3f}")
+        per = ", ".join(f"f{e['expert']} {e['clean_acc']:.3f}/{e['robust_acc']:.3f}" for e in res["per_expert"])
+        lines.append(f"  per expert SA/RA ({' > '.join(res['per_expert_attacks'])}): {per}")
     if "routing" in res:
         r, fmt = res["routing"], lambda fs: ", ".join(f"{f:.2f}" for f in fs)
-        lines.append("  expert usage per MoE layer: " + "; ".join("/".join(str(c) for c in u) for u in r["usage"]))
+        lines.append("  expert usage per MoE layer: " + "; ".join(
+            f"{'/'.join(str(c) for c in u)} (max share {h['max_share']:.2f}, entropy {h['entropy']:.2f})"
+            for u, h in zip(r["usage"], r.get("health", []))))
         extra = f", routing attack {fmt(r['route_flip_router_attack'])}" if "route_flip_router_attack" in r else ""
         lines.append(f"  routes flipped per layer: suite's adversarial examples {fmt(r['route_flip_attack'])}{extra}")
-    lines += [f"  WARNING: {w}" for w in res.get("warnings", [])] + [f"  note: {res.get('note')}"] * ("note" in res)
+    lines += [f"  WARNING: {w}" for w in res.get("warnings", [])]
     return "\n".join(lines)
 
 # ==== 8. The training loop: checkpoints, validation, resume, the dual model ========================================
@@ -1842,8 +1982,9 @@ def check_fits(state: dict, saved: Config, data: "Dataset", what: str) -> None:
                                                   f"the {data.name} data has {data.image_size}x{data.image_size}")
 
 def config_from_dict(d: dict) -> Config:
+    """A saved config; fields it predates take the value that reproduces it (the papers' router)."""
     known = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in d.items() if k in known})
+    return Config(**{"router": "linear", **{k: v for k, v in d.items() if k in known}})
 
 def build_run_model(cfg: Config, num_classes: int, image_size: int) -> nn.Module:
     """The model a run trains and evaluates: one network, or for jtdmoe a DualModel of two."""
@@ -2005,8 +2146,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
              "image_size": data.image_size}
     for epoch in range(start, cfg.epochs):
         seed_everything(cfg.seed * 100003 + epoch)
+        reset_routing_stats(model)
         t0, row = time.time(), train_epoch(method, tx, ty, cfg, runtime.device, epoch, start_loss)
         n, seconds, start_loss = row.pop("images"), row.pop("seconds"), row.pop("start_loss")
+        routing, collapsed = routing_health(model, expert_counts(model), f"the rows of epoch {epoch + 1} (attacks "
+                                            "included)")
         reset_routing_stats(model)  # expert usage on the clean validation split, in float32 like every report
         with float32_evaluation():
             for xb, _ in batches(vx, vy, 256, runtime.device):
@@ -2015,7 +2159,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         val = evaluate(model, vx, vy, AttackConfig(cfg.eps, cfg.alpha, cfg.val_steps, 1, cfg.norm), runtime.device)
         row = {"epoch": epoch + 1, **row, "val_clean_acc": val["clean_acc"], "val_robust_acc": val["robust_acc"],
                "lr": method.opt.param_groups[0]["lr"], "time_s": round(time.time() - t0, 2),
-               "images_per_s": round(n / seconds, 1), "expert_usage": usage}
+               "images_per_s": round(n / seconds, 1), "expert_usage": usage, "routing": routing}
         history.append(row)
         if row[selection] > best["score"]:
             best = {"epoch": epoch + 1, "score": row[selection]}
@@ -2024,9 +2168,14 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
                                           "best": best, "start_loss": start_loss})
         metrics["best_epoch"] = best["epoch"]
         write_json(out / "metrics.json", metrics)
+        worst = max(routing, key=lambda r: r["max_share"], default=None)  # every layer's figures: metrics.json
+        share = (f" | routing: max share {worst['max_share']:.2f} ({worst['layer']}), min entropy "
+                 f"{min(r['entropy'] for r in routing):.2f}") if worst else ""
         log(f"epoch {epoch + 1:3d}/{cfg.epochs} | loss {row['train_loss']:.3f} acc {row['train_acc']:.3f} | val "
             f"clean {row['val_clean_acc']:.3f} robust {row['val_robust_acc']:.3f} | {row['time_s']:.1f}s "
-            f"{row['images_per_s']:.0f} img/s")
+            f"{row['images_per_s']:.0f} img/s{share}")
+        for w in collapsed:
+            log(f"WARNING: {w}")
     best_state = load_checkpoint(str(out / "best.pt"))  # the final test: best validation epoch, the full evaluation
     model.load_state_dict(best_state["model"])
     metrics["test"] = {**evaluate_full(model, data.test_x, data.test_y, cfg, runtime.device),
@@ -2302,7 +2451,7 @@ class LipschitzBound:
         self.prefix[m] = before
         Ls = [self.bound(e, before) for e in m.experts]
         pool = 1.0 if (self.norm == "linf" or m.tokens) else 1.0 / math.sqrt(self.shapes[m][1] * self.shapes[m][2])
-        r = 0.5 * operator_norm(m.router.weight, self.norm, self.iters) * pool
+        r = 0.5 * operator_norm(m.router_affine()[0], self.norm, self.iters) * pool  # W with the centring folded in
         M = self.M.get(m, [float("inf")] * m.num_experts)
         terms = [L + Mi * r for L, Mi in zip(Ls, M)]
         self.moe.append(dict(experts_L=Ls, M=M, gate_r=r, soft_bound=sum(terms), hard_route_bound=max(terms)))
@@ -2318,7 +2467,7 @@ def router_view(layer: MoE, h: torch.Tensor, norm: str):
     of the pooling, B). Rows are pooled images, or tokens."""
     rows = h.reshape(-1, h.shape[-1]) if layer.tokens else h.mean(dim=(2, 3))  # (N, D)
     scale = 1.0 if layer.tokens or norm == "linf" else math.sqrt(h.shape[2] * h.shape[3])
-    W, b = layer.router.weight.detach().float(), layer.router.bias.detach().float()
+    W, b = layer.router_affine()
     return rows.float() @ W.T + b, W, scale, h.shape[0]
 
 def route_stability_radius(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
