@@ -13,9 +13,10 @@ Quick start (CPU, nothing downloaded): pip install -r requirements.txt; python m
 PGD-AT MoE-ResNet18 on `synthetic`); python -m pytest -q test_moe_robust.py
 Measured (`python moe_robust.py`, 2 CPU cores, 71 s; README.md has every number with its command): MoE-ResNet18
 width 0.125, E=4 top-1, synthetic test set, PGD-10 8/255: standard 0.934 clean / 0.000 robust; PGD-AT 0.482 / 0.482,
-and 0.460 under the full cascade (README). On 3,677 real CIFAR-10 photographs (a small sample, README "Results on
-real images"), 10 epochs, 500 test images, the full cascade: PGD-AT 0.374 / 0.217 +- 0.023 (3 seeds), AdvMoE
-0.369 / 0.216 +- 0.007, standard 0.458 / 0.002.
+and 0.460 under the full cascade of commit a7514ad (README). On 3,677 real CIFAR-10 photographs (a small sample,
+README "Results on real images"), 10 epochs, 500 test images, that cascade: PGD-AT 0.374 / 0.217 +- 0.023 (3 seeds),
+AdvMoE 0.369 / 0.216 +- 0.007, standard 0.458 / 0.002. The `autoattack` suite against Croce & Hein's own code on two
+of those models (200 images): the same RA after every attack, image by image (README "The methods").
 Speed (`--benchmark --device cpu [--precision bf16]`, 2 AVX512-BF16 cores, width 1, batch 128): PGD-10 AT of
 MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 in bf16 + channels_last, 1.03x and 1.02x the dense
 ResNet-18's. On CUDA: bf16 autocast, channels_last, fused SGD, data on the GPU, one host sync per MoE layer and
