@@ -49,6 +49,7 @@ from typing import Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -190,6 +191,9 @@ class Config:
                          where=dict(mode=("train", "dual", "eval", "lipschitz", "benchmark")))
     compile: bool = opt(False, "torch.compile the dense parts and each expert (compile_model)",
                         where=dict(mode=("train", "benchmark")))
+    sync_bn: bool = opt(False, "under torchrun: BatchNorm statistics over the global batch (every process's rows), so "
+                               "N processes train what one would (default: each process's own rows)",
+                        where=dict(mode=("train",)))
     out: str = opt("runs/default", "output folder (default runs/<dataset>-<arch>-<method>)")
 
     def __post_init__(self):
@@ -369,9 +373,197 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
 
+# ---- Data parallelism (torchrun): N processes ("ranks"), each with its share of every global batch ----------------
+# `torchrun --nproc_per_node=N moe_robust.py ...` starts N copies with RANK, WORLD_SIZE and LOCAL_RANK set; without
+# it everything below is a no-op and a run is exactly the single-process one. What a rank does differently:
+#  - it trains on rows [start, stop) of each global batch (Shard, set by data_shard around each step); every rank
+#    draws the batch's order, augmentation and the attacks' random starts for the whole global batch and keeps its
+#    rows (shard_rand), so N ranks draw what one process would;
+#  - before each optimiser step, one all-reduce makes every gradient the global batch's (sync_gradients), and the
+#    balance loss uses the global batch's routing fractions (global_fraction);
+#  - BatchNorm statistics are per rank, or the global batch's with --sync-bn (SyncBatchNorm);
+#  - only rank 0 validates, writes files and logs; the final evaluation is split across ranks and added up.
+# None of it is in the pieces people copy: data_parallel sets it from outside, through the optimisers' step hooks,
+# the MoE layers' two hook slots and rows_rand (section 5), as forced_routes sets an MoE's `control`.
+class Shard(NamedTuple):
+    start: int  # this rank's rows [start, stop) of a global batch of `total` rows
+    stop: int
+    total: int
+
+SHARD: Optional[Shard] = None  # set by data_shard around each training step under torchrun
+
+def world() -> tuple[int, int]:
+    """(this process's rank, number of processes): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+def start_distributed(device: str) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs (one per process: cuda:LOCAL_RANK) or
+    gloo on CPUs. Called once by main before anything else."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """t reduced over every rank (sum by default), on t's device; t itself in one process. (NCCL reduces CUDA
+    tensors only, so host tensors travel through the GPU there.)"""
+    if world()[1] == 1:
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    r = t.detach().to(dev).clone()
+    dist.all_reduce(r, op or dist.ReduceOp.SUM)
+    return r.to(t.device)
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (a download happens once), then the others."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+def shard_rows(n: int) -> tuple[int, int]:
+    """This rank's rows [start, stop) of n rows: N near-equal contiguous parts."""
+    rank, size = world()
+    return rank * n // size, (rank + 1) * n // size
+
+def shard_rand(x: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """rows_rand under torchrun: when x is this rank's share of the global batch (SHARD), the random numbers are
+    drawn for the whole global batch and this rank's rows kept: N ranks draw exactly what one process would, and
+    their generators stay in step."""
+    s = SHARD
+    if s is None or len(x) != s.stop - s.start:
+        return fill(torch.empty_like(x))
+    return fill(x.new_empty((s.total,) + x.shape[1:]))[s.start:s.stop]
+
+@contextlib.contextmanager
+def data_shard(total: int):
+    """Around one training step under torchrun: this rank's rows of a global batch of `total` (SHARD), and the
+    attacks' random draws made for the global batch (rows_rand -> shard_rand). -> the Shard"""
+    global SHARD, rows_rand
+    plain, SHARD, rows_rand = rows_rand, Shard(*shard_rows(total), total), shard_rand
+    try:
+        yield SHARD
+    finally:
+        SHARD, rows_rand = None, plain
+
+def share() -> float:
+    """This rank's share of the current global batch (1 outside a data-parallel step)."""
+    return 1.0 if SHARD is None else (SHARD.stop - SHARD.start) / SHARD.total
+
+def global_fraction(frac: torch.Tensor) -> torch.Tensor:
+    """The MoE layers' `fraction` hook: f_i of the balance loss (Switch eq. 4) over the global batch's rows. Each
+    rank's term E sum_i f_i P_i,r, weighted by its share as sync_gradients weighs the ranks, then adds up to the
+    global batch's balance loss and gradient: the loss means the same at any N. (Switch and GShard compute it per
+    device instead, which at N = 1 is the same.)"""
+    return frac if SHARD is None else all_reduce(frac * share())
+
+def sync_gradients(params: list[nn.Parameter], weight: float) -> None:
+    """Data parallelism's one collective per optimiser step (data_parallel hooks it before each step): each gradient
+    becomes sum over ranks of weight_r * grad_r, weight_r = this rank's rows / the global batch's rows, which is the
+    gradient of the global batch's mean loss whatever the shares. An expert idle on this rank sends zeros; a
+    parameter that no rank used (an expert without rows anywhere) keeps no gradient, as in one process, where SGD
+    then leaves it alone. One flat buffer, one all-reduce. torch's DistributedDataParallel would overlap it with the
+    backward, but it needs find_unused_parameters (a graph walk per step) for idle experts and hooks every backward
+    through the model, the attacks' input-gradient ones included; an adversarial step makes ~11 forward-backward
+    passes per optimiser step, so the overlap would buy little here."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    flat = all_reduce(torch.cat([g.reshape(-1).float() * weight for g in grads] + [used]))
+    anywhere = flat[-len(params):].tolist()  # one read-back per optimiser step, under torchrun only
+    for p, g, u in zip(params, flat[:-len(params)].split([g.numel() for g in grads]), anywhere):
+        p.grad = g.view_as(p).to(p.dtype) if u > 0 else None
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable. Every rank's loss depends on the sum, so its gradient is the sum over ranks of
+    their gradients, each weighted by its rank's share w_s; divided by this rank's w_r, which sync_gradients
+    multiplies back. (Equal shares: the plain sum.)"""
+    @staticmethod
+    def forward(ctx, t):
+        return all_reduce(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_reduce(g * share()) / share()
+
+def run_idle_expert(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An expert on zero rows with its parameters detached: it takes part in every BatchNorm collective, forward and
+    backward, like the ranks where it has rows, and gets no gradient here (a parameter no rank used keeps none)."""
+    return torch.func.functional_call(expert, {n: p.detach() for n, p in expert.named_parameters()}, (x,))
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """--sync-bn: BatchNorm whose training statistics are the global batch's, per channel over every rank's rows
+    (two differentiable all-reduces: the sum, then the squared deviations), so N ranks train what one process
+    would; eval uses the running statistics, no collective. An expert's BatchNorm then takes the statistics of all
+    rows routed to it on any rank, so every rank must run every expert, idle ones on zero rows (MoE.run_idle).
+    torch.nn.SyncBatchNorm does the same with fused kernels, on CUDA only; this one runs on gloo too."""
+
+    def _check_input_dim(self, x):
+        check(x.dim() >= 2, f"SyncBatchNorm needs (N, C, ...) input, got {tuple(x.shape)}")
+
+    def forward(self, x):
+        if not (self.training and world()[1] > 1):
+            return super().forward(x)
+        dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
+        h = x.float()
+        local = torch.cat([h.sum(dims), h.new_tensor([h.numel() / h.shape[1]])])  # (C + 1,): sums, row count
+        total = AllReduceSum.apply(local)
+        count = total[-1].detach()
+        mean = total[:-1] / count.clamp(min=1)
+        var = AllReduceSum.apply((h - mean.view(shape)).pow(2).sum(dims)) / count.clamp(min=1)
+        out = (h - mean.view(shape)) * (var + self.eps).rsqrt().view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:  # nothing routed anywhere: the statistics stay as they are
+            with torch.no_grad():
+                m, seen = self.momentum, count > 1
+                unbiased = var.detach() * count / (count - 1).clamp(min=1)
+                self.running_mean.copy_(torch.where(seen, (1 - m) * self.running_mean + m * mean.detach(),
+                                                    self.running_mean))
+                self.running_var.copy_(torch.where(seen, (1 - m) * self.running_var + m * unbiased,
+                                                   self.running_var))
+                self.num_batches_tracked += (count > 0).long()  # as in one process, which skips such an expert
+        return out.to(x.dtype)
+
+def data_parallel(model: nn.Module, opts: list, sync_bn: bool) -> None:
+    """Under torchrun, make a method's model and optimisers data-parallel: each optimiser syncs its gradients before
+    it steps, each MoE layer takes its routing fractions over the global batch, and with sync_bn every BatchNorm
+    becomes a SyncBatchNorm (same parameters and buffers: checkpoints do not change) and every MoE layer runs its
+    idle experts on zero rows."""
+    if world()[1] == 1:
+        return
+    for o in opts:
+        o.register_step_pre_hook(lambda o, args, kwargs: sync_gradients(
+            [p for g in o.param_groups for p in g["params"]], share()) if SHARD is not None else None)
+    for m in model.modules():
+        if hasattr(m, "fraction"):
+            m.fraction, m.run_idle = global_fraction, run_idle_expert if sync_bn else None
+        if sync_bn and type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
+            m.__class__ = SyncBatchNorm
+
+def average_buffers(model: nn.Module) -> None:
+    """Per-rank BatchNorm: every float buffer (running statistics) set to its mean over the ranks, so that every
+    rank evaluates, and rank 0 saves, the same model. (With --sync-bn they are equal already.)"""
+    size = world()[1]
+    for b in model.buffers() if size > 1 else ():
+        if b.is_floating_point():
+            b.copy_(all_reduce(b) / size)
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write to a temporary file beside `path`, then rename: a crash never leaves half a file, and an interrupted
-    write leaves no temporary file (a SIGKILL can: see remove_stale_temps)."""
+    write leaves no temporary file (a SIGKILL can: see remove_stale_temps). Under torchrun only rank 0 writes."""
+    if not is_main():
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -731,6 +923,8 @@ class MoE(nn.Module):
         for p in self.noise.parameters() if noisy else ():
             nn.init.zeros_(p)
         self.k, self.tokens = k, tokens
+        self.fraction: Optional[Callable] = None  # data-parallel hooks, set from outside by data_parallel (torchrun):
+        self.run_idle: Optional[Callable] = None  # f_i over every rank's rows; run_idle(expert, x) for no rows here
         self.control: Optional[Callable] = None
         self.routing: Optional[Routing] = None
         self.router_logits: Optional[torch.Tensor] = None
@@ -772,6 +966,7 @@ class MoE(nn.Module):
         # router probability of i. ST-MoE z-loss: mean(logsumexp(r)^2). (index_add, not bincount: bincount on CUDA
         # reads its input's maximum back to the host)
         frac = probs.new_zeros(E).index_add_(0, ranking[:, 0], probs.new_ones(len(h))) / len(h)  # (E,)
+        frac = frac if self.fraction is None else self.fraction(frac)  # torchrun: the global batch's (data_parallel)
         self.aux = AuxLoss(E * (frac * probs.mean(0)).sum(), logits.logsumexp(-1).pow(2).mean())
         self.routing = Routing(logits.detach(), probs.detach(), indices.detach(), gates.detach(), ranking)
         self.router_logits = logits  # with gradient, for attacks on the routing itself
@@ -797,10 +992,10 @@ class MoE(nn.Module):
         self.counts += torch.tensor(counts)
         out, start = None, 0
         for e, c in enumerate(counts):
-            if c == 0:
+            if c == 0 and self.run_idle is None:
                 continue
             r = rows[start:start + c]
-            y = self.experts[e](x[r])  # (c, ...) only this expert's rows
+            y = self.experts[e](x[r]) if c else self.run_idle(self.experts[e], x[r])  # (c, ...) its rows only
             if out is None:  # in the experts' memory format (channels_last under bf16), so no transposes
                 cl = y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
                 out = y.new_zeros((N,) + y.shape[1:])
@@ -1115,6 +1310,10 @@ def rows_of(model: nn.Module, idx: torch.Tensor) -> nn.Module:
     that works on a subset of its batch goes through this, so per-example state follows the examples."""
     return model.for_rows(idx) if hasattr(model, "for_rows") else model
 
+def rows_rand(x: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """fill(torch.empty_like(x)): an attack's random numbers for the rows of x (data_shard swaps in shard_rand)."""
+    return fill(torch.empty_like(x))
+
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, alpha: Optional[float] = None,
         steps: int = 10, norm: str = "linf", random_start: bool = True, loss_fn: Callable = ce_per_example,
         on_iterate: Optional[Callable] = None) -> torch.Tensor:
@@ -1125,10 +1324,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
     alpha = eps / 4 if alpha is None else alpha
     x, delta = x.detach(), torch.zeros_like(x)
     if random_start and eps > 0 and norm == "linf":  # uniform in the L-inf ball
-        delta = torch.empty_like(x).uniform_(-eps, eps)
+        delta = rows_rand(x, lambda t: t.uniform_(-eps, eps))
     elif random_start and eps > 0:  # L2: a random direction, a uniform radius
-        d = torch.randn_like(x)
-        delta = d / per_example_norm(d, "l2") * eps * torch.rand(len(x), 1, 1, 1, device=x.device)
+        d = rows_rand(x, lambda t: t.normal_())
+        delta = d / per_example_norm(d, "l2") * eps * rows_rand(x[:, :1, :1, :1], lambda t: t.uniform_())
     delta = (x + delta).clamp(0, 1) - x
     with eval_mode(model):  # BatchNorm frozen, routing deterministic; the caller's mode comes back
         for _ in range(steps):
@@ -1553,7 +1752,7 @@ def trades_attack(model: nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tenso
     """TRADES' inner maximisation: PGD on KL(p(x) || p(x')), started at x + 0.001 N(0, I)."""
     with torch.no_grad(), eval_mode(model):
         p_clean = model(x).float().softmax(1)
-    x0 = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
+    x0 = (x + 0.001 * rows_rand(x, lambda t: t.normal_())).clamp(0, 1)
     xa = pgd(model, x0, p_clean, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, random_start=False, loss_fn=trades_kl)
     return project(xa - x, cfg.eps, cfg.norm).add(x).clamp(0, 1)
 
@@ -1835,7 +2034,13 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     """The evaluation report of a model on uint8 images x (N, 3, H, W) and labels y (N,): SA, RA under the suite
     (cfg.eval_suite unless given) with each attack's figure, and for the full suite with analysis=True the masking
     probe, RA-E, RA-R, per-expert numbers and routing statistics. Runs in true float32 whatever the training
-    precision."""
+    precision. Under torchrun each rank evaluates its share of the images (its attacks draw their own random starts)
+    and the counts are added up; rank 0 runs the probe."""
+    ranks, probe_x, probe_y = world()[1], x[:200], y[:200]
+    if ranks > 1:
+        check(len(x) >= ranks, f"{len(x)} test images cannot be shared by {ranks} processes")
+        a, b = shard_rows(len(x))
+        x, y = x[a:b], y[a:b]
     suite, layers = suite or cfg.eval_suite, moe_layers(model)
     moe = suite == "full" and analysis and len(layers) > 0
     attack = AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm)  # also the routing attack's
@@ -1887,12 +2092,20 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
                 ok_i = predict(model, xb) == yb
                 add(f"expert{i}_clean", ok_i)
                 add(f"expert{i}_robust", attack_cascade(model, xb, yb, fixed, ok_i)[0][fixed[-1][0]])
+    if ranks > 1:  # every rank's counts, added up
+        parts = [None] * ranks
+        dist.all_gather_object(parts, (n, rows, sums, usage, flips, class_expert))
+        n, rows = sum(q[0] for q in parts), sum(q[1] for q in parts)
+        sums = {k: sum(q[2].get(k, 0) for q in parts) for k in parts[0][2]}
+        usage = [sum(q[3][l] for q in parts) for l in range(len(usage))]
+        flips = {kind: [sum(q[4][kind][l] for q in parts) for l in range(len(layers))] for kind in flips}
+        class_expert = [sum(q[5][l] for q in parts) for l in range(len(layers))]
     acc = lambda k: sums.get(k, 0) / max(1, n)
     res = {"clean_acc": acc("clean"), "robust_acc": acc("robust"), "attack": "cascade: " + " > ".join(names),
            "attacks": names, "robust_after": {k: acc(k) for k in names}}
     res["fooled_by"] = {k: round(b - acc(k), 6) for k, b in zip(names, [acc("clean")] + [acc(k) for k in names])}
-    if suite == "full" and analysis:
-        res["probe"] = masking_probe(model, x[:200].to(device).float() / 255, y[:200].to(device), cfg)
+    if suite == "full" and analysis and is_main():
+        res["probe"] = masking_probe(model, probe_x.to(device).float() / 255, probe_y.to(device), cfg)
     rate = lambda kind: [f / max(1, rows) for f in flips[kind]]
     collapsed = []
     if layers:
@@ -1995,7 +2208,8 @@ def build_run_model(cfg: Config, num_classes: int, image_size: int) -> nn.Module
     return build_model(mc)
 
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    if is_main():  # under torchrun rank 0 speaks for all
+        print(msg, flush=True)
 
 def check_resume(resume: bool, overwrite: bool) -> None:
     check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
@@ -2013,9 +2227,16 @@ def train_epoch(method: Method, x: torch.Tensor, y: torch.Tensor, cfg: Config, d
     bad_loss = torch.tensor(0.0, device=device)
     limit = torch.tensor(math.inf if start_loss is None else EXPLODED * max(start_loss, 1.0), device=device)
     for step, (xb, yb) in enumerate(batches(x, y, cfg.batch_size, device, shuffle=True, train_augment=cfg.augment)):
-        logs = method.step(xb, yb)
+        total = len(xb)
+        if world()[1] > 1:  # torchrun: every rank drew and augmented the global batch; it trains on its rows
+            with data_shard(total) as s:
+                xb, yb = xb[s.start:s.stop], yb[s.start:s.stop]
+                logs = method.step(xb, yb)
+        else:
+            logs = method.step(xb, yb)
         if step == 0 and start_loss is None:
             first = logs["loss"].float()
+            first = all_reduce(first * len(xb)) / total if world()[1] > 1 else first  # the global batch's
             limit = EXPLODED * first.clamp(min=1.0)
         for k, v in logs.items():  # summed on the device: no host sync per step
             sums[k] = sums.get(k, 0.0) + v.double() * len(xb)
@@ -2023,6 +2244,12 @@ def train_epoch(method: Method, x: torch.Tensor, y: torch.Tensor, cfg: Config, d
         new = bad & (first_bad < 0)
         first_bad, bad_loss = torch.where(new, step + 1, first_bad), torch.where(new, logs["loss"].float(), bad_loss)
         n += len(xb)
+    if world()[1] > 1:  # every rank's sums and the first bad step of any rank
+        sums = dict(zip(sums, all_reduce(torch.stack(list(sums.values()))))) if sums else sums
+        n = int(all_reduce(torch.tensor(n)))
+        first_bad = -all_reduce(-torch.where(first_bad < 0, 2 ** 40, first_bad), dist.ReduceOp.MAX)
+        first_bad = torch.where(first_bad == 2 ** 40, -1, first_bad)
+        bad_loss = all_reduce(bad_loss, dist.ReduceOp.MAX)
     sums, bad_step = {k: v.item() for k, v in sums.items()}, first_bad.item()  # the epoch's one read-back
     start_loss = first.item() if start_loss is None else start_loss
     params = [p for o in method.opts for g in o.param_groups for p in g["params"]]
@@ -2062,8 +2289,9 @@ def check_run_data(cfg: Config, data: Dataset) -> None:
 
 def run_data(cfg: Config, data: Optional[Dataset] = None) -> Dataset:
     """The run's data, loaded (or the one given, checked), and the settings that depend on it checked."""
-    data = check_dataset(data) if data is not None else load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size,
-                                                                     cfg.seed, cfg.train_limit, cfg.test_limit)
+    with main_first():
+        data = check_dataset(data) if data is not None else load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size,
+                                                                         cfg.seed, cfg.train_limit, cfg.test_limit)
     check_run_data(cfg, data)
     return data
 
@@ -2084,6 +2312,9 @@ def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> Optional[dic
 def start_writing(out: Path, overwrite: bool, files: tuple) -> None:
     """The first write of a run, after every check: create --out, clear dead temporary files and, with --overwrite,
     remove the earlier run's files (named in the log)."""
+    barrier()  # under torchrun every rank has checked its inputs; then rank 0 alone writes
+    if not is_main():
+        return
     writable_folder(str(out))
     remove_stale_temps(out)
     gone = [f for f in files if (out / f).exists()] if overwrite else []
@@ -2117,10 +2348,16 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
           if cfg.val_size else f"{len(data.train_x)} training example(s) (--train-limit {cfg.train_limit}) leave none "
           f"after the {n_val} held out for validation; need at least 2")
     tx, ty, vx, vy = (t.to(runtime.device) for t in split_validation(data.train_x, data.train_y, n_val, cfg.seed))
+    ranks, last = world()[1], len(tx) % cfg.batch_size
+    check(cfg.batch_size % ranks == 0, f"--batch-size {cfg.batch_size} is the global batch and does not split into "
+                                       f"{ranks} processes; give a multiple of {ranks}")
+    check(last == 0 or last >= ranks, f"the last batch of an epoch has {last} examples, fewer than the {ranks} "
+                                      "processes; change --batch-size or --train-limit")
     seed_everything(cfg.seed)  # the initial weights
     shape = (data.num_classes, data.image_size)
     model = runtime.prepare(build_run_model(cfg, *shape))
     method = METHOD_CLASSES[cfg.method](model, cfg, cfg.epochs * math.ceil(len(tx) / cfg.batch_size))
+    data_parallel(model, method.opts, cfg.sync_bn)  # under torchrun; nothing in one process
     history, best, start, start_loss = [], {"epoch": -1, "score": -1.0}, 0, None
     if state is not None:
         check(state["num_classes"] == data.num_classes and state["image_size"] == data.image_size,
@@ -2150,6 +2387,11 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         reset_routing_stats(model)
         t0, row = time.time(), train_epoch(method, tx, ty, cfg, runtime.device, epoch, start_loss)
         n, seconds, start_loss = row.pop("images"), row.pop("seconds"), row.pop("start_loss")
+        for m in moe_layers(model):  # torchrun: rows routed on every rank; one model on every rank
+            m.counts = all_reduce(m.counts)
+        average_buffers(model)
+        if not is_main():  # rank 0 validates, saves and logs; the others go on to the next epoch
+            continue
         routing, collapsed = routing_health(model, expert_counts(model), f"the rows of epoch {epoch + 1} (attacks "
                                             "included)")
         reset_routing_stats(model)  # expert usage on the clean validation split, in float32 like every report
@@ -2177,6 +2419,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
             f"{row['images_per_s']:.0f} img/s{share}")
         for w in collapsed:
             log(f"WARNING: {w}")
+    barrier()  # rank 0 has written best.pt
     best_state = load_checkpoint(str(out / "best.pt"))  # the final test: best validation epoch, the full evaluation
     model.load_state_dict(best_state["model"])
     metrics["test"] = {**evaluate_full(model, data.test_x, data.test_y, cfg, runtime.device),
@@ -2734,7 +2977,8 @@ def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int],
     rt = make_runtime(overrides.device, overrides.precision)
     model, saved, state = load_model(path, rt)
     saved.data_dir = data_dir or saved.data_dir
-    data = load_dataset(saved.dataset, saved.data_dir, saved.image_size, saved.seed, None, test_limit)
+    with main_first():
+        data = load_dataset(saved.dataset, saved.data_dir, saved.image_size, saved.seed, None, test_limit)
     check_fits(state, saved, data, f"checkpoint {path}")
     check_run_data(overrides, data)
     dest = check_writable(out or str(Path(path).parent), "--out" if out else "the checkpoint's folder") / record
@@ -2815,6 +3059,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers need it)
     old_term = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
+        start_distributed(args.device)  # under torchrun: join the other processes
         cfg = config_from_dict(vars(args))
         cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
         cfg.validate()
@@ -2826,6 +3071,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         data_dir = args.data_dir if "data_dir" in given else None
         if mode in ("train", "dual", "eval", "lipschitz") and cfg.norm == "linf" and cfg.eps > 32 / 255:
             log(f"note: --eps {cfg.eps * 255:g}/255 is far beyond the usual L-inf radii (2/255 to 16/255)")
+        alone = "the demo" if not argv or args.demo else "--benchmark" if args.benchmark else None
+        check(world()[1] == 1 or alone is None, f"{alone} runs in one process; start it without torchrun")
         if not argv or args.demo:
             run_demo(args.out or "runs/demo", args.device)
         elif args.benchmark:
@@ -2836,23 +3083,28 @@ def main(argv: Optional[list[str]] = None) -> int:
             lipschitz_checkpoint(args.lipschitz, cfg, args.lipschitz_n, args.out, data_dir)
         else:
             (run_dual if cfg.method == "dual" else train)(cfg, resume=args.resume, overwrite=args.overwrite)
-    except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
+    except UserError as e:  # every rank meets the same checks: rank 0 reports
+        if is_main():
+            sys.stderr.write(f"error: {e}\n")
         return 2
     except (MemoryError, RuntimeError) as e:  # CUDA's OutOfMemoryError and the CPU allocator's are RuntimeErrors
         oom = isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or ("alloc" in str(e) and "memory" in str(e))
         if not oom:
             raise
-        sys.stderr.write(f"error: out of memory ({type(e).__name__}); lower --batch-size, --width, --experts or the "
-                         "image size\n")
+        rank = f"process {world()[0]}: " if world()[1] > 1 else ""
+        sys.stderr.write(f"error: {rank}out of memory ({type(e).__name__}); lower --batch-size, --width, --experts "
+                         "or the image size\n")
         return 2
     except KeyboardInterrupt as e:
         sig = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-        sys.stderr.write(f"{signal.Signals(sig).name}: {interrupted_note(args, cfg)}\n")
+        if is_main():
+            sys.stderr.write(f"{signal.Signals(sig).name}: {interrupted_note(args, cfg)}\n")
         return 128 + int(sig)
     finally:
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 Run: python -m pytest -q test_moe_robust.py
 """
+import copy
 import json
 import math
 import os
@@ -2282,3 +2283,244 @@ def test_a_collapsed_run_says_so_in_its_log_metrics_and_report(tmp_path, capsys)
     assert test["max_share"] > mr.COLLAPSE and any("routing collapse in layer4.1.branch" in w for w in m["test"]["warnings"])
     assert "WARNING: routing collapse" in mr.format_report(m["test"])
     assert json.loads((tmp_path / "metrics.json").read_text())["history"][0]["routing"] == m["history"][0]["routing"]
+
+
+# ---------------------------------------------------------------------------- data parallelism (torchrun, gloo, CPU)
+# Two processes with one thread each, joined by gloo: from the command line through torchrun, or in-process through
+# spawn (for what needs a hand on the code: an interruption, a crafted routing). `-k distributed` selects these.
+DP = ["--dataset", "synthetic", "--width", "0.0625", "--experts", "4", "--epochs", "1", "--train-limit", "48",
+      "--val-size", "16", "--test-limit", "16", "--batch-size", "16", "--val-steps", "1", "--eval-suite", "pgd",
+      "--eval-steps", "1", "--device", "cpu"]
+
+
+def torchrun(*args, cwd, n=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           str(HERE / "moe_robust.py"), *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=600)
+
+
+def _joined(rank, n, store, fn, args):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=n)
+    try:
+        fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, *args, tmp, n=2):
+    """fn(rank, *args) in n processes joined by a gloo process group."""
+    import torch.multiprocessing as tmp_mp
+    store = Path(tmp) / f"store-{fn.__name__}-{len(list(Path(tmp).glob('store-*')))}"
+    tmp_mp.spawn(_joined, args=(n, str(store), fn, args), nprocs=n)
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("method,steps", [("at", "2"), ("advmoe", "1")])
+def test_distributed_training_equals_one_process(tmp_path, method, steps):
+    """torchrun with 2 processes and --sync-bn trains what one process trains at the same global batch: weights,
+    both optimisers' momenta and the balance loss (taken over the global batch) agree to float rounding; routing
+    counts are summed over the ranks; validation (rank 0) and the sharded test agree on clean accuracy."""
+    args = DP + ["--method", method, "--train-steps", steps, "--sync-bn"]
+    one = run_cli(*args, "--out", str(tmp_path / "one"))
+    two = torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert two.stdout.count("epoch   1/1") == 1  # rank 0 alone logs
+    a, b = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
+    for k, v in a["method"]["model"].items():
+        assert torch.allclose(v.float(), b["method"]["model"][k].float(), atol=1e-5), k
+    for oa, ob in zip(a["method"]["opts"], b["method"]["opts"]):
+        for i, st in oa["state"].items():
+            assert torch.allclose(st["momentum_buffer"], ob["state"][i]["momentum_buffer"], atol=1e-5)
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    ha, hb = ma["history"][0], mb["history"][0]
+    assert hb["train_loss"] == pytest.approx(ha["train_loss"], abs=1e-5)
+    assert hb["routing"] == ha["routing"] and hb["expert_usage"] == ha["expert_usage"]
+    assert (hb["val_clean_acc"], hb["val_robust_acc"]) == (ha["val_clean_acc"], ha["val_robust_acc"])
+    assert mb["test"]["clean_acc"] == ma["test"]["clean_acc"]
+    assert mb["test"]["routing"]["usage"] == ma["test"]["routing"]["usage"]
+
+
+def idle_expert_steps(rank, tmp, sync, method):
+    """One PGD-AT (or AdvMoE) step on a global batch of 8: rows 0-3 (rank 0) dark, 4-7 (rank 1) bright, and a
+    router that sends dark images to expert 0 and bright ones to expert 1, so expert 0 is idle on rank 1, expert 1
+    on rank 0, experts 2-3 everywhere. Saves rank `rank`'s weights and per-rank routing counts."""
+    import torch.distributed as dist
+    size = dist.get_world_size() if dist.is_initialized() else 1
+    cfg = mr.Config(method=method, width=0.0625, experts=4, batch_size=8, train_steps=1, sync_bn=sync, device="cpu",
+                    z_coef=0.0)  # (the crafted router's large logits would make the z-loss dominate)
+    torch.manual_seed(0)
+    model = mr.build_run_model(cfg, 10, 16)
+    noise = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.3
+    x = torch.cat([noise[:4], 0.7 + noise[4:]])  # dark, bright (not constant: BatchNorm stays well conditioned)
+    y = torch.arange(8) % 10
+    layer = mr.moe_layers(model)[0]
+    h, counts = {}, []
+    hook = layer.register_forward_pre_hook(lambda m, inp: h.__setitem__("h", inp[0].mean(dim=(2, 3))))
+    with torch.no_grad():
+        copy.deepcopy(model).train()(x)  # the router's input in training, BatchNorm over the global batch
+    hook.remove()
+    u = h["h"][4:].mean(0) - h["h"][:4].mean(0)  # dark -> bright
+    mid = (h["h"][4:].mean(0) + h["h"][:4].mean(0)) / 2
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0], layer.router.weight[1] = -u * 50, u * 50
+        c = 50 * (u * mid).sum()
+        layer.router.bias.copy_(torch.stack([c, -c, c.new_tensor(-100.0), c.new_tensor(-100.0)]))
+    method_ = mr.METHOD_CLASSES[method](model, cfg, 10)
+    mr.data_parallel(model, method_.opts, cfg.sync_bn)  # (nothing in one process)
+    layer.register_forward_hook(lambda m, i, o: counts.append(torch.bincount(
+        m.routing.indices[:, 0], minlength=4).tolist()) if m.training else None)  # the training forwards' routes
+    if size == 1:  # one step (a second one already moves the routes: what is tested is this step's idle experts)
+        method_.step(x, y)
+    else:
+        with mr.data_shard(8) as s:
+            method_.step(x[s.start:s.stop], y[s.start:s.stop])
+    torch.save({"model": model.state_dict(), "counts": counts}, Path(tmp) / f"idle-{size}-{rank}.pt")
+
+
+@pytest.mark.parametrize("method", ["at", "advmoe"])
+def test_distributed_idle_expert_trains_and_matches_one_process(tmp_path, method):
+    """An expert with no rows on one rank trains without error or hang: with --sync-bn the 2-rank weights equal the
+    single-process ones (experts idle everywhere stay untouched, as in one process); per-rank BatchNorm trains too,
+    and both ranks hold the same weights."""
+    idle_expert_steps(0, tmp_path, True, method)
+    spawn(idle_expert_steps, str(tmp_path), True, method, tmp=tmp_path)
+    one = torch.load(tmp_path / "idle-1-0.pt", weights_only=True)
+    r0, r1 = (torch.load(tmp_path / f"idle-2-{r}.pt", weights_only=True) for r in (0, 1))
+    assert len(r0["counts"]) == {"at": 1, "advmoe": 2}[method]  # training forwards (AdvMoE: router, expert step)
+    assert all(c == [4, 0, 0, 0] for c in r0["counts"]) and all(c == [0, 4, 0, 0] for c in r1["counts"])
+    for k, v in one["model"].items():
+        assert torch.allclose(v.float(), r0["model"][k].float(), rtol=1e-4, atol=1e-5), k
+        assert torch.equal(r0["model"][k], r1["model"][k]), k
+    torch.manual_seed(0)
+    start = mr.build_run_model(mr.Config(width=0.0625, experts=4), 10, 16).state_dict()
+    unused = [k for k in start if ".experts.2." in k or ".experts.3." in k]
+    assert unused and all(torch.equal(start[k], r0["model"][k]) for k in unused)  # no rows anywhere: untouched
+    spawn(idle_expert_steps, str(tmp_path), False, method, tmp=tmp_path)  # per-rank BatchNorm
+    r0, r1 = (torch.load(tmp_path / f"idle-2-{r}.pt", weights_only=True) for r in (0, 1))
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]) or "running" in k or "num_batches" in k, k
+        assert r0["model"][k].is_floating_point() is False or r0["model"][k].isfinite().all(), k
+
+
+def train_in_ranks(rank, out, cut, resume):
+    """mr.train under 2 ranks; cut: stop both ranks right after epoch 1 is saved (rank 1 after its epoch, rank 0
+    after writing last.pt), as a Ctrl-C would."""
+    if cut:
+        real_save, real_average = mr.save_checkpoint, mr.average_buffers
+
+        def save(path, state):
+            real_save(path, state)
+            if path.name == "last.pt":
+                raise KeyboardInterrupt
+
+        def average(model):
+            real_average(model)
+            if rank == 1:
+                raise KeyboardInterrupt
+        mr.save_checkpoint, mr.average_buffers = save, average
+    cfg = mr.Config(out=out, device="cpu") if resume else mr.Config(out=out, **DP_RESUME)
+    try:
+        mr.train(cfg, resume=resume)
+    except KeyboardInterrupt:
+        assert cut
+
+
+DP_RESUME = dict(TINY, method="advmoe", experts=4, epochs=2, train_limit=48, val_size=16, test_limit=16,
+                 batch_size=16, train_steps=1, val_steps=1, eval_steps=1, sync_bn=True)
+
+
+def test_distributed_resume_is_bit_identical_and_the_checkpoint_loads_in_one_process(tmp_path):
+    """Under 2 ranks: interrupted after epoch 1 and resumed, last.pt and best.pt equal the uninterrupted run's,
+    tensor by tensor (AdvMoE: two optimisers). The 2-rank checkpoint resumes in one process too, and with
+    --sync-bn finishes where the 2-rank run does, to float rounding."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    spawn(train_in_ranks, str(full), False, False, tmp=tmp_path)
+    spawn(train_in_ranks, str(cut), True, False, tmp=tmp_path)
+    assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 0
+    import shutil
+    shutil.copytree(cut, tmp_path / "alone")
+    spawn(train_in_ranks, str(cut), False, True, tmp=tmp_path)
+    for f in ("last.pt", "best.pt"):
+        a, b = (torch.load(d / f, weights_only=True) for d in (full, cut))
+        a["config"]["out"] = b["config"]["out"]
+        all_tensors_equal(a, b, f)
+    mr.train(mr.Config(out=str(tmp_path / "alone"), device="cpu"), resume=True)  # M = 1 process
+    a, b = (torch.load(d / "last.pt", weights_only=True)["method"]["model"] for d in (full, tmp_path / "alone"))
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-5), k
+
+
+def test_distributed_eval_and_dual_are_sharded_and_add_up(trained, tmp_path):
+    """--eval (full suite) and --method dual under torchrun: each rank takes half of the test images and the counts
+    are added up. Clean accuracy, expert usage, class x expert counts and per-expert clean accuracy equal the
+    single-process report exactly; robust figures come from attacks whose random starts each rank draws itself,
+    so they agree within a few images; one record is written, once."""
+    ckpt = str(trained[3] / "best.pt")
+    args = ["--eval", ckpt, "--eval-suite", "full", "--eval-steps", "2", "--apgd-steps", "2", "--apgd-targets", "3",
+            "--square-queries", "5", "--test-limit", "24", "--device", "cpu"]
+    one = run_cli(*args, "--out", str(tmp_path / "one"))
+    two = torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    ra, rb = (json.loads((tmp_path / d / "eval.json").read_text())["records"] for d in ("one", "two"))
+    assert len(rb) == 1 and two.stdout.count("-> ") == 1
+    ta, tb = ra[0]["test"], rb[0]["test"]
+    assert tb["clean_acc"] == ta["clean_acc"] and tb["routing"]["usage"] == ta["routing"]["usage"]
+    assert tb["routing"]["class_expert"] == ta["routing"]["class_expert"]
+    assert [e["clean_acc"] for e in tb["per_expert"]] == [e["clean_acc"] for e in ta["per_expert"]]
+    for k in ("robust_acc", "ra_e", "ra_r"):
+        assert abs(tb[k] - ta[k]) <= 3 / 24, (k, ta[k], tb[k])
+    dual = ["--method", "dual", "--standard-ckpt", ckpt, "--robust-ckpt", ckpt, "--dual-sweep", "0,1",
+            "--eval-suite", "pgd", "--eval-steps", "1", "--test-limit", "24", "--device", "cpu"]
+    one = run_cli(*dual, "--out", str(tmp_path / "d1"))
+    two = torchrun(*dual, "--out", str(tmp_path / "d2"), cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    da, db = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("d1", "d2"))
+    assert [r["clean_acc"] for r in db["dual_sweep"]] == [r["clean_acc"] for r in da["dual_sweep"]]
+
+
+def test_distributed_user_error_is_one_line_from_rank_0(tmp_path):
+    """A setting that does not fit N processes ends every rank with the one-line error, printed once, and no
+    traceback from the ranks (torchrun adds its own summary of the failed processes)."""
+    r = torchrun(*DP, "--method", "at", "--batch-size", "15", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.count("error: --batch-size 15 is the global batch and does not split into 2 processes") == 1
+    assert 'moe_robust.py", line' not in r.stderr and not (tmp_path / "o").exists()
+    r = torchrun(*DP, "--method", "at", "--train-limit", "49", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert r.stderr.count("error: the last batch of an epoch has 1 examples, fewer than the 2 processes") == 1
+    r = torchrun("--benchmark", "--device", "cpu", cwd=tmp_path)
+    assert r.stderr.count("error: --benchmark runs in one process; start it without torchrun") == 1
+
+
+def test_distributed_sigterm_keeps_the_last_finished_epoch(tmp_path):
+    """SIGTERM to torchrun (how schedulers stop jobs) reaches every rank: the run stops with the interruption
+    note, printed once, the last finished epoch is kept, and --resume under torchrun finishes the run."""
+    import signal
+    import time
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = tmp_path / "o"
+    i = DP.index("--epochs")
+    args = DP[:i] + ["--epochs", "6"] + DP[i + 2:]
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(HERE / "moe_robust.py"), *args, "--method", "at", "--train-steps", "1", "--out",
+                          str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         env=env)
+    deadline = time.time() + 300
+    while not (out / "last.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode != 0 and err.count("SIGTERM: interrupted; every finished epoch is saved in") == 1, err[-3000:]
+    assert 'moe_robust.py", line' not in err
+    done = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert 0 <= done < 5
+    r = torchrun("--resume", "--out", str(out), "--device", "cpu", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in m["history"]] == list(range(1, 7)) and "test" in m
