@@ -4,10 +4,10 @@ A sparse top-k MoE layer (per image or per token), MoE-ResNet18 and a small MoE-
 Square, a soft-router surrogate and a routing-only attack; standard training, PGD-AT, TRADES, AdvMoE, RT-ER, the dual
 model and JTDMoE; the evaluation an MoE needs (RA as the per-example minimum over a cascade of named attacks, masking
 probes, RA-E / RA-R, per-expert SA/RA, route flips); Lipschitz estimates, bounds and route-stable certificates; a
-CLI with atomic checkpoints, bit-identical --resume and --benchmark, in which every flag is read or refused
-(Config's `where`), nothing is written before every input is checked, and records only grow. Sections 0-10 are in
-dependency order (nothing is called before it is defined); README.md "Layout" says what each piece needs when copied
-on its own.
+CLI with atomic checkpoints, bit-identical --resume, data-parallel training under torchrun (GPUs or CPU processes)
+and --benchmark, in which every flag is read or refused (Config's `where`), nothing is written before every input is
+checked, and records only grow. Sections 0-10 are in dependency order (nothing is called before it is defined);
+README.md "Layout" says what each piece needs when copied on its own.
 
 Quick start (CPU, nothing downloaded): pip install -r requirements.txt; python moe_robust.py (the demo: standard vs
 PGD-AT MoE-ResNet18 on `synthetic`); python -m pytest -q test_moe_robust.py
