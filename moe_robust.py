@@ -504,9 +504,11 @@ def run_idle_expert(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """--sync-bn: BatchNorm whose training statistics are the global batch's, per channel over every rank's rows
     (two differentiable all-reduces: the sum, then the squared deviations), so N ranks train what one process
-    would; eval uses the running statistics, no collective. An expert's BatchNorm then takes the statistics of all
-    rows routed to it on any rank, so every rank must run every expert, idle ones on zero rows (MoE.run_idle).
-    torch.nn.SyncBatchNorm does the same with fused kernels, on CUDA only; this one runs on gloo too."""
+    would (to float rounding: on a CPU in float64, as BatchNorm's own CPU kernel effectively is; in float32 a
+    channel that barely varies turns the rounding of its mean into visible differences); eval uses the running
+    statistics. An expert's BatchNorm then takes the statistics of all rows routed to it on any rank, so every rank
+    must run every expert, idle ones on zero rows (MoE.run_idle). torch.nn.SyncBatchNorm does the same with fused
+    kernels, on CUDA only; this one runs on gloo too."""
 
     def _check_input_dim(self, x):
         check(x.dim() >= 2, f"SyncBatchNorm needs (N, C, ...) input, got {tuple(x.shape)}")
@@ -515,7 +517,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not (self.training and world()[1] > 1):
             return super().forward(x)
         dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
-        h = x.float()
+        h = x.double() if x.is_cpu else x.float()  # as precise as BatchNorm's own kernel there (CPU: float64)
         local = torch.cat([h.sum(dims), h.new_tensor([h.numel() / h.shape[1]])])  # (C + 1,): sums, row count
         total = AllReduceSum.apply(local)
         count = total[-1].detach()
