@@ -11,11 +11,11 @@ README.md "Layout" says what each piece needs when copied on its own.
 
 Quick start (CPU, nothing downloaded): pip install -r requirements.txt; python moe_robust.py (the demo: standard vs
 PGD-AT MoE-ResNet18 on `synthetic`); python -m pytest -q test_moe_robust.py
-Measured (`python moe_robust.py`, 2 CPU cores, 71 s; README.md has every number with its command): MoE-ResNet18
-width 0.125, E=4 top-1, synthetic test set, PGD-10 8/255: standard 0.934 clean / 0.000 robust; PGD-AT 0.482 / 0.482,
-and 0.460 under the full cascade of commit a7514ad (README). On 3,677 real CIFAR-10 photographs (a small sample,
-README "Results on real images"), 10 epochs, 500 test images, that cascade: PGD-AT 0.374 / 0.217 +- 0.023 (3 seeds),
-AdvMoE 0.369 / 0.216 +- 0.007, standard 0.458 / 0.002. The `autoattack` suite against Croce & Hein's own code on two
+Measured (`python moe_robust.py`, 2 CPU cores of an Intel Xeon, 77 s; README.md has every number with its command):
+MoE-ResNet18 width 0.125, E=4 top-1 (centred router), synthetic test set, PGD-10 8/255: standard 0.958 clean / 0.000
+robust; PGD-AT 0.482 / 0.480. On 3,677 real CIFAR-10 photographs (a small sample, README "Results on real images"),
+10 epochs, 500 test images, the `full` cascade, 3 seeds each: PGD-AT 0.378 / 0.193 +- 0.025 with the centred router
+and 0.377 / 0.211 +- 0.016 with the papers' linear one; AdvMoE (centred) 0.372 / 0.210 +- 0.009. The `autoattack` suite against Croce & Hein's own code on two
 of those models (200 images): the same RA after every attack, image by image (README "The methods").
 Speed (`--benchmark --device cpu [--precision bf16]`, 2 AVX512-BF16 cores, width 1, batch 128): PGD-10 AT of
 MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 in bf16 + channels_last, 1.03x and 1.02x the dense
@@ -126,9 +126,9 @@ class Config:
                               where=dict(mode=("train",), arch=("moe-resnet18",)))
     noisy_gating: bool = opt(False, "Shazeer noisy top-k routing while training", where=dict(mode=("train",),
                                                                                              arch=MOE_ARCHS))
-    router: str = opt("linear", "centred: the router's input standardised per feature (batch statistics in training, "
-                                "running ones at eval), so no expert starts with every image; linear: the papers' "
-                                "W h + b on the raw pooled features", ROUTERS,
+    router: str = opt("centred", "centred: the router's input standardised per feature (batch statistics in training, "
+                                 "running ones at eval), so no expert starts with every image; linear: the papers' "
+                                 "W h + b on the raw pooled features", ROUTERS,
                       where=dict(mode=("train",), arch=MOE_ARCHS))
     epochs: int = opt(10, "passes over the training split", ge=1, group="optimisation", where=dict(mode=("train",)))
     batch_size: int = opt(128, "images per training step", ge=1, le=65536, where=dict(mode=("train", "benchmark")))
@@ -1119,7 +1119,7 @@ class ModelConfig:
     #                               stage (deeper helps robustness); AdvMoE: "all" with experts=2, expert_ratio=0.5
     expert_ratio: float = 1.0  # each expert's inner width = ratio * planes (AdvMoE r = 0.5)
     noisy_gating: bool = False  # Shazeer noisy top-k (training only)
-    router: str = "linear"  # "centred" or "linear" (see MoE)
+    router: str = "centred"  # "centred" or the papers' "linear" (see MoE)
     vit_dim: int = 192  # ViT embedding width before `width` scaling
     vit_depth: int = 6  # transformer blocks; MoE MLP in every other one (V-MoE)
     vit_heads: int = 3

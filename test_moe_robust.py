@@ -94,7 +94,7 @@ def test_forced_expert_on_whole_model_equals_dense_copy_with_that_expert():
     for i in range(3):
         state = {}
         for name, v in model.state_dict().items():
-            if ".router." in name:
+            if ".router." in name or ".centre." in name:  # the router and its input's centring
                 continue
             state[name.replace(f"branch.experts.{i}.", "branch.")] = v
         dense.load_state_dict({k: v for k, v in state.items() if "branch.experts." not in k})
@@ -2362,7 +2362,9 @@ def test_distributed_training_of_every_method_is_one_process_to_rounding(tmp_pat
     one = run_cli(*args, "--out", str(tmp_path / "one"))
     two = torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path)
     assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
-    assert max_weight_gap(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt") < 1e-5
+    gap = max_weight_gap(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt")
+    assert gap < (1e-4 if method == "trades" else 1e-5), gap  # TRADES' attack starts where its KL gradient is ~0,
+    # so the sign of its first step is rounding noise: 3e-5 measured with the centred router
 
 
 def idle_expert_steps(rank, tmp, sync, method):
@@ -2372,6 +2374,7 @@ def idle_expert_steps(rank, tmp, sync, method):
     import torch.distributed as dist
     size = dist.get_world_size() if dist.is_initialized() else 1
     cfg = mr.Config(method=method, width=0.0625, experts=4, batch_size=8, train_steps=1, sync_bn=sync, device="cpu",
+                    router="linear",  # the crafted router below reads the raw pooled features
                     z_coef=0.0)  # (the crafted router's large logits would make the z-loss dominate)
     torch.manual_seed(0)
     model = mr.build_run_model(cfg, 10, 16)
