@@ -15,8 +15,9 @@ Measured (`python moe_robust.py`, 2 CPU cores of an Intel Xeon, 77 s; README.md 
 MoE-ResNet18 width 0.125, E=4 top-1 (centred router), synthetic test set, PGD-10 8/255: standard 0.958 clean / 0.000
 robust; PGD-AT 0.482 / 0.480. On 3,677 real CIFAR-10 photographs (a small sample, README "Results on real images"),
 10 epochs, 500 test images, the `full` cascade, 3 seeds each: PGD-AT 0.378 / 0.193 +- 0.025 with the centred router
-and 0.377 / 0.211 +- 0.016 with the papers' linear one; AdvMoE (centred) 0.372 / 0.210 +- 0.009. The `autoattack` suite against Croce & Hein's own code on two
-of those models (200 images): the same RA after every attack, image by image (README "The methods").
+and 0.377 / 0.211 +- 0.016 with the papers' linear one; AdvMoE (centred) 0.372 / 0.210 +- 0.009. The `autoattack`
+suite against Croce & Hein's own code on two earlier models of that sample (200 images): the same RA after every
+attack, image by image (README "The methods").
 Speed (`--benchmark --device cpu [--precision bf16]`, 2 AVX512-BF16 cores, width 1, batch 128): PGD-10 AT of
 MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 in bf16 + channels_last, 1.03x and 1.02x the dense
 ResNet-18's. On CUDA: bf16 autocast, channels_last, fused SGD, data on the GPU, one host sync per MoE layer and
