@@ -3086,6 +3086,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             lipschitz_checkpoint(args.lipschitz, cfg, args.lipschitz_n, args.out, data_dir)
         else:
             (run_dual if cfg.method == "dual" else train)(cfg, resume=args.resume, overwrite=args.overwrite)
+        barrier()  # torchrun: every rank done before any tears the process group down (one leaving early can
+        # make gloo abort a peer that is still shutting down)
     except UserError as e:  # every rank meets the same checks: rank 0 reports
         if is_main():
             sys.stderr.write(f"error: {e}\n")
