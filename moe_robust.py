@@ -6,8 +6,13 @@ model and JTDMoE; the evaluation an MoE needs (RA as the per-example minimum ove
 probes, RA-E / RA-R, per-expert SA/RA, route flips); Lipschitz estimates, bounds and route-stable certificates; a
 CLI with atomic checkpoints, bit-identical --resume, data-parallel training under torchrun (GPUs or CPU processes)
 and --benchmark, in which every flag is read or refused (Config's `where`), nothing is written before every input is
-checked, and records only grow. Sections 0-10 are in dependency order (nothing is called before it is defined);
-README.md "Layout" says what each piece needs when copied on its own.
+checked, and records only grow.
+
+Reading order: the ideas first, then the machinery that runs them. 0 conventions (the one error type, precision,
+eval mode); 1 the MoE layer; 2 models; 3 attacks; 4 training methods, each a plain function; 5 evaluation; 6
+Lipschitz bounds and certificates; then 7 configuration, 8 setup (device, data parallelism, files), 9 data, 10 the
+training loop, 11 benchmark and command line. A function may call one defined further down (Python looks a name
+up when the call runs). README.md "How to read the file" gives what each piece costs when copied on its own.
 
 Quick start (CPU, nothing downloaded): pip install -r requirements.txt; python moe_robust.py (the demo: standard vs
 PGD-AT MoE-ResNet18 on `synthetic`); python -m pytest -q test_moe_robust.py
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import operator
@@ -54,7 +60,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ==== 0. Configuration: every setting, its flag, help and allowed values; errors a user can read ====================
+# ==== 0. Conventions: errors a user can read, precision, eval mode =================================================
 
 class UserError(Exception):
     """A mistake in what the user asked for. The CLI prints it as one line and exits 2."""
@@ -63,241 +69,6 @@ def check(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
 
-METHODS = ("standard", "at", "trades", "advmoe", "rt-er", "dual", "jtdmoe")
-DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder", "random")
-ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
-NORMS = ("linf", "l2")
-EVAL_SUITES = ("full", "autoattack", "pgd")
-PRECISIONS = ("auto", "fp32", "bf16")
-DUAL_MIXES = ("logits", "normalized")
-ROUTERS = ("centred", "linear")  # see MoE: the router's input standardised, or raw (the papers')
-DUAL = ("dual", "jtdmoe")
-BLOCK_NAMES = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))  # ResNet-18's BasicBlocks
-
-MODES = ("train", "dual", "eval", "lipschitz", "benchmark", "demo", "resume")  # the ways of running (see run_context)
-MOE_ARCHS = ("moe-resnet18", "moe-vit")
-READ_FROM_DISK = ("cifar10", "cifar100", "tinyimagenet", "imagefolder")  # the data sets that --data-dir locates
-SUITE_RUNS = ("train", "dual", "eval")  # the modes whose report runs an --eval-suite
-
-KIND_NAMES = {"float": "a number", "int": "a whole number", "str": "a string", "bool": "true or false"}
-
-def opt(default, help: str, choices=None, ge=None, gt=None, le=None, lt=None, group=None, where=None):
-    """A Config field: its default, its --flag's help and allowed values (choices, ge/gt/le/lt bounds), the --help
-    group it opens, and `where` it is read: {dimension: values} over the run's context (run_context: mode, method,
-    arch, suite, norm, dataset, member), or a list of such dicts of which one must hold; None: in every run."""
-    return field(default=default, metadata=dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, group=group,
-                                                where=where))
-
-def moe_block_set(spec: str) -> set:
-    """'all' or a comma list of ResNet-18 block names -> the set of names."""
-    wanted = set(BLOCK_NAMES) if spec == "all" else {b.strip() for b in spec.split(",") if b.strip()}
-    bad = sorted(wanted - set(BLOCK_NAMES))
-    check(not bad, f"unknown --moe-blocks {','.join(bad)}; allowed: all or a comma list of {', '.join(BLOCK_NAMES)}")
-    return wanted
-
-@dataclass
-class Config:
-    """Everything a run needs: each field is one --flag (underscores become dashes). The parser (build_parser) and
-    `validate` read help and allowed values from here, refuse_unread where each is read; checkpoints store it."""
-
-    method: str = opt("at", "training method", METHODS, group="what to run", where=dict(mode=("train", "dual")))
-    dataset: str = opt("synthetic", "data set (random: noise in CIFAR-10's shape, for timing)", DATASETS, group="data",
-                       where=dict(mode=("train", "dual")))
-    data_dir: str = opt("data", "where data sets live (CIFAR is downloaded here)",
-                        where=dict(mode=("train", "dual", "eval", "lipschitz"), dataset=READ_FROM_DISK))
-    image_size: Optional[int] = opt(None, "tinyimagenet/imagefolder image side, 16..256 in steps of 8 (default 64/32)",
-                                    where=dict(mode=("train", "dual"),
-                                               dataset=("synthetic", "random", "tinyimagenet", "imagefolder")))
-    train_limit: Optional[int] = opt(None, "use only the first N training examples", ge=1, where=dict(mode=("train",)))
-    test_limit: Optional[int] = opt(None, "use only the first N test examples", ge=1, where=dict(mode=SUITE_RUNS))
-    val_size: Optional[int] = opt(None, "held-out validation examples (default 10%%, at most 1000)", ge=1,
-                                  where=dict(mode=("train",)))
-    augment: bool = opt(True, "no random crop + flip", where=dict(mode=("train",)))
-    arch: str = opt("moe-resnet18", "architecture; resnet18 is moe-resnet18 without MoE blocks", ARCHS, group="model",
-                    where=dict(mode=("train",)))
-    width: float = opt(1.0, "multiplier of every channel width (0.125 for CPU)", gt=0, le=8,
-                       where=dict(mode=("train", "benchmark")))
-    experts: int = opt(4, "experts E per MoE layer (Robust Experts: 4; AdvMoE: 2)", ge=1, le=64,
-                       where=dict(mode=("train",), arch=MOE_ARCHS))
-    top_k: int = opt(1, "experts K used per image/token (CNN-MoE papers: 1; V-MoE: 2)", ge=1,
-                     where=dict(mode=("train",), arch=MOE_ARCHS))
-    moe_blocks: str = opt("layer4.1", "ResNet blocks made MoE: 'all' or e.g. layer3.1,layer4.1 (Robust Experts: one)",
-                          where=dict(mode=("train", "benchmark"), arch=("moe-resnet18",)))
-    expert_ratio: float = opt(1.0, "expert inner width / block width (AdvMoE: 0.5)", gt=0, le=4,
-                              where=dict(mode=("train",), arch=("moe-resnet18",)))
-    noisy_gating: bool = opt(False, "Shazeer noisy top-k routing while training", where=dict(mode=("train",),
-                                                                                             arch=MOE_ARCHS))
-    router: str = opt("centred", "centred: the router's input standardised per feature (batch statistics in training, "
-                                 "running ones at eval), so no expert starts with every image; linear: the papers' "
-                                 "W h + b on the raw pooled features", ROUTERS,
-                      where=dict(mode=("train",), arch=MOE_ARCHS))
-    epochs: int = opt(10, "passes over the training split", ge=1, group="optimisation", where=dict(mode=("train",)))
-    batch_size: int = opt(128, "images per training step", ge=1, le=65536, where=dict(mode=("train", "benchmark")))
-    lr: float = opt(0.1, "SGD learning rate, cosine decay to 0 over all steps (Madry/Rice recipe, shortened)", ge=0,
-                    where=dict(mode=("train",)))
-    momentum: float = opt(0.9, "SGD (Nesterov) momentum", ge=0, lt=1, where=dict(mode=("train",)))
-    weight_decay: float = opt(5e-4, "SGD weight decay", ge=0, where=dict(mode=("train",)))
-    balance_coef: float = opt(1e-2, "Switch balance loss weight", ge=0, where=dict(mode=("train",), arch=MOE_ARCHS))
-    z_coef: float = opt(1e-3, "router z-loss weight (ST-MoE)", ge=0, where=dict(mode=("train",), arch=MOE_ARCHS))
-    beta: float = opt(6.0, "weight of the KL term: TRADES (also advmoe's), RT-ER's runner-up term, JTDMoE's expert "
-                           "terms", ge=0, where=dict(mode=("train",), method=("trades", "rt-er", "jtdmoe")))
-    seed: int = opt(0, "initial weights, data order, attacks' random starts", ge=0, le=2 ** 31 - 1,
-                    where=dict(mode=("train", "dual", "eval", "lipschitz")))
-    eps: Optional[float] = opt(None, "radius in pixel units; an L2 run must give one, e.g. 0.5 (default: 8/255)", ge=0,
-                               group="attack", where=dict(mode=("train", "dual", "eval", "lipschitz")))
-    alpha: Optional[float] = opt(None, "PGD step size, e.g. 2/255 (default eps/4)", gt=0,
-                                 where=[dict(mode=("train",)), dict(mode=SUITE_RUNS, suite=("full", "pgd"))])
-    norm: str = opt("linf", "threat model", NORMS, where=dict(mode=("train", "dual", "eval", "lipschitz")))
-    train_steps: int = opt(10, "PGD steps while training (Madry: 10)", ge=1,
-                           where=dict(mode=("train",), method=METHODS[1:]))
-    val_steps: int = opt(10, "PGD steps on the validation split each epoch", ge=1, where=dict(mode=("train",)))
-    eval_steps: int = opt(20, "PGD steps of the final test evaluation", ge=1,
-                          where=dict(mode=SUITE_RUNS, suite=("full", "pgd")))
-    eval_restarts: int = opt(1, "PGD restarts of the final test evaluation", ge=1,
-                             where=dict(mode=SUITE_RUNS, suite=("full", "pgd")))
-    eval_suite: str = opt("full", "autoattack: APGD-CE, APGD-T, FAB-T, Square; full: PGD, those and soft-router "
-                                  "PGD, plus masking probes, RA-E, RA-R, per-expert and routing statistics; pgd",
-                          EVAL_SUITES,
-                          where=dict(mode=SUITE_RUNS))
-    apgd_steps: int = opt(100, "APGD-CE, APGD-T and FAB-T iterations (AutoAttack: 100)", ge=1,
-                          where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
-    apgd_targets: Optional[int] = opt(None, "APGD-T and FAB-T target classes, at most classes - 1; needs 4 classes "
-                                            "(default: AutoAttack's 9, or classes - 1 if fewer)", ge=1,
-                                      where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
-    square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1,
-                              where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
-    router_lr: Optional[float] = opt(None, "router learning rate (default --lr)", ge=0,
-                                     group="advmoe (router-expert alternating training)",
-                                     where=dict(mode=("train",), method=("advmoe",)))
-    router_schedule: str = opt("cosine", "router lr schedule", ("cosine", "constant"),
-                               where=dict(mode=("train",), method=("advmoe",)))
-    robust_loss: str = opt("at", "robust loss of both steps: PGD-AT or TRADES", ("at", "trades"),
-                           where=dict(mode=("train",), method=("advmoe",)))
-    dual_a: float = opt(0.5, "smoothing parameter a of f_D = (1-a) f_S + a f_R (fixed in jtdmoe)", ge=0, le=1,
-                        group="dual model and jtdmoe", where=dict(mode=("train", "dual"), method=DUAL))
-    dual_mix: str = opt("logits", "logits: f_D mixes logits (the paper); normalized: each member's logits scaled to "
-                                  "unit std first", DUAL_MIXES, where=dict(mode=("train", "dual"), method=DUAL))
-    dual_sweep: str = opt("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "values of a to evaluate",
-                          where=dict(mode=("dual",)))
-    standard_ckpt: Optional[str] = opt(None, "dual: f_S from this checkpoint (else trained)",
-                                       where=dict(mode=("dual",)))
-    robust_ckpt: Optional[str] = opt(None, "dual: f_R from this checkpoint (else trained)", where=dict(mode=("dual",)))
-    robust_method: str = opt("rt-er", "dual: how f_R is trained without --robust-ckpt",
-                             ("at", "trades", "advmoe", "rt-er"), where=dict(mode=("dual",), member=("robust",)))
-    expert_attack: str = opt("pgd", "rt-er/jtdmoe: x' of each expert path's KL term by label PGD (the paper and its "
-                                    "code) or TRADES' KL attack", ("pgd", "kl"),
-                             where=dict(mode=("train",), method=("rt-er", "jtdmoe")))
-    device: str = opt("auto", "auto: cuda when available", ("auto", "cpu", "cuda"), group="run")
-    precision: str = opt("auto", "auto: bf16 + channels_last on CUDA, float32 on CPU (bf16: fast CPUs)", PRECISIONS,
-                         where=dict(mode=("train", "dual", "eval", "lipschitz", "benchmark")))
-    compile: bool = opt(False, "torch.compile the dense parts and each expert (compile_model)",
-                        where=dict(mode=("train", "benchmark")))
-    sync_bn: bool = opt(False, "under torchrun: BatchNorm statistics over the global batch (every process's rows), so "
-                               "N processes train what one would (default: each process's own rows)",
-                        where=dict(mode=("train",)))
-    out: str = opt("runs/default", "output folder (default runs/<dataset>-<arch>-<method>)")
-
-    def __post_init__(self):
-        if self.eps is None and self.norm == "linf":  # the L-inf default; an L2 radius has no default (validate)
-            self.eps = 8 / 255
-
-    def sweep_values(self) -> list[float]:
-        bad = f"--dual-sweep {self.dual_sweep!r} must be a comma list of numbers in [0, 1]"
-        try:
-            values = [float(v) for v in self.dual_sweep.split(",") if v.strip()]
-        except ValueError:
-            raise UserError(bad) from None
-        check(values and all(0 <= v <= 1 for v in values), bad)
-        return values
-
-    def validate(self) -> None:
-        """Check every setting before anything is read or written: each field against its own allowed values (inf
-        and nan pass no bound), then the settings that depend on each other."""
-        for f in dataclasses.fields(self):
-            v, m, flag = getattr(self, f.name), f.metadata, "--" + f.name.replace("_", "-")
-            kind = f.type.removeprefix("Optional[").rstrip("]")
-            if v is None:
-                check(f.type.startswith("Optional") or f.name == "eps", f"{flag} needs a value ({kind})")
-                continue
-            check(isinstance(v, {"float": (int, float), "int": int, "str": str, "bool": bool}[kind]) and
-                  (kind == "bool") == isinstance(v, bool), f"{flag} {v!r} is not {KIND_NAMES[kind]}")
-            if kind == "bool":
-                continue
-            check(not isinstance(v, float) or math.isfinite(v), f"{flag} {v} is not a finite number")
-            check(v in (m["choices"] or [v]), f"unknown {flag} {v!r}; allowed: {', '.join(m['choices'] or ())}")
-            for op, b, ok in ((">=", m["ge"], operator.ge), (">", m["gt"], operator.gt), ("<=", m["le"], operator.le),
-                              ("<", m["lt"], operator.lt)):
-                check(b is None or ok(v, b), f"{flag} {v} not allowed; need {flag[2:]} {op} {b}")
-        check(self.eps is not None, f"--norm {self.norm} needs an explicit --eps (an L2 radius, e.g. 0.5); the 8/255 "
-                                    "default is an L-inf radius")
-        check(self.norm != "linf" or self.eps <= 1, f"--eps {self.eps:g} not allowed under linf: images are in [0, 1], "
-                                                    "so eps <= 1 (e.g. 8/255)")
-        size = self.image_size
-        check(size is None or (16 <= size <= 256 and size % 8 == 0),  # 16: layer4 still sees 2x2 maps;
-              f"--image-size {size} not allowed; need a multiple of 8 from 16 to 256")  # 8: the ViT's 8x8 grid
-        check(self.top_k <= self.experts, f"--top-k {self.top_k} not allowed with --experts {self.experts}; need k<=E")
-        self.sweep_values()
-        robust = self.robust_method if self.method == "dual" else self.method
-        check(robust not in ("advmoe", "rt-er", "jtdmoe") or self.arch != "resnet18",
-              f"--method {self.method} needs an MoE (--arch moe-resnet18 or moe-vit), not resnet18")
-        check(robust != "rt-er" or self.experts >= 2,
-              f"--method rt-er needs a runner-up expert: --experts {self.experts} must be >= 2")
-        check(bool(moe_block_set(self.moe_blocks)) or self.arch != "moe-resnet18",
-              f"--moe-blocks {self.moe_blocks!r} makes no MoE layer; name blocks (layer4.1) or use --arch resnet18")
-
-def run_context(cfg: Config, mode: str, saved: Optional[Config] = None) -> dict:
-    """Where a run stands, as sets of names, for each Config field's `where`: the mode; the methods whose steps run
-    (a dual run's trained members' too; advmoe --robust-loss trades runs TRADES' loss); the architecture, suite,
-    threat model and data set (eval and lipschitz: the checkpoint's `saved` config); the dual members trained here."""
-    if mode in ("eval", "lipschitz"):
-        return dict(mode={mode}, arch={saved.arch}, dataset={saved.dataset}, norm={cfg.norm},
-                    suite={cfg.eval_suite} if mode == "eval" else set())
-    if mode in ("benchmark", "demo", "resume"):
-        return dict(mode={mode}, arch=set(ARCHS) if mode == "benchmark" else set())
-    dual = cfg.method == "dual"
-    trained = [m for m, ckpt in (("standard", cfg.standard_ckpt), ("robust", cfg.robust_ckpt)) if ckpt is None] \
-        if dual else []
-    methods = {cfg.method} | {cfg.robust_method if m == "robust" else "standard" for m in trained}
-    methods |= {"trades"} if "advmoe" in methods and cfg.robust_loss == "trades" else set()
-    return dict(mode={"dual"} | ({"train"} if trained else set()) if dual else {"train"}, method=methods,
-                arch={cfg.arch}, suite={cfg.eval_suite}, norm={cfg.norm}, dataset={cfg.dataset}, member=set(trained))
-
-CONTEXT_FLAGS = {"method": "--method", "arch": "--arch", "suite": "--eval-suite", "norm": "--norm",
-                 "dataset": "--dataset"}
-MODE_NAMES = {"train": "training", "dual": "--method dual", "eval": "--eval", "lipschitz": "--lipschitz",
-              "benchmark": "--benchmark", "demo": "the demo", "resume": "--resume"}
-MODE_WHERE = {"lipschitz_n": dict(mode=("lipschitz",)), "overwrite": dict(mode=("train", "dual")),  # not in Config
-              "resume": dict(mode=("dual",))}
-
-def field_where(name: str):
-    """A Config field's `where`, or that of a flag in MODE_WHERE."""
-    return MODE_WHERE[name] if name in MODE_WHERE else Config.__dataclass_fields__[name].metadata["where"]
-
-def unread_reason(where, ctx: dict) -> Optional[str]:
-    """None if a setting with this `where` is read in the run `ctx`, else why not (the first condition that fails)."""
-    alts = [where] if isinstance(where, dict) else where or [{}]
-    fails = [[(k, v) for k, v in alt.items() if not ctx.get(k, set()) & set(v)] for alt in alts]
-    if any(not f for f in fails):
-        return None
-    k, v = fails[0][0]
-    if k == "mode":
-        return f"it is read only by {' or '.join(MODE_NAMES[m] for m in v)}"
-    if k == "member":
-        return "it is read only when the dual model trains f_R (no --robust-ckpt)"
-    return f"it applies to {CONTEXT_FLAGS[k]} {', '.join(v)}, not {', '.join(sorted(ctx.get(k, ())))}"
-
-def refuse_unread(given: set, ctx: dict) -> None:
-    """Every setting given is read by this run, or the run is refused before anything happens (rule: no flag is
-    silently ignored). `given`: field names (and lipschitz_n / overwrite) the user set."""
-    for name in sorted(given):
-        why = unread_reason(field_where(name), ctx)
-        flag = "--" + ("no-augment" if name == "augment" else name.replace("_", "-"))
-        if why and ctx["mode"] == {"resume"}:
-            raise UserError(f"--resume continues the saved run with its own settings; drop {flag} (only --out and "
-                            "--device may change)")
-        check(why is None, f"{flag} is not read by this run: {why}; leave it out")
-
-# ==== 1. Setup: device and precision chosen in one place; files written atomically ================================
 # One precision rule, amp_dtype: auto is bf16 autocast on CUDA and float32 on CPU (README's CPU numbers were taken in
 # it); bf16 on CPU is the fast path on a processor with AVX512-BF16 or AMX (README). A training step opens
 # autocast_for(device, cfg.precision) around its forwards, attack included; float32_evaluation switches autocast off
@@ -343,559 +114,7 @@ def eval_mode(*models: nn.Module):
         for m, w in zip(models, was):
             m.train(w)
 
-def affine_eval(bn: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """An eval-mode BatchNorm on a float32 CPU feature map as the per-channel affine map it then is: y = x * s + t,
-    s = w / sqrt(running_var + eps), t = b - running_mean * s; None where that does not apply. Same function up to
-    float rounding; its backward (every attack step's) is one multiply, where PyTorch's CPU batch-norm backward is a
-    reduction kernel (PGD-10 on the demo's model: 5-10% faster on CPU)."""
-    if bn.training or bn.running_mean is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 4:
-        return None
-    s = (bn.running_var + bn.eps).rsqrt()
-    s, t = (s * bn.weight, bn.bias - bn.running_mean * s * bn.weight) if bn.affine else (s, -bn.running_mean * s)
-    return torch.addcmul(t.view(1, -1, 1, 1), x, s.view(1, -1, 1, 1))
-
-class AffineEvalBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d that runs in eval mode on a CPU as affine_eval; same parameters and buffers, training unchanged."""
-    def forward(self, x):
-        y = affine_eval(self, x)
-        return super().forward(x) if y is None else y
-
-@dataclass
-class Runtime:
-    """Device, autocast dtype and memory format: chosen once here, used everywhere."""
-    device: torch.device
-    amp_dtype: Optional[torch.dtype]  # bf16 on CUDA, None (float32) on CPU unless --precision bf16
-    channels_last: bool  # NHWC activations: faster convolutions on tensor cores and in oneDNN. Not float32 on CPU:
-    # there it is 1.3x faster per attack step, but BatchNorm's channels_last training kernel sums its statistics in
-    # float32 (a training step then differs from the NCHW one by 1e-4, not 1e-7), and oneDNN's weight gradient of a
-    # strided 1x1 conv corrupts the heap at 4-8 input channels and odd batch sizes (torch 2.14)
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        if self.device.type == "cuda":  # autotune convolutions per shape, except in an MoE (a module with experts),
-            # where every step brings new per-expert batch sizes, each a synchronising tuning
-            torch.backends.cudnn.benchmark = not any(hasattr(m, "experts") for m in model.modules())
-        else:  # CPU: eval-mode BatchNorm as an affine map (attacks' backward passes)
-            for m in model.modules():
-                if type(m) is nn.BatchNorm2d:
-                    m.__class__ = AffineEvalBatchNorm
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.channels_last else model
-
-def make_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
-    """`auto` picks CUDA when present. bf16 autocast and channels_last on CUDA (float32 leftovers on TF32 tensor
-    cores); on CPU float32 in the default layout, or bf16 + channels_last."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    check(device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA GPU; "
-                                                         "use --device cpu or auto")
-    dev, dtype = torch.device(device), amp_dtype(device, precision)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return Runtime(dev, dtype, dev.type == "cuda" or dtype is not None)
-
-def seed_everything(seed: int) -> None:
-    """Seeds torch (CPU and CUDA) and numpy. Called at the start of every epoch with a seed derived from (run seed,
-    epoch), so a resumed run repeats the uninterrupted one."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-# ---- Data parallelism (torchrun): N processes ("ranks"), each with its share of every global batch ----------------
-# `torchrun --nproc_per_node=N moe_robust.py ...` starts N copies with RANK, WORLD_SIZE and LOCAL_RANK set; without
-# it everything below is a no-op and a run is exactly the single-process one. What a rank does differently:
-#  - it trains on rows [start, stop) of each global batch (Shard, set by data_shard around each step); every rank
-#    draws the batch's order, augmentation and the attacks' random starts for the whole global batch and keeps its
-#    rows (shard_rand), so N ranks draw what one process would;
-#  - before each optimiser step, one all-reduce makes every gradient the global batch's (sync_gradients), and the
-#    balance loss uses the global batch's routing fractions (global_fraction);
-#  - BatchNorm statistics are per rank, or the global batch's with --sync-bn (SyncBatchNorm);
-#  - only rank 0 validates, writes files and logs; the final evaluation is split across ranks and added up.
-# None of it is in the pieces people copy: data_parallel sets it from outside, through the optimisers' step hooks,
-# the MoE layers' two hook slots and rows_rand (section 5), as forced_routes sets an MoE's `control`.
-class Shard(NamedTuple):
-    start: int  # this rank's rows [start, stop) of a global batch of `total` rows
-    stop: int
-    total: int
-
-SHARD: Optional[Shard] = None  # set by data_shard around each training step under torchrun
-
-def world() -> tuple[int, int]:
-    """(this process's rank, number of processes): (0, 1) without torchrun."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-
-def is_main() -> bool:
-    return world()[0] == 0
-
-def start_distributed(device: str) -> None:
-    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs (one per process: cuda:LOCAL_RANK) or
-    gloo on CPUs. Called once by main before anything else."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-
-def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    """t reduced over every rank (sum by default), on t's device; t itself in one process. (NCCL reduces CUDA
-    tensors only, so host tensors travel through the GPU there.)"""
-    if world()[1] == 1:
-        return t
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    r = t.detach().to(dev).clone()
-    dist.all_reduce(r, op or dist.ReduceOp.SUM)
-    return r.to(t.device)
-
-def barrier() -> None:
-    if world()[1] > 1:
-        dist.barrier()
-
-@contextlib.contextmanager
-def main_first():
-    """Rank 0 runs the block first (a download happens once), then the others."""
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
-
-def shard_rows(n: int) -> tuple[int, int]:
-    """This rank's rows [start, stop) of n rows: N near-equal contiguous parts."""
-    rank, size = world()
-    return rank * n // size, (rank + 1) * n // size
-
-def shard_rand(x: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """rows_rand under torchrun: when x is this rank's share of the global batch (SHARD), the random numbers are
-    drawn for the whole global batch and this rank's rows kept: N ranks draw exactly what one process would, and
-    their generators stay in step."""
-    s = SHARD
-    if s is None or len(x) != s.stop - s.start:
-        return fill(torch.empty_like(x))
-    return fill(x.new_empty((s.total,) + x.shape[1:]))[s.start:s.stop]
-
-@contextlib.contextmanager
-def data_shard(total: int):
-    """Around one training step under torchrun: this rank's rows of a global batch of `total` (SHARD), and the
-    attacks' random draws made for the global batch (rows_rand -> shard_rand). -> the Shard"""
-    global SHARD, rows_rand
-    plain, SHARD, rows_rand = rows_rand, Shard(*shard_rows(total), total), shard_rand
-    try:
-        yield SHARD
-    finally:
-        SHARD, rows_rand = None, plain
-
-def share() -> float:
-    """This rank's share of the current global batch (1 outside a data-parallel step)."""
-    return 1.0 if SHARD is None else (SHARD.stop - SHARD.start) / SHARD.total
-
-def global_fraction(frac: torch.Tensor) -> torch.Tensor:
-    """The MoE layers' `fraction` hook: f_i of the balance loss (Switch eq. 4) over the global batch's rows. Each
-    rank's term E sum_i f_i P_i,r, weighted by its share as sync_gradients weighs the ranks, then adds up to the
-    global batch's balance loss and gradient: the loss means the same at any N. (Switch and GShard compute it per
-    device instead, which at N = 1 is the same.)"""
-    return frac if SHARD is None else all_reduce(frac * share())
-
-def sync_gradients(params: list[nn.Parameter], weight: float) -> None:
-    """Data parallelism's one collective per optimiser step (data_parallel hooks it before each step): each gradient
-    becomes sum over ranks of weight_r * grad_r, weight_r = this rank's rows / the global batch's rows, which is the
-    gradient of the global batch's mean loss whatever the shares. An expert idle on this rank sends zeros; a
-    parameter that no rank used (an expert without rows anywhere) keeps no gradient, as in one process, where SGD
-    then leaves it alone. One flat buffer, one all-reduce. torch's DistributedDataParallel would overlap it with the
-    backward, but it needs find_unused_parameters (a graph walk per step) for idle experts and hooks every backward
-    through the model, the attacks' input-gradient ones included; an adversarial step makes ~11 forward-backward
-    passes per optimiser step, so the overlap would buy little here."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-    flat = all_reduce(torch.cat([g.reshape(-1).float() * weight for g in grads] + [used]))
-    anywhere = flat[-len(params):].tolist()  # one read-back per optimiser step, under torchrun only
-    for p, g, u in zip(params, flat[:-len(params)].split([g.numel() for g in grads]), anywhere):
-        p.grad = g.view_as(p).to(p.dtype) if u > 0 else None
-
-class AllReduceSum(torch.autograd.Function):
-    """Sum over ranks, differentiable. Every rank's loss depends on the sum, so its gradient is the sum over ranks of
-    their gradients, each weighted by its rank's share w_s; divided by this rank's w_r, which sync_gradients
-    multiplies back. (Equal shares: the plain sum.)"""
-    @staticmethod
-    def forward(ctx, t):
-        return all_reduce(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_reduce(g * share()) / share()
-
-def run_idle_expert(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An expert on zero rows with its parameters detached: it takes part in every BatchNorm collective, forward and
-    backward, like the ranks where it has rows, and gets no gradient here (a parameter no rank used keeps none)."""
-    return torch.func.functional_call(expert, {n: p.detach() for n, p in expert.named_parameters()}, (x,))
-
-class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """--sync-bn: BatchNorm whose training statistics are the global batch's, per channel over every rank's rows
-    (two differentiable all-reduces: the sum, then the squared deviations), so N ranks train what one process
-    would (to float rounding: on a CPU in float64, as BatchNorm's own CPU kernel effectively is; in float32 a
-    channel that barely varies turns the rounding of its mean into visible differences); eval uses the running
-    statistics. An expert's BatchNorm then takes the statistics of all rows routed to it on any rank, so every rank
-    must run every expert, idle ones on zero rows (MoE.run_idle). torch.nn.SyncBatchNorm does the same with fused
-    kernels, on CUDA only; this one runs on gloo too."""
-
-    def _check_input_dim(self, x):
-        check(x.dim() >= 2, f"SyncBatchNorm needs (N, C, ...) input, got {tuple(x.shape)}")
-
-    def forward(self, x):
-        if not (self.training and world()[1] > 1):  # eval: as one process computes it (Runtime.prepare, on a CPU)
-            y = affine_eval(self, x)
-            return super().forward(x) if y is None else y
-        dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
-        h = x.double() if x.is_cpu else x.float()  # as precise as BatchNorm's own kernel there (CPU: float64)
-        local = torch.cat([h.sum(dims), h.new_tensor([h.numel() / h.shape[1]])])  # (C + 1,): sums, row count
-        total = AllReduceSum.apply(local)
-        count = total[-1].detach()
-        mean = total[:-1] / count.clamp(min=1)
-        var = AllReduceSum.apply((h - mean.view(shape)).pow(2).sum(dims)) / count.clamp(min=1)
-        out = (h - mean.view(shape)) * (var + self.eps).rsqrt().view(shape)
-        if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        if self.track_running_stats:  # nothing routed anywhere: the statistics stay as they are
-            with torch.no_grad():
-                m, seen = self.momentum, count > 1
-                unbiased = var.detach() * count / (count - 1).clamp(min=1)
-                self.running_mean.copy_(torch.where(seen, (1 - m) * self.running_mean + m * mean.detach(),
-                                                    self.running_mean))
-                self.running_var.copy_(torch.where(seen, (1 - m) * self.running_var + m * unbiased,
-                                                   self.running_var))
-                self.num_batches_tracked += (count > 0).long()  # as in one process, which skips such an expert
-        return out.to(x.dtype)
-
-def data_parallel(model: nn.Module, opts: list, sync_bn: bool) -> None:
-    """Under torchrun, make a method's model and optimisers data-parallel: each optimiser syncs its gradients before
-    it steps, each MoE layer takes its routing fractions over the global batch, and with sync_bn every BatchNorm
-    becomes a SyncBatchNorm (same parameters and buffers: checkpoints do not change) and every MoE layer runs its
-    idle experts on zero rows."""
-    if world()[1] == 1:
-        return
-    for o in opts:
-        o.register_step_pre_hook(lambda o, args, kwargs: sync_gradients(
-            [p for g in o.param_groups for p in g["params"]], share()) if SHARD is not None else None)
-    for m in model.modules():
-        if hasattr(m, "fraction"):
-            m.fraction, m.run_idle = global_fraction, run_idle_expert if sync_bn else None
-        if sync_bn and type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, AffineEvalBatchNorm):
-            m.__class__ = SyncBatchNorm
-
-def average_buffers(model: nn.Module) -> None:
-    """Per-rank BatchNorm: every float buffer (running statistics) set to its mean over the ranks, so that every
-    rank evaluates, and rank 0 saves, the same model. (With --sync-bn they are equal already.)"""
-    size = world()[1]
-    for b in model.buffers() if size > 1 else ():
-        if b.is_floating_point():
-            b.copy_(all_reduce(b) / size)
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file, and an interrupted
-    write leaves no temporary file (a SIGKILL can: see remove_stale_temps). Under torchrun only rank 0 writes."""
-    if not is_main():
-        return
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-def remove_stale_temps(folder: Path) -> None:
-    """Remove the temporary files of writes that a killed process never finished."""
-    for p in Path(folder).glob(".*.tmp*"):
-        p.unlink(missing_ok=True)
-
-def strict_json(obj):
-    """obj with every non-finite float replaced by None: JSON has no NaN or Infinity."""
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(json.dumps(strict_json(obj), indent=1, allow_nan=False)))
-
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`; a clear error if it is not one (nothing is overwritten)."""
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({type(e).__name__}); move it away or use another --out") from None
-    check(isinstance(obj, dict), f"{path} does not hold a JSON object; move it away or choose another --out")
-    return obj
-
-def check_writable(folder: str, flag: str = "--out") -> Path:
-    """Prove that `folder` is, or can be created as, a writable folder, without writing anything."""
-    p = Path(folder)
-    check(not p.is_file(), f"{flag} {folder} is a file; give a folder")
-    base = next(a for a in (p, *p.parents) if a.exists())
-    why = "read-only" if base.is_dir() else "not a folder"
-    check(base.is_dir() and os.access(base, os.W_OK | os.X_OK), f"{flag} {folder} is not a writable folder ({base} is "
-                                                                 f"{why})")
-    return p
-
-def writable_folder(folder: str, flag: str = "--out") -> Path:
-    """Create `folder` (checked by check_writable) and prove it is writable: the first write of a run."""
-    p = check_writable(folder, flag)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{flag} {folder} is not a writable folder ({e.strerror or type(e).__name__})") from None
-    return p
-
-def read_records(path: Path) -> list:
-    """The entries of a record file (eval.json, lipschitz.json: {"records": [...]}), read before the work so that a
-    broken file stops the run early. Records only grow: add_record appends."""
-    if not Path(path).exists():
-        return []
-    obj = read_json(path)
-    entries = obj.get("records", [obj])  # a file of one entry, as earlier versions wrote it
-    check(isinstance(entries, list), f"{path} is not a record file (its 'records' is not a list); move it away")
-    return entries
-
-def add_record(path: Path, entries: list, entry: dict) -> None:
-    write_json(path, {"records": entries + [entry]})
-
-# ==== 2. Data: uint8 tensors in memory, float [0, 1] batches on the device ========================================
-# Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,). Batches are cast to float in
-# [0, 1] on the device and augmented there (random crop with zero padding + horizontal flip, the CIFAR recipe).
-NORM_STATS = {  # per-channel mean/std of the Normalize layer inside each model
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # for imagefolder
-    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-    "random": ((0.5, 0.5, 0.5), (0.2887, 0.2887, 0.2887)),  # uniform [0, 1]: std 1/sqrt(12)
-}
-
-@dataclass
-class Dataset:
-    train_x: torch.Tensor  # (N, 3, H, W) uint8
-    train_y: torch.Tensor  # (N,) int64
-    test_x: torch.Tensor  # (M, 3, H, W) uint8
-    test_y: torch.Tensor  # (M,) int64
-    num_classes: int
-    name: str
-
-    @property
-    def image_size(self) -> int:
-        return self.train_x.shape[-1]
-
-def make_synthetic(n_train: int = 6000, n_test: int = 1000, seed: int = 0, size: int = 32, num_classes: int = 10,
-                   strong: float = 0.2, weak: float = 4 / 255, noise: float = 0.02) -> Dataset:
-    """A deterministic 10-class 32x32 image set, no download, on which standard training is accurate but not robust
-    and adversarial training robust, for the reason Ilyas et al. (2019) give: data holds robust and non-robust
-    features, and standard training uses both. Each image is a smooth colour layout (4x4x3 cells, upsampled) of
-      * a strong layout (cell contrast up to `strong`) shared by classes c and c + 5: a robust feature naming the pair;
-      * a weak layout of the class (contrast up to `weak` = 4/255): it alone tells the pair apart, and an L-inf
-        attack of 8/255 can turn it into the other class's;
-    plus smooth per-image noise (`noise` per cell) and 1/255 pixel noise. A robust model can trust only the pair
-    (robust accuracy near 0.5). Layouts are fixed (seed 1234); `seed` draws the examples."""
-    check(num_classes % 2 == 0, f"synthetic needs an even number of classes, got {num_classes}")
-    base, pairs = torch.Generator().manual_seed(1234), num_classes // 2
-    strong_layouts = strong * (torch.rand(pairs, 3, 4, 4, generator=base) * 2 - 1)  # (C/2, 3, 4, 4)
-    weak_layouts = weak * (torch.randint(0, 2, (num_classes, 3, 4, 4), generator=base).float() * 2 - 1)  # (C, 3, 4, 4)
-    cells = 0.5 + strong_layouts[torch.arange(num_classes) % pairs] + weak_layouts  # (C, 3, 4, 4)
-
-    def draw(n: int, g: torch.Generator):
-        y = torch.randint(0, num_classes, (n,), generator=g)
-        low = cells[y] + noise * torch.randn(n, 3, 4, 4, generator=g)  # (n, 3, 4, 4)
-        x = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-        x = x + torch.randn(n, 3, size, size, generator=g) / 255
-        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
-    tx, ty = draw(n_train, torch.Generator().manual_seed(seed * 2 + 1))
-    return Dataset(tx, ty, *draw(n_test, torch.Generator().manual_seed(seed * 2 + 2)), num_classes, "synthetic")
-
-def make_random(n_train: int = 50000, n_test: int = 10000, seed: int = 0, size: int = 32) -> Dataset:
-    """Uniform noise with random labels in CIFAR-10's shape: for timing a full-size epoch offline."""
-    g = torch.Generator().manual_seed(seed)
-    draw = lambda n: (torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
-                      torch.randint(0, 10, (n,), generator=g))
-    return Dataset(*draw(n_train), *draw(n_test), 10, "random")
-
-def load_cifar(name: str, data_dir: str) -> Dataset:
-    """CIFAR-10/100 from the python-pickle layout under `data_dir`, downloaded there through torchvision when missing
-    (offline, the error says where to put the archive). Read here, so that only the layout matters."""
-    root, classes = Path(data_dir), 10 if name == "cifar10" else 100
-    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
-    if not folder.is_dir():
-        made = next(a for a in (root, *root.parents) if a.exists())  # a failed download leaves no folder behind
-        try:
-            import torchvision  # only needed for the download
-            (torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100)(
-                str(root), train=True, download=True)
-        except Exception as e:  # offline, or no write access
-            if made != root:
-                import shutil
-                shutil.rmtree(made / root.relative_to(made).parts[0], ignore_errors=True)
-            raise UserError(f"{name} not found in {root}/ and the download failed ({type(e).__name__}); put "
-                            f"{name.replace('cifar', 'cifar-')}-python.tar.gz from https://www.cs.toronto.edu/~kriz/ "
-                            f"extracted into {root}/") from None
-
-    def read(fn):
-        bad = lambda why: UserError(f"{name}: {folder / fn} is not a CIFAR batch ({why}); re-extract the archive")
-        try:
-            with open(folder / fn, "rb") as f:
-                d = pickle.load(f, encoding="latin1")
-        except Exception as e:
-            raise bad(f"cannot read it: {type(e).__name__}") from None
-        if not isinstance(d, dict) or "data" not in d or not ({"labels", "fine_labels"} & set(d)):
-            raise bad("expected a dict with 'data' and 'labels'")
-        try:
-            x, y = np.asarray(d["data"]), np.asarray(d.get("labels", d.get("fine_labels")))
-        except (TypeError, ValueError, OverflowError):
-            raise bad("data or labels are not numbers") from None
-        if x.dtype != np.uint8:  # a cast would turn floats in [0, 1] into black images
-            raise bad(f"pixels are {x.dtype}; expected uint8 values 0..255")
-        if y.dtype.kind not in "iu":
-            raise bad(f"labels are {y.dtype}; expected whole numbers")
-        y = y.astype(np.int64)
-        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (len(x),):
-            raise bad(f"data {tuple(x.shape)}, labels {tuple(y.shape)}; expected (N, 3072) and (N,)")
-        if len(y) and (y.min() < 0 or y.max() >= classes):
-            raise bad(f"label {int(y.max() if y.max() >= classes else y.min())} outside 0..{classes - 1}")
-        return torch.from_numpy(x.reshape(-1, 3, 32, 32)), torch.from_numpy(y)
-    parts = ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]) if name == "cifar10" else (["train"], ["test"])
-    (tx, ty), (vx, vy) = [map(torch.cat, zip(*map(read, files))) for files in parts]
-    return Dataset(tx, ty, vx, vy, classes, name)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-def read_images(paths: list[Path], size: int) -> torch.Tensor:
-    """Images as RGB, shorter side resized to `size`, centre-cropped: (N, 3, size, size) uint8."""
-    from PIL import Image  # Pillow comes with torchvision
-    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    for i, p in enumerate(paths):
-        try:
-            with Image.open(p) as im:
-                s = size / min(im.size)
-                im = im.convert("RGB").resize(tuple(max(size, round(v * s)) for v in im.size), Image.BILINEAR)
-                left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-                out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-        except Exception as e:
-            raise UserError(f"cannot read image {p} ({type(e).__name__}: {e})") from None
-    return out
-
-def class_images(folder: Path, classes: list[str], what: str, need_all: bool) -> tuple[list[Path], list[int]]:
-    """The images of folder/<class>/ (or folder/<class>/images/, TinyImageNet's layout), with class indices."""
-    paths, labels, kinds = [], [], ", ".join(IMAGE_EXTENSIONS)
-    for c in sorted(p.name for p in folder.iterdir() if p.is_dir()):
-        check(c in classes, f"{what}: class {c!r} in {folder}/ is not in train/")
-        sub = folder / c / "images" if (folder / c / "images").is_dir() else folder / c
-        imgs = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        check(len(imgs) > 0 or not need_all, f"{what}: class folder {sub}/ has no images ({kinds}); remove it or "
-                                              "add images")
-        paths, labels = paths + imgs, labels + [classes.index(c)] * len(imgs)
-    check(len(paths) > 0, f"{what}: no images ({kinds}) under {folder}/")
-    return paths, labels
-
-def load_tinyimagenet(data_dir: str, size: int = 64) -> Dataset:
-    """TinyImageNet-200 from its raw layout: train/<wnid>/images/*.JPEG, and val/images/*.JPEG with
-    val/val_annotations.txt (file, wnid, box). Val is the test set."""
-    root = Path(data_dir)
-    if not (root / "train").is_dir() and (root / "tiny-imagenet-200").is_dir():
-        root = root / "tiny-imagenet-200"
-    ann = root / "val" / "val_annotations.txt"
-    check((root / "train").is_dir() and ann.is_file(),
-          f"tinyimagenet not found in {data_dir}/: expected train/<wnid>/images/ and val/val_annotations.txt "
-          "(unzip tiny-imagenet-200.zip from http://cs231n.stanford.edu/tiny-imagenet-200.zip there)")
-    wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    check(len(wnids) >= 2, f"tinyimagenet: {root / 'train'}/ has {len(wnids)} class folders; need at least 2")
-    paths, labels = class_images(root / "train", wnids, "tinyimagenet", need_all=False)
-    val = [line.split()[:2] for line in ann.read_text().splitlines() if len(line.split()) >= 2]
-    for _, w in val:
-        check(w in wnids, f"tinyimagenet: {ann} names class {w!r} that train/ lacks")
-    check(len(val) > 0, f"tinyimagenet: no images found under {root}/")
-    vx = read_images([root / "val" / "images" / f for f, _ in val], size)
-    return Dataset(read_images(paths, size), torch.tensor(labels), vx, torch.tensor([wnids.index(w) for _, w in val]),
-                   len(wnids), "tinyimagenet")
-
-def load_imagefolder(data_dir: str, size: int = 32) -> Dataset:
-    """Any `data_dir` with train/ and test/ (or val/) holding one sub-folder per class; images of any size are
-    resized (shorter side) and centre-cropped to `size`."""
-    root, train_dir = Path(data_dir), Path(data_dir) / "train"
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    check(train_dir.is_dir() and test_dir is not None,
-          f"imagefolder: {data_dir}/ must hold train/ and test/ (or val/) with one sub-folder per class")
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    check(len(classes) >= 2, f"imagefolder: {train_dir}/ has {len(classes)} class folders; need at least 2")
-    (tp, tl), (vp, vl) = (class_images(d, classes, "imagefolder", d is train_dir) for d in (train_dir, test_dir))
-    return Dataset(read_images(tp, size), torch.tensor(tl), read_images(vp, size), torch.tensor(vl), len(classes),
-                   "imagefolder")
-
-def load_dataset(name: str, data_dir: str = "data", image_size: Optional[int] = None, seed: int = 0,
-                 train_limit: Optional[int] = None, test_limit: Optional[int] = None) -> Dataset:
-    """Load by name; `train_limit`/`test_limit` keep only the first N examples."""
-    check(name in DATASETS, f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    if name in ("synthetic", "random"):  # generated in memory: keep the request to what fits
-        for flag, v in (("--train-limit", train_limit), ("--test-limit", test_limit)):
-            check(v is None or v <= 100_000, f"{flag} {v} too large for generated data ({name}); allowed: 1..100000")
-        make, n = (make_synthetic, (6000, 1000)) if name == "synthetic" else (make_random, (50000, 10000))
-        data = make(train_limit or n[0], test_limit or n[1], seed=0, size=image_size or 32)
-    else:
-        cifar = name in ("cifar10", "cifar100")
-        check(cifar or Path(data_dir).is_dir(), f"--data-dir {data_dir!r} does not exist or is not a directory "
-                                                f"(needed for {name})")
-        check(not cifar or image_size in (None, 32), f"{name} images are 32x32; --image-size {image_size} not allowed")
-        data = (load_cifar(name, data_dir) if cifar else load_tinyimagenet(data_dir, image_size or 64)
-                if name == "tinyimagenet" else load_imagefolder(data_dir, image_size or 32))
-    data.train_x, data.train_y = data.train_x[:train_limit], data.train_y[:train_limit]  # [:None] keeps all
-    data.test_x, data.test_y = data.test_x[:test_limit], data.test_y[:test_limit]
-    return check_dataset(data)
-
-def check_dataset(d: Dataset) -> Dataset:
-    """A Dataset is what it claims: uint8 images (N, 3, S, S) of one size, int64 labels 0..classes-1, a train and a
-    test split that are not empty. Every loader's result passes here before any training."""
-    what = f"data set {d.name}"
-    check(isinstance(d.num_classes, int) and d.num_classes >= 2, f"{what}: {d.num_classes} classes; need at least 2")
-    for split, x, y in (("train", d.train_x, d.train_y), ("test", d.test_x, d.test_y)):
-        check(torch.is_tensor(x) and x.dtype == torch.uint8, f"{what}: {split} images are "
-              f"{getattr(x, 'dtype', type(x).__name__)}; expected uint8 pixel values 0..255")
-        check(x.dim() == 4 and x.shape[1] == 3 and x.shape[2] == x.shape[3] == d.train_x.shape[-1],
-              f"{what}: {split} images have shape {tuple(x.shape)}; expected (N, 3, S, S) with the train split's S")
-        check(torch.is_tensor(y) and y.dtype == torch.int64 and y.shape == (len(x),),
-              f"{what}: {split} labels must be int64 of shape ({len(x)},)")
-        check(len(x) > 0, f"{what}: the {split} split is empty")
-        check(int(y.min()) >= 0 and int(y.max()) < d.num_classes,
-              f"{what}: {split} label {int(y.max() if y.max() >= d.num_classes else y.min())} outside "
-              f"0..{d.num_classes - 1}")
-    return d
-
-def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, seed: int):
-    """Hold out `n_val` training examples (a fixed random subset) for model selection: the test set never chooses a
-    checkpoint (robust overfitting, Rice et al. 2020)."""
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
-
-def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Random crop (zero padding `pad`) + horizontal flip of a float batch (B, C, H, W), on its device, with the
-    global torch RNG (seeded per epoch)."""
-    B, C, H, W = x.shape
-    dy, dx = (torch.randint(0, 2 * pad + 1, (B,), device=x.device) for _ in range(2))
-    rows = torch.arange(H, device=x.device)[None] + dy[:, None]  # (B, H)
-    cols = torch.arange(W, device=x.device)[None] + dx[:, None]  # (B, W)
-    b, c = torch.arange(B, device=x.device)[:, None, None, None], torch.arange(C, device=x.device)[None, :, None, None]
-    out = F.pad(x, (pad, pad, pad, pad))[b, c, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
-    return torch.where((torch.rand(B, device=x.device) < 0.5)[:, None, None, None], out.flip(3), out)
-
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
-            shuffle: bool = False, train_augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (float images in [0,1], labels) on `device`; shuffling uses the global RNG. Training keeps the whole
-    uint8 set on the device (150 MB for CIFAR-10), so a batch is a gather, a cast and the augmentation there: no
-    host work, no copy, no sync per step."""
-    order = torch.randperm(len(x), device=x.device) if shuffle else torch.arange(len(x), device=x.device)
-    for i in range(0, len(x), batch_size):
-        idx = order[i:i + batch_size]
-        xb = x[idx].to(device, non_blocking=True).float().div_(255)
-        xb = augment(xb, pad=max(1, xb.shape[-1] // 8)) if train_augment else xb
-        yield xb, y[idx].to(device, non_blocking=True)
-
-# ==== 3. The sparse top-k MoE layer ===============================================================================
+# ==== 1. The sparse top-k MoE layer ================================================================================
 # Letters used in shape comments: B batch, T tokens per image, N rows routed (N = B per image, N = B*T per token),
 # E experts, K experts kept per row (top-k), D router input width, C/H/W channels/height/width.
 #
@@ -909,16 +128,14 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.dev
 # (BatchNorm without affine parameters: batch statistics while training, running statistics at eval, so evaluation
 # routing stays per image); router="linear" is the papers' router on the raw h.
 
-class Routing(NamedTuple):
-    """What one MoE layer decided for its last batch (detached, for analysis)."""
+class Routing(NamedTuple):  # what one MoE layer decided for its last batch (detached, for analysis)
     logits: torch.Tensor  # (N, E) router logits, float32
     probs: torch.Tensor  # (N, E) softmax of the logits
     indices: torch.Tensor  # (N, K') experts used per row, best first (K' = K, 1 when forced, E when soft)
     gates: torch.Tensor  # (N, K') their gate weights
     ranking: torch.Tensor  # (N, E) all experts by router probability, best first
 
-class Route(NamedTuple):
-    """A route to force on one MoE layer: which experts each row uses and with which gates."""
+class Route(NamedTuple):  # a route to force on one MoE layer: which experts each row uses, with which gates
     indices: torch.Tensor  # (N, K') long
     gates: torch.Tensor  # (N, K') float
 
@@ -927,68 +144,46 @@ class AuxLoss(NamedTuple):
     z: torch.Tensor  # ST-MoE router z-loss: mean(logsumexp(r)^2)
 
 def memory_order(x: torch.Tensor) -> tuple[Callable, Callable]:
-    """For a channels_last (N, C, H, W) x: maps from such 4-D tensors to the contiguous (N, H, W, C) views they are in
-    memory, and back; identities for any other x. Row gathers and adds (index_select, index_add_) on those views are
-    2-4x faster than on the strided 4-D tensors on CPU, forward and backward, and keep the layout."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return (lambda t: t.permute(0, 2, 3, 1) if t.dim() == 4 else t), \
-            (lambda t: t.permute(0, 3, 1, 2) if t.dim() == 4 else t)
-    return (lambda t: t), (lambda t: t)
+    """Maps to a channels_last (N, C, H, W) x's memory order (N, H, W, C) and back (else identities): row gathers and
+    adds there are 2-4x faster on CPU than on the strided 4-D view, and keep the layout."""
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return (lambda t: t.permute(0, 2, 3, 1) if cl and t.dim() == 4 else t), \
+        (lambda t: t.permute(0, 3, 1, 2) if cl and t.dim() == 4 else t)
 
 class MoE(nn.Module):
-    """Sparse top-k mixture of experts around any expert modules.
-
-    tokens=False: x is a feature map (B, C, H, W); the router sees its global average pool (per-image routing, as
-                  in the CNN-MoE papers) and each expert gets whole maps.
-    tokens=True:  x is (B, T, D); every token is routed on its own (V-MoE, per-token routing).
-    Each expert runs only on its own rows. `control` (None in training), an analysis hook, replaces the top-k choice:
-    (probs, ranking) -> (indices, gates, every); soft_routing, forced_routes/rank/expert set it for a `with` block."""
+    """Sparse top-k mixture of experts around any expert modules. tokens=False: x is a feature map (B, C, H, W), the
+    router sees its global average pool (per-image routing, as in the CNN-MoE papers); tokens=True: x is (B, T, D),
+    every token routed on its own (V-MoE). Each expert runs only on its own rows. `control` (None in training), an
+    analysis hook, replaces the top-k choice: (probs, ranking) -> (indices, gates, every); soft_routing and
+    forced_routes/rank/expert set it for a `with` block.
+    Records: each forward replaces `aux` (balance and z-losses, with gradient), `routing` (detached) and
+    `router_logits`, so they describe the last forward only: take `aux` (moe_aux_loss) before the model's next
+    forward (TRADES takes its clean forward's before the adversarial one). `counts` accumulates until reset."""
 
     def __init__(self, experts: list[nn.Module], dim: int, k: int = 1, tokens: bool = False, noisy: bool = False,
                  router: str = "linear"):
         super().__init__()
         E = len(experts)
-        check(E >= 1, "an MoE layer needs at least one expert")
-        check(1 <= k <= E, f"top-k {k} not allowed with {E} experts; need 1 <= k <= {E}")
+        check(1 <= k <= E, f"top-k {k} not allowed with {E} experts; need at least one expert and 1 <= k <= {E}")
         check(router in ROUTERS, f"unknown router {router!r}; allowed: {', '.join(ROUTERS)}")
-        self.experts = nn.ModuleList(experts)
+        self.experts, self.num_experts, self.k, self.tokens = nn.ModuleList(experts), E, k, tokens
         self.centre = nn.BatchNorm1d(dim, affine=False) if router == "centred" else None  # (h - mean) / std
         self.router = nn.Linear(dim, E)
         if router == "centred":  # zero-mean logits over a batch: no expert starts ahead (Switch's router has no bias)
             nn.init.zeros_(self.router.bias)
         self.noise = nn.Linear(dim, E) if noisy else None  # Shazeer's noisy top-k, training only; starts at zero
-        for p in self.noise.parameters() if noisy else ():
-            nn.init.zeros_(p)
-        self.k, self.tokens = k, tokens
-        self.fraction: Optional[Callable] = None  # data-parallel hooks, set from outside by data_parallel (torchrun):
-        self.run_idle: Optional[Callable] = None  # f_i over every rank's rows; run_idle(expert, x) for no rows here
-        self.control: Optional[Callable] = None
-        self.routing: Optional[Routing] = None
-        self.router_logits: Optional[torch.Tensor] = None
-        self.aux: Optional[AuxLoss] = None
+        if noisy:
+            nn.init.zeros_(self.noise.weight), nn.init.zeros_(self.noise.bias)
+        # hooks set from outside: control (above); fraction and run_idle by data_parallel under torchrun (section 8)
+        self.control = self.fraction = self.run_idle = None
+        self.routing = self.router_logits = self.aux = None  # the last forward's records
         self.counts = torch.zeros(E, dtype=torch.long)  # rows sent to each expert since reset
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.experts)
-
-    def router_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The router at eval as logits = W h + b on its raw input h, float32: W (E, D), b (E,), the centring's
-        running statistics folded in (W diag(1/s), b - W diag(1/s) mean). What the certificates and bounds use."""
-        W, b = self.router.weight.detach().float(), self.router.bias.detach().float()
-        if self.centre is not None:
-            W = W * (self.centre.running_var.float() + self.centre.eps).rsqrt()
-            b = b - W @ self.centre.running_mean.float()
-        return W, b
 
     def route(self, h: torch.Tensor):
         """h: (N, D) -> indices (N, K'), gates (N, K'), every; records routing and aux losses. every: when a control
-        fixes the experts of every row (soft: all E, forced_expert: [i]), those experts in slot order, so dispatch
-        needs no grouping; else None."""
-        E = self.num_experts
-        with torch.autocast(h.device.type, enabled=False):  # the router in float32 (Switch 2021, sec. 2.4):
-            h = h.float()  # under bf16, near-equal logits would tie and top-k would break ties at random
-            h = self.centre(h) if self.centre is not None else h
+        fixes every row's experts (soft: all E, forced_expert: [i]), those in slot order (no grouping); else None."""
+        with torch.autocast(h.device.type, enabled=False):  # the router in float32 (Switch 2021, sec. 2.4): under
+            h = self.centre(h.float()) if self.centre is not None else h.float()  # bf16 near-equal logits would tie
             logits = self.router(h)  # (N, E)
             if self.noise is not None and self.training:
                 logits = logits + torch.randn_like(logits) * F.softplus(self.noise(h))
@@ -999,9 +194,9 @@ class MoE(nn.Module):
         else:
             top, indices = probs.topk(self.k, dim=-1)  # (N, K)
             gates, every = (top if self.k == 1 else top / top.sum(-1, keepdim=True)), None
-        # Switch eq. 4: E * sum_i f_i P_i with f_i the fraction whose top-1 is i (no gradient) and P_i the mean
-        # router probability of i. ST-MoE z-loss: mean(logsumexp(r)^2). (index_add, not bincount: bincount on CUDA
-        # reads its input's maximum back to the host)
+        # Switch eq. 4: E * sum_i f_i P_i, f_i the fraction whose top-1 is i (no gradient), P_i the mean probability
+        # of i. ST-MoE z-loss: mean(logsumexp(r)^2). (index_add: bincount on CUDA reads its input's max to the host)
+        E = self.num_experts
         frac = probs.new_zeros(E).index_add_(0, ranking[:, 0], probs.new_ones(len(h))) / len(h)  # (E,)
         frac = frac if self.fraction is None else self.fraction(frac)  # torchrun: the global batch's (data_parallel)
         self.aux = AuxLoss(E * (frac * probs.mean(0)).sum(), logits.logsumexp(-1).pow(2).mean())
@@ -1011,10 +206,9 @@ class MoE(nn.Module):
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
                  every: Optional[list[int]] = None) -> torch.Tensor:
-        """x: (N, ...) -> sum_k gates[n, k] * expert_{indices[n, k]}(x[n]). Rows are grouped by expert (a stable
-        sort) and each expert runs once, on its own rows. Launching an expert needs its row count on the host: one
-        host-device sync per MoE layer and forward, the only one in a training step (a fixed-capacity dispatch would
-        pad or drop rows instead). With `every` (all rows use the same experts) nothing is grouped or read back."""
+        """x: (N, ...) -> sum_k gates[n, k] * expert_{indices[n, k]}(x[n]). Rows are grouped by expert (a stable sort)
+        and each expert runs once, on its own rows; its row count is read to the host: the one sync per MoE layer and
+        forward (a fixed-capacity dispatch pads or drops rows instead). With `every` nothing is grouped or read."""
         N, K = indices.shape
         bcast = lambda g, y: g.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))  # (N,) -> (N, 1, ...)
         if every is not None:
@@ -1023,8 +217,7 @@ class MoE(nn.Module):
             return sum(ys[1:], ys[0])
         flat = indices.reshape(-1)  # (N*K,) expert of each (row, slot)
         order = flat.argsort(stable=True)  # slots grouped by expert
-        rows = order // K  # (N*K,) input row of each sorted slot
-        slot_gates = gates.reshape(-1)[order]  # (N*K,)
+        rows, slot_gates = order // K, gates.reshape(-1)[order]  # (N*K,) input row and gate of each sorted slot
         counts = flat.new_zeros(self.num_experts).index_add_(0, flat, torch.ones_like(flat)).tolist()  # the one sync
         self.counts += torch.tensor(counts)
         to_mem, back = memory_order(x)  # rows are gathered and added in memory order (channels_last: NHWC)
@@ -1043,14 +236,17 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tokens:
-            B, T, D = x.shape
-            rows = x.reshape(B * T, D)  # (N, D), N = B*T
-            return self.dispatch(rows, *self.route(rows)).reshape(B, T, -1)  # (B, T, D')
+            rows = x.reshape(-1, x.shape[-1])  # (B, T, D) -> (N, D), N = B*T
+            return self.dispatch(rows, *self.route(rows)).reshape(*x.shape[:2], -1)  # (B, T, D')
         return self.dispatch(x, *self.route(x.mean(dim=(2, 3))))  # router input (B, C), N = B; out (B, C', H', W')
+
+def is_moe(m: nn.Module) -> bool:
+    """An MoE layer: a module with experts and a router (this file's MoE, or yours with the same attributes)."""
+    return hasattr(m, "experts") and hasattr(m, "router")
 
 def moe_layers(model: nn.Module) -> list[MoE]:
     """All MoE layers of a model, in forward order (module registration order)."""
-    return [m for m in model.modules() if isinstance(m, MoE)]
+    return [m for m in model.modules() if is_moe(m)]
 
 def moe_aux_loss(model: nn.Module, balance_coef: float = 1e-2, z_coef: float = 1e-3) -> torch.Tensor:
     """Sum of balance_coef * L_bal + z_coef * L_z over every MoE layer of the last forward."""
@@ -1072,7 +268,7 @@ def expert_counts(model: nn.Module) -> list[list[int]]:
 COLLAPSE = 0.9  # an expert with more than this share of a layer's rows: the run says the routing has collapsed
 
 def moe_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, MoE)]
+    return [n for n, m in model.named_modules() if is_moe(m)]
 
 def routing_health(model: nn.Module, counts: list[list[int]], what: str) -> tuple[list[dict], list[str]]:
     """Per MoE layer, from its rows per expert: the largest expert's share and the routing entropy over experts,
@@ -1139,7 +335,7 @@ def current_routes(model: nn.Module, x: torch.Tensor, fixed_gates: Optional[floa
     return [Route(r.indices, r.gates if fixed_gates is None else torch.full_like(r.gates, fixed_gates))
             for r in last_routing(model)]
 
-# ==== 4. Models: CIFAR ResNet-18, MoE-ResNet18, MoE-ViT ============================================================
+# ==== 2. Models: CIFAR ResNet-18, MoE-ResNet18, MoE-ViT ============================================================
 
 @dataclass
 class ModelConfig:
@@ -1175,6 +371,9 @@ class Normalize(nn.Module):
     def forward(self, x):
         return (x - self.mean) / self.std
 
+    def lipschitz(self, lb, before: float) -> float:  # LipschitzBound's rule for this module (section 6)
+        return (1 / self.std).max().item()
+
 def residual_branch(inp: int, mid: int, out: int, stride: int) -> nn.Sequential:
     """conv3x3-BN-ReLU-conv3x3-BN: the residual branch of a BasicBlock (He et al. 2016)."""
     return nn.Sequential(nn.Conv2d(inp, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
@@ -1197,6 +396,9 @@ class BasicBlock(nn.Module):
 
     def forward(self, x):
         return F.relu(self.branch(x) + self.shortcut(x))
+
+    def lipschitz(self, lb, before: float) -> float:  # ReLU is 1-Lipschitz; the sum adds the two bounds
+        return lb.bound(self.branch, before) + lb.bound(self.shortcut, before)
 
 class ResNet18(nn.Module):
     """CIFAR ResNet-18: 3x3 stem, no max-pool, stages of 64/128/256/512 x width channels. Blocks are named
@@ -1222,6 +424,12 @@ class ResNet18(nn.Module):
     def forward(self, x):  # (B, 3, H, W) in [0, 1] -> logits (B, classes)
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(self.normalize(x))))))  # (B, 8*c0, H/8, W/8)
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    def lipschitz(self, lb, before: float) -> float:
+        L = lb.chain([self.normalize, self.stem, self.layer1, self.layer2, self.layer3, self.layer4], before)
+        _, H, W = lb.shapes[self.layer4[-1]]  # the last block keeps its input's spatial size
+        pool = 1.0 if lb.norm == "linf" else 1.0 / math.sqrt(H * W)  # the average pool
+        return L * pool * lb.bound(self.fc, before * L * pool)
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int):
@@ -1270,6 +478,10 @@ class MoEViT(nn.Module):
         t = self.patch(self.normalize(x)).flatten(2).transpose(1, 2)  # (B, 64, D)
         t = torch.cat([self.cls.expand(len(t), -1, -1), t], 1) + self.pos  # (B, T=65, D)
         return self.head(self.ln(self.blocks(t))[:, 0])
+
+    def lipschitz(self, lb, before: float) -> float:
+        raise UserError("no global Lipschitz bound for moe-vit: dot-product self-attention is not globally "
+                        "Lipschitz (Kim et al. 2021)")
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """The network of a ModelConfig (its values are checked where a run's Config is validated)."""
@@ -1320,7 +532,11 @@ class DualModel(nn.Module):
             zs, zr = zs / zs.std(-1, keepdim=True).clamp_min(1e-6), zr / zr.std(-1, keepdim=True).clamp_min(1e-6)
         return (1 - self.a) * zs + self.a * zr
 
-# ==== 5. Attacks: PGD (Madry et al. 2018); AutoAttack's APGD-CE, APGD-T, FAB-T and Square ==========================
+    def lipschitz(self, lb, before: float) -> float:
+        check(self.mix == "logits", "the Lipschitz bound of a dual model holds for --dual-mix logits only")
+        return (1 - self.a) * lb.bound(self.standard, before) + self.a * lb.bound(self.robust, before)
+
+# ==== 3. Attacks: PGD (Madry et al. 2018); AutoAttack's APGD-CE, APGD-T, FAB-T and Square ==========================
 # x_0 = x + U(-eps, eps); x_{t+1} = clip_[0,1](Proj_eps(x_t + alpha * sign(grad_x loss))). The model is put in eval
 # mode (BatchNorm frozen, routing deterministic) and its mode is restored afterwards; gradients are taken with
 # respect to the input only (autograd.grad), so no parameter gradient is left behind; the loss is computed on float32
@@ -1355,9 +571,8 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
         steps: int = 10, norm: str = "linf", random_start: bool = True, loss_fn: Callable = ce_per_example,
         on_iterate: Optional[Callable] = None) -> torch.Tensor:
     """Projected gradient ascent on loss_fn(model(x'), y) over ||x' - x|| <= eps, x' in [0, 1] (Madry et al. 2018).
-    alpha: the step; None: eps / 4 (2/255 at 8/255, Madry's CIFAR setting). on_iterate(x_t, logits_t) sees every
-    iterate before its step (pgd_worst keeps the worst). Returns the last iterate (B, C, H, W), detached: what PGD-AT
-    trains on."""
+    alpha: the step; None: eps / 4 (2/255 at 8/255, Madry's CIFAR setting). on_iterate(x_t, logits_t) sees each
+    iterate before its step (pgd_worst keeps the worst). -> the last iterate (B, C, H, W), detached (PGD-AT's)."""
     alpha = eps / 4 if alpha is None else alpha
     x, delta = x.detach(), torch.zeros_like(x)
     if random_start and eps > 0 and norm == "linf":  # uniform in the L-inf ball
@@ -1635,66 +850,79 @@ def square_eta(s: int) -> torch.Tensor:
     eta = torch.cat([rect(s // 2, s), -rect(s - s // 2, s)])
     return eta / eta.norm()
 
-@torch.no_grad()
-def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, queries: int = 5000,
-           norm: str = "linf", p_init: float = 0.8) -> torch.Tensor:
-    """Square attack (Andriushchenko et al. 2020, Alg. 1), L-inf or L2: a random search that needs no gradient, so
-    hard routing cannot mask it. Each query changes one random s x s window per image (s^2 = square_p(q) of the image)
-    and keeps the change if the margin z_y - max_{j != y} z_j falls; one query is one forward of the examples not yet
-    fooled. L-inf: start from vertical stripes of +-eps; a window gets a random +-eps per channel. L2: start from a
-    5 x 5 grid of square_eta patterns; a window gets square_eta (random sign per channel, random transpose) plus its
-    old content, rescaled to carry the old mass of it and of a second window that is zeroed, so ||delta||_2 = eps.
-    Windows are drawn per image (AutoAttack's code draws one per query for the whole batch)."""
-    check(norm in NORMS and queries >= 1 and 0 < p_init <= 1,
-          f"Square needs a norm in {NORMS}, queries >= 1 and 0 < p_init <= 1, got {norm!r}, {queries}, {p_init}")
-    B, C, H, W = x.shape
+def square_windows(n: int, s: int, x: torch.Tensor):
+    """n random s x s windows in x's H x W: (row, column) of each pixel in its window, and the mask; (n, 1, H, W)."""
+    H, W = x.shape[-2:]
     r, c = torch.arange(H, device=x.device).view(1, 1, H, 1), torch.arange(W, device=x.device).view(1, 1, 1, W)
-    sign = lambda n: torch.randint(0, 2, (n, C, 1, 1), device=x.device) * 2.0 - 1
-    l2 = lambda t, dims=(1, 2, 3): t.pow(2).sum(dims, keepdim=True).sqrt()  # per image, or per channel (2, 3)
+    top = torch.randint(0, H - s + 1, (n, 1, 1, 1), device=x.device)
+    left = torch.randint(0, W - s + 1, (n, 1, 1, 1), device=x.device)
+    return (r - top).clamp(0, s - 1), (c - left).clamp(0, s - 1), (r >= top) & (r < top + s) & (c >= left) & (
+        c < left + s)
 
-    def window(n, s):  # n random s x s windows: (row, column) of each pixel within its window, and the mask
-        top = torch.randint(0, H - s + 1, (n, 1, 1, 1), device=x.device)
-        left = torch.randint(0, W - s + 1, (n, 1, 1, 1), device=x.device)
-        return (r - top).clamp(0, s - 1), (c - left).clamp(0, s - 1), (r >= top) & (r < top + s) & (c >= left) & (
-            c < left + s)
+def random_signs(n: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.randint(0, 2, (n, x.shape[1], 1, 1), device=x.device) * 2.0 - 1  # (n, C, 1, 1) of +-1
 
-    def l2_step(x0, delta, s):  # (n, C, H, W) -> the new perturbation, ||.||_2 = eps
-        ri, ci, m1 = window(len(x0), s)
-        m2 = window(len(x0), s)[2]
-        e = square_eta(s).to(x0)
-        eta = torch.stack([e, e.T])[torch.randint(0, 2, (len(x0),), device=x.device)]  # (n, s, s), some transposed
-        new = eta[torch.arange(len(x0)).view(-1, 1, 1, 1), ri, ci] * m1 * sign(len(x0))
-        new = new + delta * m1 / (l2(delta * m1, (2, 3)) + 1e-12)
-        mass = ((eps ** 2 - l2(delta) ** 2).clamp_min(0) / C + l2(delta * (m1 | m2), (2, 3)) ** 2).sqrt()
-        delta = torch.where(m1, new / (l2(new, (2, 3)) + 1e-12) * mass, torch.where(m2, 0.0, delta))
-        return delta * eps / (l2(delta) + 1e-12)
-
+@torch.no_grad()
+def square_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, queries: int = 5000,
+                p_init: float = 0.8, start: Optional[Callable] = None, propose: Optional[Callable] = None):
+    """Square attack (Andriushchenko et al. 2020, Alg. 1), L-inf: random search, no gradient for routing to mask. From
+    vertical stripes of +-eps, each query gives one random s x s window per image (s^2 = square_p(q) of it; AutoAttack
+    draws one per batch) random +-eps per channel, kept if the margin falls. start, propose: square_l2's."""
+    B, C, H, W = x.shape
     with eval_mode(model):
-        if norm == "linf":
-            x_best = (x + eps * torch.randint(0, 2, (B, C, 1, W), device=x.device) * 2 - eps).clamp(0, 1)  # stripes
-        else:
-            s, delta = max(H // 5, 1), torch.zeros_like(x)
-            for i in range((H - 5 * s) // 2, H - s + 1, s):
-                for j in range((W - 5 * s) // 2, W - s + 1, s):
-                    eta = square_eta(s).to(x)
-                    delta[:, :, i:i + s, j:j + s] += (eta.T if torch.rand(()) > 0.5 else eta) * sign(B)
-            x_best = (x + delta * eps / (l2(delta) + 1e-12)).clamp(0, 1)
+        stripes = lambda x: (x + eps * torch.randint(0, 2, (B, C, 1, W), device=x.device) * 2 - eps).clamp(0, 1)
+        x_best = (start or stripes)(x)
         best = margin(model(x_best), y)
         for q in range(queries):
             idx = (best > 0).nonzero()[:, 0]
             if len(idx) == 0:
                 break
             x0, side = x[idx], math.sqrt(square_p(q, p_init) * H * W)
-            if norm == "linf":
-                s = min(max(round(side), 1), H, W)
-                x_new = torch.where(window(len(idx), s)[2], (x0 + eps * sign(len(idx))).clamp(0, 1), x_best[idx])
+            if propose is None:
+                mask = square_windows(len(idx), min(max(round(side), 1), H, W), x)[2]  # then the signs
+                x_new = torch.where(mask, (x0 + eps * random_signs(len(idx), x)).clamp(0, 1), x_best[idx])
             else:
-                s = min(max(round(side), 3) | 1, H, W)  # odd, at least 3
-                x_new = (x0 + l2_step(x0, x_best[idx] - x0, s)).clamp(0, 1)
+                x_new = propose(x0, x_best[idx], side)
             new = margin(rows_of(model, idx)(x_new), y[idx])
             better = new < best[idx]
             x_best[idx[better]], best[idx[better]] = x_new[better], new[better]
     return x_best  # (B, C, H, W), ||x_best - x|| <= eps, in [0, 1]
+
+def square_l2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int = 5000,
+              p_init: float = 0.8) -> torch.Tensor:
+    """Square-L2 (Andriushchenko et al. 2020, Sec. 3.2) on square_linf's search: start from a 5 x 5 grid of square_eta
+    patterns; a window gets square_eta (random sign per channel, random transpose) plus its old content, rescaled to
+    carry the old mass of it and of a second window that is zeroed, so ||delta||_2 = eps."""
+    B, C, H, W = x.shape
+    l2 = lambda t, dims=(1, 2, 3): t.pow(2).sum(dims, keepdim=True).sqrt()  # per image, or per channel (2, 3)
+
+    def start(x):
+        s, delta = max(H // 5, 1), torch.zeros_like(x)
+        for i in range((H - 5 * s) // 2, H - s + 1, s):
+            for j in range((W - 5 * s) // 2, W - s + 1, s):
+                eta = square_eta(s).to(x)
+                delta[:, :, i:i + s, j:j + s] += (eta.T if torch.rand(()) > 0.5 else eta) * random_signs(B, x)
+        return (x + delta * eps / (l2(delta) + 1e-12)).clamp(0, 1)
+
+    def propose(x0, x_best, side):  # (n, C, H, W) -> the new images, ||x_new - x0||_2 = eps
+        n, s, delta = len(x0), min(max(round(side), 3) | 1, H, W), x_best - x0  # s odd, at least 3
+        ri, ci, m1 = square_windows(n, s, x0)
+        m2 = square_windows(n, s, x0)[2]
+        e = square_eta(s).to(x0)
+        eta = torch.stack([e, e.T])[torch.randint(0, 2, (n,), device=x.device)]  # (n, s, s), some transposed
+        new = eta[torch.arange(n).view(-1, 1, 1, 1), ri, ci] * m1 * random_signs(n, x0)
+        new = new + delta * m1 / (l2(delta * m1, (2, 3)) + 1e-12)
+        mass = ((eps ** 2 - l2(delta) ** 2).clamp_min(0) / C + l2(delta * (m1 | m2), (2, 3)) ** 2).sqrt()
+        delta = torch.where(m1, new / (l2(new, (2, 3)) + 1e-12) * mass, torch.where(m2, 0.0, delta))
+        return (x0 + delta * eps / (l2(delta) + 1e-12)).clamp(0, 1)
+    return square_linf(model, x, y, eps, queries, p_init, start, propose)
+
+def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, queries: int = 5000,
+           norm: str = "linf", p_init: float = 0.8) -> torch.Tensor:
+    """Square in `norm` (square_linf, square_l2), as the suites run it."""
+    check(norm in NORMS and queries >= 1 and 0 < p_init <= 1,
+          f"Square needs a norm in {NORMS}, queries >= 1 and 0 < p_init <= 1, got {norm!r}, {queries}, {p_init}")
+    return (square_linf if norm == "linf" else square_l2)(model, x, y, eps, queries, p_init)
 
 class SoftRouted(nn.Module):
     """The model with every MoE layer running all experts gated by the full softmax: a differentiable surrogate of
@@ -1764,7 +992,7 @@ def router_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: At
     score = RouterDeviation(model, clean_top1).train(model.training)  # so pgd restores the model's own mode
     return attack(score, x, y, loss_fn=lambda out, _: out[:, 0], judge=RoutesOf(model, x))
 
-# ==== 6. Training methods: standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE =========================================
+# ==== 4. Training methods: standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE =========================================
 def sgd(params, cfg: Config, lr: Optional[float] = None) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum; on CUDA the fused kernel (one launch for all parameters). (On CPU the default
     multi-tensor path, so CPU runs repeat README's numbers exactly.)"""
@@ -1819,78 +1047,40 @@ def expert_path_term(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Co
     xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm) if cfg.expert_attack == "pgd" else None
     return trades_term(model, x, cfg, xa)[0]
 
-class Method:
-    """A training method: owns its model(s), optimiser(s) and schedule(s); `step` trains on one batch and returns
-    0-dim tensors to log, left on the device (the training loop reads them once per epoch, so a step never waits for
-    the GPU). Subclasses define `loss` (or `step`). groups: the parameter lists that get an optimiser each."""
+def descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """One step of `opt` on `loss`. The backward computes only `opt`'s parameters' gradients (AdvMoE's router step:
+    no expert weight gradients), only they move, and no gradient is left behind."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for p in params:
+        p.grad = None
+    loss.backward(inputs=params)
+    opt.step()
+    for p in params:
+        p.grad = None
 
-    def __init__(self, model: nn.Module, cfg: Config, total_steps: int, groups: Optional[list] = None):
-        self.model, self.cfg = model, cfg
-        self.opts = [sgd(g, cfg) for g in (groups or [model.parameters()])]
-        self.scheds = [cosine(o, total_steps) for o in self.opts]
-        self.opt = self.opts[0]
+def loss_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
+              cfg: Config):
+    """One training step of `opt` on loss_fn(model, x, y, cfg) -> (loss, logits): the forwards (the attack included)
+    under the run's autocast, the backward outside it. -> (loss, logits)"""
+    model.train()
+    with autocast_for(x.device, cfg.precision):
+        loss, logits = loss_fn(model, x, y, cfg)
+    descend(opt, loss)
+    return loss, logits
 
-    def descend(self, opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        """One step of `opt` on `loss`; only its parameters move, and no gradient is left behind. The backward
-        computes only their gradients (AdvMoE's router step: no expert weight gradients)."""
-        self.model.zero_grad(set_to_none=True)
-        loss.backward(inputs=[p for g in opt.param_groups for p in g["params"]])
-        opt.step()
-        self.model.zero_grad(set_to_none=True)
-
-    def logs(self, loss, logits, y, **extra) -> dict:
-        """Advance every schedule; the step's loss, accuracy and `extra` losses, detached."""
-        for s in self.scheds:
-            s.step()
-        return {"loss": loss.detach(), **{k: v.detach() for k, v in extra.items()},
-                "acc": (logits.argmax(1) == y).float().mean()}
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
-        self.model.train()
-        with autocast_for(x.device, self.cfg.precision):  # the forwards, attack included; the backward outside
-            loss, logits = self.loss(x, y)
-        self.descend(self.opt, loss)
-        return self.logs(loss, logits, y)
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "opts": [o.state_dict() for o in self.opts],
-                "scheds": [s.state_dict() for s in self.scheds]}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a checkpoint, whichever device wrote it: each optimiser keeps the kernel choice (fused / foreach)
-        made for this device, not the one saved with its state."""
-        self.model.load_state_dict(state["model"])
-        for o, st in zip(self.opts, state["opts"]):
-            here = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in o.param_groups]
-            o.load_state_dict(st)
-            for g, h in zip(o.param_groups, here):
-                g.update(h)
-        for s, st in zip(self.scheds, state["scheds"]):
-            s.load_state_dict(st)
-
-class Standard(Method):
-    """Empirical risk minimisation: CE(F(x), y) + MoE auxiliary losses."""
-    def loss(self, x, y):
-        logits = self.model(x).float()
-        return F.cross_entropy(logits, y) + aux(self.model, self.cfg), logits
-
-class PGDAT(Method):
-    """Madry et al. 2018: min_theta CE(F(x_adv), y), x_adv = PGD on the current model (at_loss)."""
-    def loss(self, x, y):
-        return at_loss(self.model, x, y, self.cfg)
-
-class TRADES(Method):
-    """Zhang et al. 2019: CE(F(x), y) + beta * KL(p(x) || p(x_adv)), x_adv maximising the KL."""
-    def loss(self, x, y):
-        return trades_loss(self.model, x, y, self.cfg)
+def standard_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
+    """Empirical risk minimisation: CE(F(x), y) + MoE auxiliary losses. -> (loss, logits)"""
+    logits = model(x).float()
+    return F.cross_entropy(logits, y) + aux(model, cfg), logits
 
 def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     """theta_R: the parameters of every router (and noisy-gating layer)."""
     return [p for m in moe_layers(model) for part in (m.router, m.noise) if part is not None for p in part.parameters()]
 
-class AdvMoE(Method):
+def advmoe_step(model: nn.Module, router_opt: torch.optim.Optimizer, expert_opt: torch.optim.Optimizer,
+                x: torch.Tensor, y: torch.Tensor, cfg: Config):
     """AdvMoE (Zhang et al., ICCV 2023, Alg. 1): router-expert alternating adversarial training. theta_R = all
-    routers, theta_E = everything else, each with its own optimiser. Per batch:
+    routers (router_parameters), theta_E = everything else, each with its own optimiser. Per batch:
       1. router step: x_adv = PGD against the current model; update theta_R only on the robust loss;
       2. expert step: regenerate x_adv against the updated model; update theta_E only.
     The robust loss is PGD-AT's CE or TRADES (--robust-loss). The paper's finding: plain AT of an MoE-CNN fails
@@ -1898,35 +1088,12 @@ class AdvMoE(Method):
     The official code differs: ONE image-level router (a small ResNet shared by all layers) learns y mod E under
     TRADES, so the classification loss never reaches it (that repository's issues report the mismatch, and NaN router
     scores that collapse routing onto expert 0). Here every MoE layer has its own router and both steps minimise the
-    same robust loss, as the paper says. BatchNorm statistics update in both steps (buffers, not parameters)."""
-
-    def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
-        router = router_parameters(model)
-        check(len(router) > 0, "advmoe needs MoE layers (--arch moe-resnet18 or moe-vit)")
-        ids = {id(p) for p in router}
-        self.model, self.cfg = model, cfg
-        self.opt = sgd([p for p in model.parameters() if id(p) not in ids], cfg)
-        self.router_opt = sgd(router, cfg, cfg.router_lr)  # lr None: --lr
-        self.opts = [self.opt, self.router_opt]
-        self.scheds = [cosine(o, total_steps) for o in self.opts[:1 + (cfg.router_schedule == "cosine")]]
-
-    def update(self, opt: torch.optim.Optimizer, x, y):
-        self.model.train()
-        with autocast_for(x.device, self.cfg.precision):
-            loss, logits = (trades_loss if self.cfg.robust_loss == "trades" else at_loss)(self.model, x, y, self.cfg)
-        self.descend(opt, loss)  # only this optimiser's parameters move
-        return loss, logits
-
-    def router_step(self, x, y):
-        return self.update(self.router_opt, x, y)
-
-    def expert_step(self, x, y):
-        return self.update(self.opt, x, y)
-
-    def step(self, x, y):
-        r_loss, _ = self.router_step(x, y)
-        loss, logits = self.expert_step(x, y)  # x_adv regenerated against the updated routers
-        return self.logs(loss, logits, y, router_loss=r_loss)
+    same robust loss, as the paper says. BatchNorm statistics update in both steps (buffers, not parameters).
+    -> (expert step's loss, its logits, router step's loss)"""
+    robust_loss = trades_loss if cfg.robust_loss == "trades" else at_loss
+    router_loss, _ = loss_step(model, router_opt, robust_loss, x, y, cfg)  # 1.
+    loss, logits = loss_step(model, expert_opt, robust_loss, x, y, cfg)  # 2. x_adv against the updated routers
+    return loss, logits, router_loss
 
 def runner_up_routes(model: nn.Module, x: torch.Tensor) -> list[Route]:
     """The runner-up path on clean x: at every MoE layer the expert its router ranks second (given the runner-up
@@ -1934,60 +1101,55 @@ def runner_up_routes(model: nn.Module, x: torch.Tensor) -> list[Route]:
     with forced_rank(model, 1):
         return current_routes(model, x, fixed_gates=1.0)
 
-class RTER(Method):
+def runner_up_term(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """(1/B) sum_n KL(f_j(n)(x_n) || f_j(n)(x'_n)) with the runner-up routes j(n) fixed from clean x."""
+    with forced_routes(model, runner_up_routes(model, x)):  # the attack and the forwards run f_j(n) alone
+        return expert_path_term(model, x, y, cfg)
+
+def rter_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
     """RT-ER (dual-model paper, Zhang, Xu, Hu, Wang 2025): PGD-AT of the whole MoE plus a TRADES term on the
     runner-up expert j(n), the one the router ranks second for example n:
         L = CE(F(x_adv), y) + (beta / B) sum_n KL(f_j(n)(x_n) || f_j(n)(x'_n)),  x'_n = PGD against f_j(n).
     The top-1 expert is made robust by the first term; the runner-up is where an input lands when a perturbation
     flips the route, so it is trained to be robust too. With several MoE layers the runner-up path takes the
-    second-ranked expert at every layer."""
+    second-ranked expert at every layer. Trained by loss_step. -> (loss, logits)"""
+    ce, logits = at_loss(model, x, y, cfg)
+    return ce + cfg.beta * runner_up_term(model, x, y, cfg), logits
 
-    def runner_up_term(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """(1/B) sum_n KL(f_j(n)(x_n) || f_j(n)(x'_n)) with the runner-up routes fixed from clean x."""
-        with forced_routes(self.model, runner_up_routes(self.model, x)):  # attack and forwards run f_j(n) alone
-            return expert_path_term(self.model, x, y, self.cfg)
+def jtdmoe_robust_step(dual: "DualModel", opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                       cfg: Config) -> torch.Tensor:
+    """JTDMoE step (a) on f_R alone (f_S untouched): CE(f_R(PGD(f_R, x)), y)
+    + (beta / B) sum_n sum_i KL(f_Ri(x_n) || f_Ri(PGD(f_Ri, x)_n)), every expert i made robust. -> loss"""
+    f_r = dual.robust
+    f_r.train()
+    with autocast_for(x.device, cfg.precision):
+        loss = at_loss(f_r, x, y, cfg)[0]
+        for i in range(moe_layers(f_r)[0].num_experts):
+            with forced_expert(f_r, i):
+                loss = loss + cfg.beta * expert_path_term(f_r, x, y, cfg)
+    descend(opt, loss)
+    return loss
 
-    def loss(self, x, y):
-        ce, logits = at_loss(self.model, x, y, self.cfg)
-        return ce + self.cfg.beta * self.runner_up_term(x, y), logits
+def jtdmoe_standard_step(dual: "DualModel", opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                         cfg: Config):
+    """JTDMoE step (b) on f_S (f_R frozen, in eval mode so its BatchNorm statistics stay put): CE(f_D(x), y) on clean
+    x, so f_S learns to complement a * f_R. -> (loss, f_D's logits)"""
+    dual.standard.train()
+    with eval_mode(dual.robust), autocast_for(x.device, cfg.precision):
+        logits = dual(x).float()
+        loss = F.cross_entropy(logits, y) + aux(dual.standard, cfg)
+    descend(opt, loss)
+    return loss, logits
 
-class JTDMoE(Method):
-    """JTDMoE (dual-model paper): joint training of f_S and f_R inside f_D = (1 - a) f_S + a f_R, a fixed. Per batch:
-      (a) robust step on f_R (f_S frozen): CE(f_R(PGD(f_R, x)), y)
-              + (beta / B) sum_n sum_i KL(f_Ri(x_n) || f_Ri(PGD(f_Ri, x)_n)), every expert i made robust;
-      (b) standard step on f_S (f_R frozen, in eval mode so its BatchNorm statistics stay put): CE(f_D(x), y) on
-          clean x, so f_S learns to complement a * f_R."""
+def jtdmoe_step(dual: "DualModel", robust_opt: torch.optim.Optimizer, standard_opt: torch.optim.Optimizer,
+                x: torch.Tensor, y: torch.Tensor, cfg: Config):
+    """JTDMoE (dual-model paper): joint training of f_S and f_R inside f_D = (1 - a) f_S + a f_R, a fixed; per batch
+    step (a) on f_R, then step (b) on f_S. -> (f_S step's loss, f_D's logits, f_R step's loss)"""
+    robust_loss = jtdmoe_robust_step(dual, robust_opt, x, y, cfg)
+    loss, logits = jtdmoe_standard_step(dual, standard_opt, x, y, cfg)
+    return loss, logits, robust_loss
 
-    def __init__(self, model: "DualModel", cfg: Config, total_steps: int):
-        super().__init__(model, cfg, total_steps, [model.robust.parameters(), model.standard.parameters()])
-
-    def robust_step(self, x, y):
-        f_r, cfg = self.model.robust, self.cfg
-        f_r.train()
-        with autocast_for(x.device, self.cfg.precision):
-            loss = at_loss(f_r, x, y, cfg)[0]
-            for i in range(moe_layers(f_r)[0].num_experts):
-                with forced_expert(f_r, i):
-                    loss = loss + cfg.beta * expert_path_term(f_r, x, y, cfg)
-        self.descend(self.opts[0], loss)
-        return loss
-
-    def standard_step(self, x, y):
-        self.model.standard.train()
-        with eval_mode(self.model.robust), autocast_for(x.device, self.cfg.precision):
-            logits = self.model(x).float()
-            loss = F.cross_entropy(logits, y) + aux(self.model.standard, self.cfg)
-        self.descend(self.opts[1], loss)
-        return loss, logits
-
-    def step(self, x, y):
-        r_loss = self.robust_step(x, y)
-        return self.logs(*self.standard_step(x, y), y, robust_loss=r_loss)
-
-METHOD_CLASSES: dict[str, type] = {"standard": Standard, "at": PGDAT, "trades": TRADES, "advmoe": AdvMoE,
-                                   "rt-er": RTER, "jtdmoe": JTDMoE}
-
-# ==== 7. Evaluating an MoE honestly ===============================================================================
+# ==== 5. Evaluating an MoE honestly ================================================================================
 # SA: clean accuracy. RA: robust accuracy under a cascade of named attacks, each run only on the examples every
 # earlier attack left robust (AutoAttack's protocol): the per-example minimum. Suites: pgd (validation, quick looks);
 # autoattack: APGD-CE, APGD-T, FAB-T, Square, AutoAttack's standard suite (L-inf and L2); full: PGD, APGD-CE,
@@ -2067,13 +1229,68 @@ def masking_warnings(res: dict, n: int) -> list[str]:
     return warn
 
 @float32_evaluation()
+def add_up(total: dict, part: dict) -> dict:
+    """total[k] += part[k] for every key of part (whole numbers and count tensors alike). -> total"""
+    for k, v in part.items():
+        total[k] = total[k] + v if k in total else v
+    return total
+
+def clean_pass(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor):
+    """One clean forward in eval mode. -> (logits, correct (B,) bool, the routes it took at each MoE layer)"""
+    with torch.no_grad(), eval_mode(model):
+        logits = model(xb)
+    return logits, logits.argmax(1) == yb, [Route(r.indices, r.gates) for r in last_routing(model)]
+
+def robust_counts(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, attacks: list, ok: torch.Tensor):
+    """Robust accuracy's counts on one batch: the cascade of named attacks on the clean-correct examples `ok`.
+    -> ({"clean": n, each attack's name: n robust after it, "robust": n robust after all}, adversarial batch)"""
+    after, xa = attack_cascade(model, xb, yb, attacks, ok)
+    counts = {"clean": int(ok.sum()), **{name: int(robust.sum()) for name, robust in after.items()}}
+    return {**counts, "robust": counts[attacks[-1][0]]}, xa
+
+def flip_counts(kind: str, routes: list[Route], new_routes: list[Route], rows: torch.Tensor) -> dict:
+    """How many of `rows` (a bool per routed row) changed their top-1 expert at each MoE layer. -> {("flips", kind,
+    layer): n}"""
+    return {("flips", kind, l): int((new.indices[:, 0] != r.indices[:, 0])[rows].sum())
+            for l, (r, new) in enumerate(zip(routes, new_routes))}
+
+def routing_counts(layers: list, routes: list[Route], yb: torch.Tensor, num_classes: int) -> dict:
+    """Routing statistics of one clean batch, on the host: each MoE layer's top-1 expert usage, and how each class
+    spreads over the experts (per-token rows count for their image's class).
+    -> {("usage", layer): (E,), ("class_expert", layer): (classes, E)} long tensors"""
+    counts = {}
+    for l, (layer, r) in enumerate(zip(layers, routes)):
+        top1 = r.indices[:, 0].cpu()
+        cls = yb.cpu().repeat_interleave(len(top1) // len(yb))
+        counts["usage", l] = torch.bincount(top1, minlength=layer.num_experts)
+        counts["class_expert", l] = torch.zeros(num_classes, layer.num_experts, dtype=torch.long).index_put_(
+            (cls, top1), torch.ones_like(top1), accumulate=True)
+    return counts
+
+def moe_counts(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, ok: torch.Tensor, routes: list[Route],
+               rows: torch.Tensor, fixed: list, attack: AttackConfig) -> dict:
+    """The MoE diagnostics on one batch (the full suite): RA-E (every example keeps its clean `routes` through the
+    attacks `fixed`, those with no routing decision left), RA-R (the routing attacked, the experts judged on clean
+    x) with its route flips, and each forced expert network f_i's SA and RA (attacked anew). -> counts"""
+    ra_e, _ = attack_cascade(FixedRoutes(model, routes, len(xb)), xb, yb, fixed, ok)
+    counts = {"ra_e": int(ra_e[fixed[-1][0]].sum())}
+    xr = router_attack(model, xb, yb, attack)
+    counts.update(flip_counts("router_attack", routes, current_routes(model, xr), rows))
+    counts["ra_r"] = int((ok & (predict(RoutesOf(model, xb), xr) == yb)).sum())
+    for i in range(moe_layers(model)[0].num_experts):
+        with forced_expert(model, i):
+            ok_i = predict(model, xb) == yb
+            counts[f"expert{i}_clean"] = int(ok_i.sum())
+            counts[f"expert{i}_robust"] = int(attack_cascade(model, xb, yb, fixed, ok_i)[0][fixed[-1][0]].sum())
+    return counts
+
 def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device,
                   batch_size: int = 256, suite: Optional[str] = None, analysis: bool = True) -> dict:
     """The evaluation report of a model on uint8 images x (N, 3, H, W) and labels y (N,): SA, RA under the suite
     (cfg.eval_suite unless given) with each attack's figure, and for the full suite with analysis=True the masking
     probe, RA-E, RA-R, per-expert numbers and routing statistics. Runs in true float32 whatever the training
-    precision. Under torchrun each rank evaluates its share of the images (its attacks draw their own random starts)
-    and the counts are added up; rank 0 runs the probe."""
+    precision. Each batch's counts (the parts above) are added up; under torchrun each rank evaluates its share of
+    the images (its attacks draw their own random starts) and the ranks' counts are added up; rank 0 runs the probe."""
     ranks, probe_x, probe_y = world()[1], x[:200], y[:200]
     if ranks > 1:
         check(len(x) >= ranks, f"{len(x)} test images cannot be shared by {ranks} processes")
@@ -2082,80 +1299,45 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     suite, layers = suite or cfg.eval_suite, moe_layers(model)
     moe = suite == "full" and analysis and len(layers) > 0
     attack = AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm)  # also the routing attack's
-    attacks = names = class_expert = None
-    n, rows, sums, E = 0, 0, {}, (layers[0].num_experts if layers else 0)
-    usage = [torch.zeros(m.num_experts, dtype=torch.long) for m in layers]
-    flips = {"attack": [0] * len(layers), "router_attack": [0] * len(layers)}
-
-    def add(key, ok):
-        sums[key] = sums.get(key, 0) + int(ok.sum().item())
-
-    def count_flips(kind, new_routes):  # top-1 changes, on the rows of clean-correct images
-        for l, r in enumerate(new_routes):
-            flips[kind][l] += int((r.indices[:, 0] != routes[l].indices[:, 0])[attacked].sum())
-
+    attacks, sums = None, {"images": 0, "rows": 0}
     for xb, yb in batches(x, y, batch_size, device):
-        B, n = len(xb), n + len(xb)
-        with torch.no_grad(), eval_mode(model):
-            logits = model(xb)
-        ok = logits.argmax(1) == yb
-        routes = [Route(r.indices, r.gates) for r in last_routing(model)]
+        logits, ok, routes = clean_pass(model, xb, yb)
         if attacks is None:
-            attacks = suite_attacks(cfg, suite, logits.shape[1], len(layers) > 0)
-            names = [a for a, _ in attacks]
-            class_expert = [torch.zeros(logits.shape[1], m.num_experts, dtype=torch.long) for m in layers]
-        for l, r in enumerate(routes):
-            top1 = r.indices[:, 0].cpu()
-            usage[l] += torch.bincount(top1, minlength=len(usage[l]))
-            cls = yb.cpu().repeat_interleave(len(top1) // B)  # per-token rows belong to their image's class
-            class_expert[l].index_put_((cls, top1), torch.ones_like(top1), accumulate=True)
-        add("clean", ok)
-        after, xa = attack_cascade(model, xb, yb, attacks, ok)
-        for name, robust in after.items():
-            add(name, robust)
-        add("robust", after[names[-1]])
-        attacked = ok.repeat_interleave(len(routes[0].indices) // B) if routes else None  # rows of clean-correct images
-        rows += int(attacked.sum()) if routes else 0
-        count_flips("attack", current_routes(model, xa) if layers else [])
-        if not moe:
-            continue
-        fixed = [(k, a) for k, a in attacks if not k.startswith("soft-router")]  # with no routing decision left
-        ra_e, _ = attack_cascade(FixedRoutes(model, routes, B), xb, yb, fixed, ok)  # every example its clean routes
-        add("ra_e", ra_e[fixed[-1][0]])
-        xr = router_attack(model, xb, yb, attack)  # RA-R: routing attacked, experts see clean x
-        count_flips("router_attack", current_routes(model, xr))
-        add("ra_r", ok & (predict(RoutesOf(model, xb), xr) == yb))
-        for i in range(E):  # per-expert networks f_i, attacked anew
-            with forced_expert(model, i):
-                ok_i = predict(model, xb) == yb
-                add(f"expert{i}_clean", ok_i)
-                add(f"expert{i}_robust", attack_cascade(model, xb, yb, fixed, ok_i)[0][fixed[-1][0]])
+            num_classes = logits.shape[1]
+            attacks = suite_attacks(cfg, suite, num_classes, len(layers) > 0)
+            fixed = [(k, a) for k, a in attacks if not k.startswith("soft-router")]  # with no routing decision left
+        rows = ok.repeat_interleave(len(routes[0].indices) // len(xb)) if routes else ok  # rows of clean-correct images
+        add_up(sums, {"images": len(xb), "rows": int(rows.sum()) if routes else 0,
+                      **routing_counts(layers, routes, yb, num_classes)})
+        counts, xa = robust_counts(model, xb, yb, attacks, ok)
+        add_up(sums, counts)
+        add_up(sums, flip_counts("attack", routes, current_routes(model, xa) if layers else [], rows))
+        if moe:
+            add_up(sums, moe_counts(model, xb, yb, ok, routes, rows, fixed, attack))
     if ranks > 1:  # every rank's counts, added up
         parts = [None] * ranks
-        dist.all_gather_object(parts, (n, rows, sums, usage, flips, class_expert))
-        n, rows = sum(q[0] for q in parts), sum(q[1] for q in parts)
-        sums = {k: sum(q[2].get(k, 0) for q in parts) for k in parts[0][2]}
-        usage = [sum(q[3][l] for q in parts) for l in range(len(usage))]
-        flips = {kind: [sum(q[4][kind][l] for q in parts) for l in range(len(layers))] for kind in flips}
-        class_expert = [sum(q[5][l] for q in parts) for l in range(len(layers))]
+        dist.all_gather_object(parts, sums)
+        sums = functools.reduce(add_up, parts, {})
+    names, n = [a for a, _ in attacks], sums["images"]
     acc = lambda k: sums.get(k, 0) / max(1, n)
     res = {"clean_acc": acc("clean"), "robust_acc": acc("robust"), "attack": "cascade: " + " > ".join(names),
            "attacks": names, "robust_after": {k: acc(k) for k in names}}
     res["fooled_by"] = {k: round(b - acc(k), 6) for k, b in zip(names, [acc("clean")] + [acc(k) for k in names])}
     if suite == "full" and analysis and is_main():
         res["probe"] = masking_probe(model, probe_x.to(device).float() / 255, probe_y.to(device), cfg)
-    rate = lambda kind: [f / max(1, rows) for f in flips[kind]]
+    rate = lambda kind: [sums.get(("flips", kind, l), 0) / max(1, sums["rows"]) for l in range(len(layers))]
     collapsed = []
     if layers:
-        health, collapsed = routing_health(model, [u.tolist() for u in usage], "the clean test images")
-        res["routing"] = {"usage": [u.tolist() for u in usage], "health": health, "route_flip_attack": rate("attack")}
+        usage = [sums["usage", l].tolist() for l in range(len(layers))]
+        health, collapsed = routing_health(model, usage, "the clean test images")
+        res["routing"] = {"usage": usage, "health": health, "route_flip_attack": rate("attack")}
     if moe:
         res.update(ra_e=acc("ra_e"), ra_r=acc("ra_r"), ra_e_attacks=[k for k, _ in fixed],
                    ra_r_attack=f"routing-only {attack.describe()} on the router-deviation score, iterates judged by "
                    "the experts on clean x with the iterate's routes", per_expert_attacks=[k for k, _ in fixed],
                    per_expert=[{"expert": i, "clean_acc": acc(f"expert{i}_clean"),
-                                "robust_acc": acc(f"expert{i}_robust")} for i in range(E)])
-        res["routing"].update(class_expert=[c.tolist() for c in class_expert],
+                                "robust_acc": acc(f"expert{i}_robust")} for i in range(layers[0].num_experts)])
+        res["routing"].update(class_expert=[sums["class_expert", l].tolist() for l in range(len(layers))],
                               route_flip_router_attack=rate("router_attack"))
     res["warnings"] = (masking_warnings(res, n) if suite != "pgd" else []) + collapsed
     return res
@@ -2183,7 +1365,1089 @@ def format_report(res: dict, title: str = "test") -> str:
     lines += [f"  WARNING: {w}" for w in res.get("warnings", [])]
     return "\n".join(lines)
 
-# ==== 8. The training loop: checkpoints, validation, resume, the dual model ========================================
+# ==== 6. Lipschitz constants, route stability and certified radii (Puigcerver 2022; dual model) ====================
+# How fast can the logits F change with the input, in a norm p (linf or l2; output in the same)? local_lipschitz:
+# max ||F(x') - F(x)|| / ||x' - x|| over an eps-ball by gradient ascent, a lower bound on the local constant;
+# jacobian_spectral_norm: ||J_F(x)||_2 by power iteration with jvp and vjp; lipschitz_bound: an upper bound, the
+# product of per-layer operator norms (L2: Gram iteration, provable; L-inf: row sums; BatchNorm in eval as
+# max |gamma / sigma|; residual blocks L_shortcut + L_branch).
+# For a dense network the bound is global. An MoE layer F = sum_i g_i f_i with L_i-Lipschitz experts, r_i-Lipschitz
+# gates and outputs bounded by M_i is K-Lipschitz with K = sum_i (L_i + M_i r_i) (dual-model paper; soft gates); with
+# hard top-1 routing, where the route cannot change only the chosen expert and its gate move: K = max_i (L_i + M_i
+# r_i). A hard router is not Lipschitz across route changes (two inputs a hair apart on either side of a switch differ
+# by the gap between two experts), and M_i is measured on the given inputs, so for an MoE the bound is *route-stable*,
+# not global: it holds within one route region near the measured inputs (`route_stable_{norm}` in the report), and a
+# certificate only inside the route-stable radius.
+
+def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
+                    steps: int = 20) -> torch.Tensor:
+    """Per-example lower bound (B,) on the local Lipschitz constant of x -> logits in the eps-ball, in `norm`. linf:
+    for every output j and sign s, sign-gradient ascent on s * (F_j(x + d) - F_j(x)) (the inf-norm of the change is
+    the largest such term); l2: normalised-gradient ascent on ||F(x + d) - F(x)||_2 (power iteration for a linear
+    F). The ratio is taken at every iterate; images are not clipped. Exact for F = Wx + b."""
+    x, best = x.detach(), torch.zeros(len(x), device=x.device)
+    ratio = lambda out, inp: per_example_norm(out, norm, False) / per_example_norm(inp, norm, False).clamp_min(1e-12)
+    with eval_mode(model):
+        with torch.no_grad():
+            f0 = model(x).float()
+        for obj in [(j, s) for j in range(f0.shape[1]) for s in (1.0, -1.0)] if norm == "linf" else [None]:
+            d = torch.randn_like(x)
+            d = eps * d / per_example_norm(d, norm).clamp_min(1e-12)
+            for _ in range(steps):
+                d.requires_grad_(True)
+                diff = model(x + d).float() - f0
+                best = torch.maximum(best, ratio(diff, d).detach())
+                (g,) = torch.autograd.grad((diff[:, obj[0]] * obj[1] if obj else diff.pow(2).sum(1)).sum(), d)
+                with torch.no_grad():  # linf: a sign step, clipped; l2: to the eps-sphere along the gradient
+                    if obj:
+                        d = (d + eps * g.sign()).clamp(-eps, eps)
+                    else:
+                        d = eps * g / per_example_norm(g, "l2").clamp_min(1e-12)
+            with torch.no_grad():
+                best = torch.maximum(best, ratio(model(x + d).float() - f0, d))
+    return best
+
+def jacobian_spectral_norm(model: nn.Module, x: torch.Tensor, iters: int = 30) -> torch.Tensor:
+    """||J_F(x)||_2 per example by power iteration on J^T J: J v by forward-mode AD (jvp), J^T u by reverse mode
+    (vjp); examples are independent in eval mode, so one batched pass serves all. (B,)"""
+    import warnings
+    import torch.autograd.forward_ad as fwAD
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    x = x.detach()
+    unit = lambda t: t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+    v, sigma = unit(torch.randn_like(x)), torch.zeros(len(x), device=x.device)
+    with eval_mode(model), sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():
+        # MATH: the fused attention kernels have no jvp; torch's jvp decompositions warn about torch.jit
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
+        xr = x.clone().requires_grad_(True)
+        out = model(xr).float()  # for the vjp, built once
+        for _ in range(iters):
+            with fwAD.dual_level():
+                jv = fwAD.unpack_dual(model(fwAD.make_dual(x, v))).tangent.float()  # (B, classes)
+            sigma = jv.norm(dim=1)
+            v = unit(torch.autograd.grad(out, xr, jv, retain_graph=True)[0])  # J^T J v, normalised
+    return sigma.detach()
+
+def gram_spectral_bound(K: torch.Tensor, iters: int = 10) -> torch.Tensor:
+    """Upper bounds on the spectral norms of a batch of matrices K (..., m, n), real or complex, by Gram iteration
+    (Delattre et al. 2023): with G_0 = K, G_{t+1} = G_t^H G_t, ||G_t||_2 = ||K||_2^(2^t) <= ||G_t||_F, so ||K||_2 <=
+    ||G_t||_F^(1 / 2^t) for every t, tightening geometrically. Each G_t is rescaled by its Frobenius norm (tracked in
+    log space), float64. Power iteration, in contrast, approaches ||K||_2 from below and is no bound."""
+    G = K.to(torch.complex128 if K.is_complex() else torch.float64)
+    log_scale = torch.zeros(G.shape[:-2], dtype=torch.float64, device=G.device)
+    for _ in range(iters):
+        f = torch.linalg.matrix_norm(G, "fro").clamp_min(1e-300)
+        G, log_scale = G / f[..., None, None], 2 * (log_scale + f.log())
+        G = G.mH @ G
+    return ((torch.linalg.matrix_norm(G, "fro").clamp_min(1e-300).log() + log_scale) / 2.0 ** iters).exp()
+
+def conv_spectral_bound(weight: torch.Tensor, in_hw: tuple[int, int], padding: tuple[int, int],
+                        iters: int = 10) -> float:
+    """A provable upper bound on the L2 operator norm of a (strided, zero-padded) convolution on (C, H, W) inputs.
+    Padding embeds the input isometrically in an (H + 2p) x (W + 2p) grid, where the convolution is a crop of the
+    circular one, and the stride keeps a subset of its outputs: neither increases the norm. The 2-D DFT
+    block-diagonalises the circular convolution (Sedghi et al. 2019): its norm is the largest spectral norm of the
+    per-frequency C_out x C_in matrices."""
+    n = [max(s + 2 * p, k) for s, p, k in zip(in_hw, padding, weight.shape[-2:])]
+    freq = torch.fft.fft2(weight.detach().double(), s=n).permute(2, 3, 0, 1)  # (H', W', C_out, C_in)
+    return gram_spectral_bound(freq, iters).max().item()
+
+GELU_SLOPE = 1.1290  # max |d/dx x * Phi(x)|
+
+def operator_norm(W: torch.Tensor, norm: str, iters: int = 12) -> float:
+    """||W|| of a matrix: inf -> inf is the largest row L1 norm; L2 a Gram-iteration bound."""
+    return W.abs().sum(1).max().item() if norm == "linf" else gram_spectral_bound(W.detach(), iters).item()
+
+def forward_inputs(model: nn.Module, x: torch.Tensor, modules: list) -> dict:
+    """{module: the input it received} for one eval-mode, no-grad forward of x (a module called twice: the last)."""
+    inputs = {}
+    record = lambda mod, inp, out: inputs.__setitem__(mod, inp[0].detach())
+    hooks = [m.register_forward_hook(record) for m in modules]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+def router_affine(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MoE layer's router at eval as logits = W h + b on its raw input h, float32: W (E, D), b (E,), the centring's
+    running statistics folded in (W diag(1/s), b - W diag(1/s) mean). What the certificates and bounds use."""
+    W, b = layer.router.weight.detach().float(), layer.router.bias.detach().float()
+    if layer.centre is not None:
+        W = W * (layer.centre.running_var.float() + layer.centre.eps).rsqrt()
+        b = b - W @ layer.centre.running_mean.float()
+    return W, b
+
+def conv_lipschitz(lb: "LipschitzBound", m: nn.Conv2d, before: float) -> float:
+    check(m.groups == 1 and m.dilation == (1, 1), "the Lipschitz bound handles plain convolutions only")
+    if lb.norm == "linf":  # each output is a row of C_in x k x k weights
+        return operator_norm(m.weight.flatten(1), "linf")
+    return conv_spectral_bound(m.weight, lb.shapes[m][1:], m.padding, lb.iters)
+
+def batchnorm_lipschitz(lb: "LipschitzBound", m: nn.Module, before: float) -> float:
+    """Eval-mode BatchNorm is the per-channel map x * gamma / sigma + const: max |gamma / sigma|."""
+    return (m.weight.detach().abs() / torch.sqrt(m.running_var + m.eps)).max().item()
+
+# A rule per module type: rule(lb, module, before) -> its bound, or a constant. Looked up along the module's class
+# hierarchy (a BatchNorm subclass takes BatchNorm's rule). A module of your own either adds a rule here or carries a
+# method `lipschitz(self, lb, before)` (as this file's models do); MoE layers are recognised by their experts.
+RULES: dict[type, object] = {
+    nn.Linear: lambda lb, m, before: operator_norm(m.weight, lb.norm, lb.iters),
+    nn.Conv2d: conv_lipschitz,
+    nn.modules.batchnorm._BatchNorm: batchnorm_lipschitz,
+    nn.Sequential: lambda lb, m, before: lb.chain(list(m), before),
+    nn.ReLU: 1.0, nn.Identity: 1.0, nn.Flatten: 1.0, nn.Dropout: 1.0, nn.GELU: GELU_SLOPE,
+}
+
+class LipschitzBound:
+    """Upper bound of a network in norm p, composed from a bound per module: global for a dense model, route-stable
+    with MoE layers (the section's comment). `measure(x)` first records each module's input shape and, for MoE
+    layers, M_i = max ||f_i(h)|| over the inputs. Calling the object returns the bound and fills `moe` (per-MoE-layer
+    terms) and `prefix` (the bound of the map from the model input to each MoE layer's input)."""
+
+    def __init__(self, model: nn.Module, norm: str = "l2", iters: int = 12):
+        self.model, self.norm, self.iters = model, norm, iters
+        self.shapes, self.M, self.moe, self.prefix = {}, {}, [], {}
+
+    @torch.no_grad()
+    def measure(self, x: torch.Tensor) -> "LipschitzBound":
+        def hook(m, inp, out):  # (every expert runs on the MoE layer's input, so its modules' shapes are seen too)
+            self.shapes[m] = tuple(inp[0].shape[1:])
+            if is_moe(m):  # M_i = max ||f_i(h)|| over the inputs seen so far
+                M = [per_example_norm(e(inp[0]), self.norm, keepdim=False).max().item() for e in m.experts]
+                self.M[m] = [max(a, b) for a, b in zip(self.M.get(m, M), M)]
+        hooks = [m.register_forward_hook(hook) for m in self.model.modules()]
+        with eval_mode(self.model):
+            self.model(x)
+        for h in hooks:
+            h.remove()
+        return self
+
+    def __call__(self) -> float:
+        check(len(self.shapes) > 0, "call LipschitzBound.measure(x) first")
+        self.moe = []
+        return self.bound(self.model, 1.0)
+
+    def bound(self, m: nn.Module, before: float) -> float:
+        """Bound of module m; `before` is the bound of everything up to m's input."""
+        if is_moe(m):
+            return self.moe_bound(m, before)
+        if hasattr(m, "lipschitz"):
+            return m.lipschitz(self, before)
+        for cls in type(m).__mro__:
+            if cls in RULES:
+                rule = RULES[cls]
+                return rule(self, m, before) if callable(rule) else rule
+        raise UserError(f"no Lipschitz bound for layer type {type(m).__name__}")
+
+    def chain(self, modules: list, before: float) -> float:
+        """Bound of modules applied in order: the product of theirs."""
+        L = 1.0
+        for sub in modules:
+            L *= self.bound(sub, before * L)
+        return L
+
+    def moe_bound(self, m: nn.Module, before: float) -> float:
+        """Soft-gate bound sum_i (L_i + M_i r_i) and hard-route bound max_i (L_i + M_i r_i). r_i: the gate g_i =
+        softmax(W pool(h))_i has |dg_i| <= 1/2 ||dr|| (a row of the softmax Jacobian has norm <= 1/2), so r_i <=
+        ||W|| / 2 (l2: times 1 / sqrt(HW) for the pool)."""
+        self.prefix[m] = before
+        Ls = [self.bound(e, before) for e in m.experts]
+        pool = 1.0 if (self.norm == "linf" or m.tokens) else 1.0 / math.sqrt(self.shapes[m][1] * self.shapes[m][2])
+        r = 0.5 * operator_norm(router_affine(m)[0], self.norm, self.iters) * pool  # W with the centring folded in
+        M = self.M.get(m, [float("inf")] * len(m.experts))
+        terms = [L + Mi * r for L, Mi in zip(Ls, M)]
+        self.moe.append(dict(experts_L=Ls, M=M, gate_r=r, soft_bound=sum(terms), hard_route_bound=max(terms)))
+        return max(terms) if m.k == 1 else sum(terms)
+
+def lipschitz_bound(model: nn.Module, x: torch.Tensor, norm: str = "l2", iters: int = 12) -> dict:
+    """The upper bound of LipschitzBound measured on x, with the per-MoE-layer terms."""
+    lb = LipschitzBound(model, norm, iters).measure(x)
+    return {"bound": lb(), "moe": lb.moe}
+
+def router_view(layer: MoE, h: torch.Tensor, norm: str):
+    """The layer's router on its input h, in float32: (logits (N, E), router weight W (E, D), the input-norm scale
+    of the pooling, B). Rows are pooled images, or tokens."""
+    rows = h.reshape(-1, h.shape[-1]) if layer.tokens else h.mean(dim=(2, 3))  # (N, D)
+    scale = 1.0 if layer.tokens or norm == "linf" else math.sqrt(h.shape[2] * h.shape[3])
+    W, b = router_affine(layer)
+    return rows.float() @ W.T + b, W, scale, h.shape[0]
+
+def route_stability_radius(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
+    """Per image, the smallest perturbation of the layer's input h (in `norm`) that can change its set of top-k
+    experts. The router is linear in the pooled input (or the token): a kept expert i is overtaken by a dropped j
+    when the gap r_i - r_j, which moves at most ||w_i - w_j||_* per unit of input (dual norm: L1 for linf, L2 for
+    l2), closes. Exact for the layer: min over i kept, j dropped of (r_i - r_j) / ||w_i - w_j||_*, times sqrt(HW) in
+    l2 for the pooling (a constant-over-space perturbation is the worst case). h: (B, C, H, W) or (B, T, D) -> (B,)"""
+    logits, W, scale, B = router_view(layer, h, norm)  # (N, E)
+    E = layer.num_experts
+    if layer.k == E:
+        return torch.full((B,), float("inf"), device=h.device)
+    kept = logits.topk(layer.k, dim=1).indices  # (N, K)
+    diff_w = W[:, None, :] - W[None, :, :]  # (E, E, D)
+    dual = diff_w.abs().sum(-1) if norm == "linf" else diff_w.norm(dim=-1)  # (E, E)
+    ratio = (logits[:, :, None] - logits[:, None, :]) / dual.clamp_min(1e-12)  # (N, E, E): (r_i - r_j) / ||.||_*
+    valid = torch.zeros_like(ratio, dtype=torch.bool).scatter_(1, kept[:, :, None].expand(-1, -1, E), True)
+    valid &= torch.ones_like(logits, dtype=torch.bool).scatter(1, kept, False)[:, None, :]  # i kept, j dropped
+    return (ratio.masked_fill(~valid, float("inf")).flatten(1).amin(1) * scale).view(B, -1).amin(1)
+
+def route_flip_direction(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
+    """For per-image top-1 routing: the unit perturbation of h (constant over space) that closes the binding logit
+    gap fastest; h + (radius + a bit) * direction flips the route."""
+    check(not layer.tokens and layer.k == 1, "route_flip_direction is for per-image top-1 routing")
+    logits, W, _, B = router_view(layer, h, norm)
+    i = logits.argmax(1)  # (B,)
+    diff = W[i][:, None, :] - W[None, :, :]  # (B, E, D): w_i - w_j
+    dual = diff.abs().sum(-1) if norm == "linf" else diff.norm(dim=-1)
+    ratio = ((logits.gather(1, i[:, None]) - logits) / dual.clamp_min(1e-12)).scatter(1, i[:, None], float("inf"))
+    d = diff[torch.arange(B), ratio.argmin(1)]  # (B, D)
+    u = -d.sign() if norm == "linf" else -d / d.norm(dim=1, keepdim=True) / math.sqrt(h.shape[2] * h.shape[3])
+    return u[:, :, None, None].expand_as(h).clone()
+
+def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "linf") -> dict:
+    """Certified radius per example: a right prediction keeps its label within min(margin / (2 K), route-stable
+    radius), K the bound (dual model: K_D = (1 - a) K_S + a K_R), since each logit moves by at most K ||d||; 0 if
+    wrong. (margin: top-1 minus top-2 logit.) The route-stable radius is the smallest over MoE layers of the layer's
+    own radius divided by the bound of the map from x to that layer's input: exact for an MoE layer that sees the
+    input directly, a bound otherwise."""
+    lb = LipschitzBound(model, norm).measure(x)
+    K = lb()
+    with torch.no_grad(), eval_mode(model):
+        top2 = model(x).float().topk(2, dim=1)
+    correct, gap = top2.indices[:, 0] == y, top2.values[:, 0] - top2.values[:, 1]
+    route = torch.full((len(x),), float("inf"), device=x.device)
+    for m, h in forward_inputs(model, x, moe_layers(model)).items():
+        route = torch.minimum(route, route_stability_radius(m, h, norm) / lb.prefix.get(m, 1.0))
+    radius = torch.where(correct, torch.minimum(gap / (2 * K), route), torch.zeros_like(gap))
+    return {"radius": radius, "K": K, "lipschitz_radius": gap / (2 * K), "route_radius": route, "correct": correct}
+
+def expert_spread(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Per MoE layer, mean over rows of ||f_top1(h) - f_top2(h)|| / ||f_top1(h)||: how different the two
+    top-weighted experts' outputs are (Puigcerver 2022: large spread hurts robustness)."""
+    spreads, inputs = [], forward_inputs(model, x, moe_layers(model))  # also leaves each layer's routing in m.routing
+    with torch.no_grad(), eval_mode(model):
+        for m in (m for m in moe_layers(model) if m.num_experts >= 2):
+            rows = inputs[m].reshape(-1, inputs[m].shape[-1]) if m.tokens else inputs[m]
+            outs, n, rank = torch.stack([e(rows) for e in m.experts], 1), torch.arange(len(rows)), m.routing.ranking
+            a, b = outs[n, rank[:, 0]].flatten(1), outs[n, rank[:, 1]].flatten(1)  # (N, E, ...) -> top-1, top-2
+            spreads.append(((a - b).norm(dim=1) / a.norm(dim=1).clamp_min(1e-12)).mean().item())
+    return spreads
+
+def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
+                     local_steps: int = 5, jacobian_iters: int = 15) -> dict:
+    """Everything above on a batch: local estimates, Jacobian norm, upper bounds (`global_l2`, `global_linf` for a
+    dense model; `route_stable_l2`, `route_stable_linf` with an MoE), per-expert constants, expert spread, and
+    certified accuracy at eps (route-stable certificate)."""
+    rep = {"n": len(x), "eps": eps, "norm": norm}
+    rep["local_linf"] = local_lipschitz(model, x, eps, "linf", local_steps).mean().item()
+    rep["local_l2"] = local_lipschitz(model, x, eps * math.sqrt(x[0].numel()) / 4, "l2", local_steps).mean().item()
+    rep["jacobian_l2"] = jacobian_spectral_norm(model, x, jacobian_iters).mean().item()
+    if any(isinstance(m, Attention) for m in model.modules()):
+        return rep  # no global bound for attention
+    kind = "route_stable" if moe_layers(model) else "global"  # see the section's comment
+    for p in NORMS:
+        b = lipschitz_bound(model, x, p)
+        rep[f"{kind}_{p}"] = b["bound"]
+        if b["moe"]:
+            rep[f"moe_{p}"] = b["moe"]
+    rep["expert_spread"] = expert_spread(model, x)
+    cert = certify(model, x, y, norm)
+    rep.update(certified_acc=(cert["radius"] >= eps).float().mean().item(),
+               median_certified_radius=cert["radius"].median().item(),
+               median_route_radius=cert["route_radius"].median().item())
+    return rep
+
+# ==== 7. Configuration: every setting, its flag, help and allowed values ===========================================
+METHODS = ("standard", "at", "trades", "advmoe", "rt-er", "dual", "jtdmoe")
+DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder", "random")
+ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
+NORMS = ("linf", "l2")
+EVAL_SUITES = ("full", "autoattack", "pgd")
+PRECISIONS = ("auto", "fp32", "bf16")
+DUAL_MIXES = ("logits", "normalized")
+ROUTERS = ("centred", "linear")  # see MoE: the router's input standardised, or raw (the papers')
+DUAL = ("dual", "jtdmoe")
+BLOCK_NAMES = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))  # ResNet-18's BasicBlocks
+
+MODES = ("train", "dual", "eval", "lipschitz", "benchmark", "demo", "resume")  # the ways of running (see run_context)
+MOE_ARCHS = ("moe-resnet18", "moe-vit")
+READ_FROM_DISK = ("cifar10", "cifar100", "tinyimagenet", "imagefolder")  # the data sets that --data-dir locates
+SUITE_RUNS = ("train", "dual", "eval")  # the modes whose report runs an --eval-suite
+
+KIND_NAMES = {"float": "a number", "int": "a whole number", "str": "a string", "bool": "true or false"}
+
+def opt(default, help: str, choices=None, ge=None, gt=None, le=None, lt=None, group=None, where=None):
+    """A Config field: its default, its --flag's help and allowed values (choices, ge/gt/le/lt bounds), the --help
+    group it opens, and `where` it is read: {dimension: values} over the run's context (run_context: mode, method,
+    arch, suite, norm, dataset, member), or a list of such dicts of which one must hold; None: in every run."""
+    return field(default=default, metadata=dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, group=group,
+                                                where=where))
+
+def moe_block_set(spec: str) -> set:
+    """'all' or a comma list of ResNet-18 block names -> the set of names."""
+    wanted = set(BLOCK_NAMES) if spec == "all" else {b.strip() for b in spec.split(",") if b.strip()}
+    bad = sorted(wanted - set(BLOCK_NAMES))
+    check(not bad, f"unknown --moe-blocks {','.join(bad)}; allowed: all or a comma list of {', '.join(BLOCK_NAMES)}")
+    return wanted
+
+@dataclass
+class Config:
+    """Everything a run needs: each field is one --flag (underscores become dashes). The parser (build_parser) and
+    `validate` read help and allowed values from here, refuse_unread where each is read; checkpoints store it."""
+
+    method: str = opt("at", "training method", METHODS, group="what to run", where=dict(mode=("train", "dual")))
+    dataset: str = opt("synthetic", "data set (random: noise in CIFAR-10's shape, for timing)", DATASETS, group="data",
+                       where=dict(mode=("train", "dual")))
+    data_dir: str = opt("data", "where data sets live (CIFAR is downloaded here)",
+                        where=dict(mode=("train", "dual", "eval", "lipschitz"), dataset=READ_FROM_DISK))
+    image_size: Optional[int] = opt(None, "tinyimagenet/imagefolder image side, 16..256 in steps of 8 (default 64/32)",
+                                    where=dict(mode=("train", "dual"),
+                                               dataset=("synthetic", "random", "tinyimagenet", "imagefolder")))
+    train_limit: Optional[int] = opt(None, "use only the first N training examples", ge=1, where=dict(mode=("train",)))
+    test_limit: Optional[int] = opt(None, "use only the first N test examples", ge=1, where=dict(mode=SUITE_RUNS))
+    val_size: Optional[int] = opt(None, "held-out validation examples (default 10%%, at most 1000)", ge=1,
+                                  where=dict(mode=("train",)))
+    augment: bool = opt(True, "no random crop + flip", where=dict(mode=("train",)))
+    arch: str = opt("moe-resnet18", "architecture; resnet18 is moe-resnet18 without MoE blocks", ARCHS, group="model",
+                    where=dict(mode=("train",)))
+    width: float = opt(1.0, "multiplier of every channel width (0.125 for CPU)", gt=0, le=8,
+                       where=dict(mode=("train", "benchmark")))
+    experts: int = opt(4, "experts E per MoE layer (Robust Experts: 4; AdvMoE: 2)", ge=1, le=64,
+                       where=dict(mode=("train",), arch=MOE_ARCHS))
+    top_k: int = opt(1, "experts K used per image/token (CNN-MoE papers: 1; V-MoE: 2)", ge=1,
+                     where=dict(mode=("train",), arch=MOE_ARCHS))
+    moe_blocks: str = opt("layer4.1", "ResNet blocks made MoE: 'all' or e.g. layer3.1,layer4.1 (Robust Experts: one)",
+                          where=dict(mode=("train", "benchmark"), arch=("moe-resnet18",)))
+    expert_ratio: float = opt(1.0, "expert inner width / block width (AdvMoE: 0.5)", gt=0, le=4,
+                              where=dict(mode=("train",), arch=("moe-resnet18",)))
+    noisy_gating: bool = opt(False, "Shazeer noisy top-k routing while training", where=dict(mode=("train",),
+                                                                                             arch=MOE_ARCHS))
+    router: str = opt("centred", "centred: the router's input standardised per feature (batch statistics in training, "
+                                 "running ones at eval), so no expert starts with every image; linear: the papers' "
+                                 "W h + b on the raw pooled features", ROUTERS,
+                      where=dict(mode=("train",), arch=MOE_ARCHS))
+    epochs: int = opt(10, "passes over the training split", ge=1, group="optimisation", where=dict(mode=("train",)))
+    batch_size: int = opt(128, "images per training step", ge=1, le=65536, where=dict(mode=("train", "benchmark")))
+    lr: float = opt(0.1, "SGD learning rate, cosine decay to 0 over all steps (Madry/Rice recipe, shortened)", ge=0,
+                    where=dict(mode=("train",)))
+    momentum: float = opt(0.9, "SGD (Nesterov) momentum", ge=0, lt=1, where=dict(mode=("train",)))
+    weight_decay: float = opt(5e-4, "SGD weight decay", ge=0, where=dict(mode=("train",)))
+    balance_coef: float = opt(1e-2, "Switch balance loss weight", ge=0, where=dict(mode=("train",), arch=MOE_ARCHS))
+    z_coef: float = opt(1e-3, "router z-loss weight (ST-MoE)", ge=0, where=dict(mode=("train",), arch=MOE_ARCHS))
+    beta: float = opt(6.0, "weight of the KL term: TRADES (also advmoe's), RT-ER's runner-up term, JTDMoE's expert "
+                           "terms", ge=0, where=dict(mode=("train",), method=("trades", "rt-er", "jtdmoe")))
+    seed: int = opt(0, "initial weights, data order, attacks' random starts", ge=0, le=2 ** 31 - 1,
+                    where=dict(mode=("train", "dual", "eval", "lipschitz")))
+    eps: Optional[float] = opt(None, "radius in pixel units; an L2 run must give one, e.g. 0.5 (default: 8/255)", ge=0,
+                               group="attack", where=dict(mode=("train", "dual", "eval", "lipschitz")))
+    alpha: Optional[float] = opt(None, "PGD step size, e.g. 2/255 (default eps/4)", gt=0,
+                                 where=[dict(mode=("train",)), dict(mode=SUITE_RUNS, suite=("full", "pgd"))])
+    norm: str = opt("linf", "threat model", NORMS, where=dict(mode=("train", "dual", "eval", "lipschitz")))
+    train_steps: int = opt(10, "PGD steps while training (Madry: 10)", ge=1,
+                           where=dict(mode=("train",), method=METHODS[1:]))
+    val_steps: int = opt(10, "PGD steps on the validation split each epoch", ge=1, where=dict(mode=("train",)))
+    eval_steps: int = opt(20, "PGD steps of the final test evaluation", ge=1,
+                          where=dict(mode=SUITE_RUNS, suite=("full", "pgd")))
+    eval_restarts: int = opt(1, "PGD restarts of the final test evaluation", ge=1,
+                             where=dict(mode=SUITE_RUNS, suite=("full", "pgd")))
+    eval_suite: str = opt("full", "autoattack: APGD-CE, APGD-T, FAB-T, Square; full: PGD, those and soft-router "
+                                  "PGD, plus masking probes, RA-E, RA-R, per-expert and routing statistics; pgd",
+                          EVAL_SUITES,
+                          where=dict(mode=SUITE_RUNS))
+    apgd_steps: int = opt(100, "APGD-CE, APGD-T and FAB-T iterations (AutoAttack: 100)", ge=1,
+                          where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
+    apgd_targets: Optional[int] = opt(None, "APGD-T and FAB-T target classes, at most classes - 1; needs 4 classes "
+                                            "(default: AutoAttack's 9, or classes - 1 if fewer)", ge=1,
+                                      where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
+    square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1,
+                              where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
+    router_lr: Optional[float] = opt(None, "router learning rate (default --lr)", ge=0,
+                                     group="advmoe (router-expert alternating training)",
+                                     where=dict(mode=("train",), method=("advmoe",)))
+    router_schedule: str = opt("cosine", "router lr schedule", ("cosine", "constant"),
+                               where=dict(mode=("train",), method=("advmoe",)))
+    robust_loss: str = opt("at", "robust loss of both steps: PGD-AT or TRADES", ("at", "trades"),
+                           where=dict(mode=("train",), method=("advmoe",)))
+    dual_a: float = opt(0.5, "smoothing parameter a of f_D = (1-a) f_S + a f_R (fixed in jtdmoe)", ge=0, le=1,
+                        group="dual model and jtdmoe", where=dict(mode=("train", "dual"), method=DUAL))
+    dual_mix: str = opt("logits", "logits: f_D mixes logits (the paper); normalized: each member's logits scaled to "
+                                  "unit std first", DUAL_MIXES, where=dict(mode=("train", "dual"), method=DUAL))
+    dual_sweep: str = opt("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "values of a to evaluate",
+                          where=dict(mode=("dual",)))
+    standard_ckpt: Optional[str] = opt(None, "dual: f_S from this checkpoint (else trained)",
+                                       where=dict(mode=("dual",)))
+    robust_ckpt: Optional[str] = opt(None, "dual: f_R from this checkpoint (else trained)", where=dict(mode=("dual",)))
+    robust_method: str = opt("rt-er", "dual: how f_R is trained without --robust-ckpt",
+                             ("at", "trades", "advmoe", "rt-er"), where=dict(mode=("dual",), member=("robust",)))
+    expert_attack: str = opt("pgd", "rt-er/jtdmoe: x' of each expert path's KL term by label PGD (the paper and its "
+                                    "code) or TRADES' KL attack", ("pgd", "kl"),
+                             where=dict(mode=("train",), method=("rt-er", "jtdmoe")))
+    device: str = opt("auto", "auto: cuda when available", ("auto", "cpu", "cuda"), group="run")
+    precision: str = opt("auto", "auto: bf16 + channels_last on CUDA, float32 on CPU (bf16: fast CPUs)", PRECISIONS,
+                         where=dict(mode=("train", "dual", "eval", "lipschitz", "benchmark")))
+    compile: bool = opt(False, "torch.compile the dense parts and each expert (compile_model)",
+                        where=dict(mode=("train", "benchmark")))
+    sync_bn: bool = opt(False, "under torchrun: BatchNorm statistics over the global batch (every process's rows), so "
+                               "N processes train what one would (default: each process's own rows)",
+                        where=dict(mode=("train",)))
+    out: str = opt("runs/default", "output folder (default runs/<dataset>-<arch>-<method>)")
+
+    def __post_init__(self):
+        if self.eps is None and self.norm == "linf":  # the L-inf default; an L2 radius has no default (validate)
+            self.eps = 8 / 255
+
+    def sweep_values(self) -> list[float]:
+        bad = f"--dual-sweep {self.dual_sweep!r} must be a comma list of numbers in [0, 1]"
+        try:
+            values = [float(v) for v in self.dual_sweep.split(",") if v.strip()]
+        except ValueError:
+            raise UserError(bad) from None
+        check(values and all(0 <= v <= 1 for v in values), bad)
+        return values
+
+    def validate(self) -> None:
+        """Check every setting before anything is read or written: each field against its own allowed values (inf
+        and nan pass no bound), then the settings that depend on each other."""
+        for f in dataclasses.fields(self):
+            v, m, flag = getattr(self, f.name), f.metadata, "--" + f.name.replace("_", "-")
+            kind = f.type.removeprefix("Optional[").rstrip("]")
+            if v is None:
+                check(f.type.startswith("Optional") or f.name == "eps", f"{flag} needs a value ({kind})")
+                continue
+            check(isinstance(v, {"float": (int, float), "int": int, "str": str, "bool": bool}[kind]) and
+                  (kind == "bool") == isinstance(v, bool), f"{flag} {v!r} is not {KIND_NAMES[kind]}")
+            if kind == "bool":
+                continue
+            check(not isinstance(v, float) or math.isfinite(v), f"{flag} {v} is not a finite number")
+            check(v in (m["choices"] or [v]), f"unknown {flag} {v!r}; allowed: {', '.join(m['choices'] or ())}")
+            for op, b, ok in ((">=", m["ge"], operator.ge), (">", m["gt"], operator.gt), ("<=", m["le"], operator.le),
+                              ("<", m["lt"], operator.lt)):
+                check(b is None or ok(v, b), f"{flag} {v} not allowed; need {flag[2:]} {op} {b}")
+        check(self.eps is not None, f"--norm {self.norm} needs an explicit --eps (an L2 radius, e.g. 0.5); the 8/255 "
+                                    "default is an L-inf radius")
+        check(self.norm != "linf" or self.eps <= 1, f"--eps {self.eps:g} not allowed under linf: images are in [0, 1], "
+                                                    "so eps <= 1 (e.g. 8/255)")
+        size = self.image_size
+        check(size is None or (16 <= size <= 256 and size % 8 == 0),  # 16: layer4 still sees 2x2 maps;
+              f"--image-size {size} not allowed; need a multiple of 8 from 16 to 256")  # 8: the ViT's 8x8 grid
+        check(self.top_k <= self.experts, f"--top-k {self.top_k} not allowed with --experts {self.experts}; need k<=E")
+        self.sweep_values()
+        robust = self.robust_method if self.method == "dual" else self.method
+        check(robust not in ("advmoe", "rt-er", "jtdmoe") or self.arch != "resnet18",
+              f"--method {self.method} needs an MoE (--arch moe-resnet18 or moe-vit), not resnet18")
+        check(robust != "rt-er" or self.experts >= 2,
+              f"--method rt-er needs a runner-up expert: --experts {self.experts} must be >= 2")
+        check(bool(moe_block_set(self.moe_blocks)) or self.arch != "moe-resnet18",
+              f"--moe-blocks {self.moe_blocks!r} makes no MoE layer; name blocks (layer4.1) or use --arch resnet18")
+
+def run_context(cfg: Config, mode: str, saved: Optional[Config] = None) -> dict:
+    """Where a run stands, as sets of names, for each Config field's `where`: the mode; the methods whose steps run
+    (a dual run's trained members' too; advmoe --robust-loss trades runs TRADES' loss); the architecture, suite,
+    threat model and data set (eval and lipschitz: the checkpoint's `saved` config); the dual members trained here."""
+    if mode in ("eval", "lipschitz"):
+        return dict(mode={mode}, arch={saved.arch}, dataset={saved.dataset}, norm={cfg.norm},
+                    suite={cfg.eval_suite} if mode == "eval" else set())
+    if mode in ("benchmark", "demo", "resume"):
+        return dict(mode={mode}, arch=set(ARCHS) if mode == "benchmark" else set())
+    dual = cfg.method == "dual"
+    trained = [m for m, ckpt in (("standard", cfg.standard_ckpt), ("robust", cfg.robust_ckpt)) if ckpt is None] \
+        if dual else []
+    methods = {cfg.method} | {cfg.robust_method if m == "robust" else "standard" for m in trained}
+    methods |= {"trades"} if "advmoe" in methods and cfg.robust_loss == "trades" else set()
+    return dict(mode={"dual"} | ({"train"} if trained else set()) if dual else {"train"}, method=methods,
+                arch={cfg.arch}, suite={cfg.eval_suite}, norm={cfg.norm}, dataset={cfg.dataset}, member=set(trained))
+
+CONTEXT_FLAGS = {"method": "--method", "arch": "--arch", "suite": "--eval-suite", "norm": "--norm",
+                 "dataset": "--dataset"}
+MODE_NAMES = {"train": "training", "dual": "--method dual", "eval": "--eval", "lipschitz": "--lipschitz",
+              "benchmark": "--benchmark", "demo": "the demo", "resume": "--resume"}
+MODE_WHERE = {"lipschitz_n": dict(mode=("lipschitz",)), "overwrite": dict(mode=("train", "dual")),  # not in Config
+              "resume": dict(mode=("dual",))}
+
+def field_where(name: str):
+    """A Config field's `where`, or that of a flag in MODE_WHERE."""
+    return MODE_WHERE[name] if name in MODE_WHERE else Config.__dataclass_fields__[name].metadata["where"]
+
+def unread_reason(where, ctx: dict) -> Optional[str]:
+    """None if a setting with this `where` is read in the run `ctx`, else why not (the first condition that fails)."""
+    alts = [where] if isinstance(where, dict) else where or [{}]
+    fails = [[(k, v) for k, v in alt.items() if not ctx.get(k, set()) & set(v)] for alt in alts]
+    if any(not f for f in fails):
+        return None
+    k, v = fails[0][0]
+    if k == "mode":
+        return f"it is read only by {' or '.join(MODE_NAMES[m] for m in v)}"
+    if k == "member":
+        return "it is read only when the dual model trains f_R (no --robust-ckpt)"
+    return f"it applies to {CONTEXT_FLAGS[k]} {', '.join(v)}, not {', '.join(sorted(ctx.get(k, ())))}"
+
+def refuse_unread(given: set, ctx: dict) -> None:
+    """Every setting given is read by this run, or the run is refused before anything happens (rule: no flag is
+    silently ignored). `given`: field names (and lipschitz_n / overwrite) the user set."""
+    for name in sorted(given):
+        why = unread_reason(field_where(name), ctx)
+        flag = "--" + ("no-augment" if name == "augment" else name.replace("_", "-"))
+        if why and ctx["mode"] == {"resume"}:
+            raise UserError(f"--resume continues the saved run with its own settings; drop {flag} (only --out and "
+                            "--device may change)")
+        check(why is None, f"{flag} is not read by this run: {why}; leave it out")
+
+# ==== 8. Setup: the device chosen in one place, data parallelism, files written atomically =========================
+def affine_eval(bn: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """An eval-mode BatchNorm on a float32 CPU feature map as the per-channel affine map it then is: y = x * s + t,
+    s = w / sqrt(running_var + eps), t = b - running_mean * s; None where that does not apply. Same function up to
+    float rounding; its backward (every attack step's) is one multiply, where PyTorch's CPU batch-norm backward is a
+    reduction kernel (PGD-10 on the demo's model: 5-10% faster on CPU)."""
+    if bn.training or bn.running_mean is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 4:
+        return None
+    s = (bn.running_var + bn.eps).rsqrt()
+    s, t = (s * bn.weight, bn.bias - bn.running_mean * s * bn.weight) if bn.affine else (s, -bn.running_mean * s)
+    return torch.addcmul(t.view(1, -1, 1, 1), x, s.view(1, -1, 1, 1))
+
+class AffineEvalBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d that runs in eval mode on a CPU as affine_eval; same parameters and buffers, training unchanged."""
+    def forward(self, x):
+        y = affine_eval(self, x)
+        return super().forward(x) if y is None else y
+
+@dataclass
+class Runtime:
+    """Device, autocast dtype and memory format: chosen once here, used everywhere."""
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]  # bf16 on CUDA, None (float32) on CPU unless --precision bf16
+    channels_last: bool  # NHWC activations: faster convolutions on tensor cores and in oneDNN. Not float32 on CPU:
+    # there it is 1.3x faster per attack step, but BatchNorm's channels_last training kernel sums its statistics in
+    # float32 (a training step then differs from the NCHW one by 1e-4, not 1e-7), and oneDNN's weight gradient of a
+    # strided 1x1 conv corrupts the heap at 4-8 input channels and odd batch sizes (torch 2.14)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        if self.device.type == "cuda":  # autotune convolutions per shape, except in an MoE (a module with experts),
+            # where every step brings new per-expert batch sizes, each a synchronising tuning
+            torch.backends.cudnn.benchmark = not any(hasattr(m, "experts") for m in model.modules())
+        else:  # CPU: eval-mode BatchNorm as an affine map (attacks' backward passes)
+            for m in model.modules():
+                if type(m) is nn.BatchNorm2d:
+                    m.__class__ = AffineEvalBatchNorm
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+def make_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    """`auto` picks CUDA when present. bf16 autocast and channels_last on CUDA (float32 leftovers on TF32 tensor
+    cores); on CPU float32 in the default layout, or bf16 + channels_last."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    check(device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA GPU; "
+                                                         "use --device cpu or auto")
+    dev, dtype = torch.device(device), amp_dtype(device, precision)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return Runtime(dev, dtype, dev.type == "cuda" or dtype is not None)
+
+def seed_everything(seed: int) -> None:
+    """Seeds torch (CPU and CUDA) and numpy. Called at the start of every epoch with a seed derived from (run seed,
+    epoch), so a resumed run repeats the uninterrupted one."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+# ---- Data parallelism (torchrun): N processes ("ranks"), each with its share of every global batch ----------------
+# `torchrun --nproc_per_node=N moe_robust.py ...` starts N copies with RANK, WORLD_SIZE and LOCAL_RANK set; without
+# it everything below is a no-op and a run is exactly the single-process one. What a rank does differently:
+#  - it trains on rows [start, stop) of each global batch (Shard, set by data_shard around each step); every rank
+#    draws the batch's order, augmentation and the attacks' random starts for the whole global batch and keeps its
+#    rows (shard_rand), so N ranks draw what one process would;
+#  - before each optimiser step, one all-reduce makes every gradient the global batch's (sync_gradients), and the
+#    balance loss uses the global batch's routing fractions (global_fraction);
+#  - BatchNorm statistics are per rank, or the global batch's with --sync-bn (SyncBatchNorm);
+#  - only rank 0 validates, writes files and logs; the final evaluation is split across ranks and added up.
+# None of it is in the pieces people copy: data_parallel sets it from outside, through the optimisers' step hooks,
+# the MoE layers' two hook slots and rows_rand (section 3), as forced_routes sets an MoE's `control`.
+class Shard(NamedTuple):
+    start: int  # this rank's rows [start, stop) of a global batch of `total` rows
+    stop: int
+    total: int
+
+SHARD: Optional[Shard] = None  # set by data_shard around each training step under torchrun
+
+def world() -> tuple[int, int]:
+    """(this process's rank, number of processes): (0, 1) without torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+def start_distributed(device: str) -> None:
+    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs (one per process: cuda:LOCAL_RANK) or
+    gloo on CPUs. Called once by main before anything else."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """t reduced over every rank (sum by default), on t's device; t itself in one process. (NCCL reduces CUDA
+    tensors only, so host tensors travel through the GPU there.)"""
+    if world()[1] == 1:
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    r = t.detach().to(dev).clone()
+    dist.all_reduce(r, op or dist.ReduceOp.SUM)
+    return r.to(t.device)
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (a download happens once), then the others."""
+    if not is_main():
+        barrier()
+    yield
+    if is_main():
+        barrier()
+
+def shard_rows(n: int) -> tuple[int, int]:
+    """This rank's rows [start, stop) of n rows: N near-equal contiguous parts."""
+    rank, size = world()
+    return rank * n // size, (rank + 1) * n // size
+
+def shard_rand(x: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """rows_rand under torchrun: when x is this rank's share of the global batch (SHARD), the random numbers are
+    drawn for the whole global batch and this rank's rows kept: N ranks draw exactly what one process would, and
+    their generators stay in step."""
+    s = SHARD
+    if s is None or len(x) != s.stop - s.start:
+        return fill(torch.empty_like(x))
+    return fill(x.new_empty((s.total,) + x.shape[1:]))[s.start:s.stop]
+
+@contextlib.contextmanager
+def data_shard(total: int):
+    """Around one training step under torchrun: this rank's rows of a global batch of `total` (SHARD), and the
+    attacks' random draws made for the global batch (rows_rand -> shard_rand). -> the Shard"""
+    global SHARD, rows_rand
+    plain, SHARD, rows_rand = rows_rand, Shard(*shard_rows(total), total), shard_rand
+    try:
+        yield SHARD
+    finally:
+        SHARD, rows_rand = None, plain
+
+def share() -> float:
+    """This rank's share of the current global batch (1 outside a data-parallel step)."""
+    return 1.0 if SHARD is None else (SHARD.stop - SHARD.start) / SHARD.total
+
+def global_fraction(frac: torch.Tensor) -> torch.Tensor:
+    """The MoE layers' `fraction` hook: f_i of the balance loss (Switch eq. 4) over the global batch's rows. Each
+    rank's term E sum_i f_i P_i,r, weighted by its share as sync_gradients weighs the ranks, then adds up to the
+    global batch's balance loss and gradient: the loss means the same at any N. (Switch and GShard compute it per
+    device instead, which at N = 1 is the same.)"""
+    return frac if SHARD is None else all_reduce(frac * share())
+
+def sync_gradients(params: list[nn.Parameter], weight: float) -> None:
+    """Data parallelism's one collective per optimiser step (data_parallel hooks it before each step): each gradient
+    becomes sum over ranks of weight_r * grad_r, weight_r = this rank's rows / the global batch's rows, which is the
+    gradient of the global batch's mean loss whatever the shares. An expert idle on this rank sends zeros; a
+    parameter that no rank used (an expert without rows anywhere) keeps no gradient, as in one process, where SGD
+    then leaves it alone. One flat buffer, one all-reduce. torch's DistributedDataParallel would overlap it with the
+    backward, but it needs find_unused_parameters (a graph walk per step) for idle experts and hooks every backward
+    through the model, the attacks' input-gradient ones included; an adversarial step makes ~11 forward-backward
+    passes per optimiser step, so the overlap would buy little here."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    flat = all_reduce(torch.cat([g.reshape(-1).float() * weight for g in grads] + [used]))
+    anywhere = flat[-len(params):].tolist()  # one read-back per optimiser step, under torchrun only
+    for p, g, u in zip(params, flat[:-len(params)].split([g.numel() for g in grads]), anywhere):
+        p.grad = g.view_as(p).to(p.dtype) if u > 0 else None
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable. Every rank's loss depends on the sum, so its gradient is the sum over ranks of
+    their gradients, each weighted by its rank's share w_s; divided by this rank's w_r, which sync_gradients
+    multiplies back. (Equal shares: the plain sum.)"""
+    @staticmethod
+    def forward(ctx, t):
+        return all_reduce(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_reduce(g * share()) / share()
+
+def run_idle_expert(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An expert on zero rows with its parameters detached: it takes part in every BatchNorm collective, forward and
+    backward, like the ranks where it has rows, and gets no gradient here (a parameter no rank used keeps none)."""
+    return torch.func.functional_call(expert, {n: p.detach() for n, p in expert.named_parameters()}, (x,))
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """--sync-bn: BatchNorm whose training statistics are the global batch's, per channel over every rank's rows
+    (two differentiable all-reduces: the sum, then the squared deviations), so N ranks train what one process
+    would (to float rounding: on a CPU in float64, as BatchNorm's own CPU kernel effectively is; in float32 a
+    channel that barely varies turns the rounding of its mean into visible differences); eval uses the running
+    statistics. An expert's BatchNorm then takes the statistics of all rows routed to it on any rank, so every rank
+    must run every expert, idle ones on zero rows (MoE.run_idle). torch.nn.SyncBatchNorm does the same with fused
+    kernels, on CUDA only; this one runs on gloo too."""
+
+    def _check_input_dim(self, x):
+        check(x.dim() >= 2, f"SyncBatchNorm needs (N, C, ...) input, got {tuple(x.shape)}")
+
+    def forward(self, x):
+        if not (self.training and world()[1] > 1):  # eval: as one process computes it (Runtime.prepare, on a CPU)
+            y = affine_eval(self, x)
+            return super().forward(x) if y is None else y
+        dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
+        h = x.double() if x.is_cpu else x.float()  # as precise as BatchNorm's own kernel there (CPU: float64)
+        local = torch.cat([h.sum(dims), h.new_tensor([h.numel() / h.shape[1]])])  # (C + 1,): sums, row count
+        total = AllReduceSum.apply(local)
+        count = total[-1].detach()
+        mean = total[:-1] / count.clamp(min=1)
+        var = AllReduceSum.apply((h - mean.view(shape)).pow(2).sum(dims)) / count.clamp(min=1)
+        out = (h - mean.view(shape)) * (var + self.eps).rsqrt().view(shape)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:  # nothing routed anywhere: the statistics stay as they are
+            with torch.no_grad():
+                m, seen = self.momentum, count > 1
+                unbiased = var.detach() * count / (count - 1).clamp(min=1)
+                self.running_mean.copy_(torch.where(seen, (1 - m) * self.running_mean + m * mean.detach(),
+                                                    self.running_mean))
+                self.running_var.copy_(torch.where(seen, (1 - m) * self.running_var + m * unbiased,
+                                                   self.running_var))
+                self.num_batches_tracked += (count > 0).long()  # as in one process, which skips such an expert
+        return out.to(x.dtype)
+
+def data_parallel(model: nn.Module, opts: list, sync_bn: bool) -> None:
+    """Under torchrun, make a method's model and optimisers data-parallel: each optimiser syncs its gradients before
+    it steps, each MoE layer takes its routing fractions over the global batch, and with sync_bn every BatchNorm
+    becomes a SyncBatchNorm (same parameters and buffers: checkpoints do not change) and every MoE layer runs its
+    idle experts on zero rows."""
+    if world()[1] == 1:
+        return
+    for o in opts:
+        o.register_step_pre_hook(lambda o, args, kwargs: sync_gradients(
+            [p for g in o.param_groups for p in g["params"]], share()) if SHARD is not None else None)
+    for m in model.modules():
+        if hasattr(m, "fraction"):
+            m.fraction, m.run_idle = global_fraction, run_idle_expert if sync_bn else None
+        if sync_bn and type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, AffineEvalBatchNorm):
+            m.__class__ = SyncBatchNorm
+
+def average_buffers(model: nn.Module) -> None:
+    """Per-rank BatchNorm: every float buffer (running statistics) set to its mean over the ranks, so that every
+    rank evaluates, and rank 0 saves, the same model. (With --sync-bn they are equal already.)"""
+    size = world()[1]
+    for b in model.buffers() if size > 1 else ():
+        if b.is_floating_point():
+            b.copy_(all_reduce(b) / size)
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file, and an interrupted
+    write leaves no temporary file (a SIGKILL can: see remove_stale_temps). Under torchrun only rank 0 writes."""
+    if not is_main():
+        return
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove the temporary files of writes that a killed process never finished."""
+    for p in Path(folder).glob(".*.tmp*"):
+        p.unlink(missing_ok=True)
+
+def strict_json(obj):
+    """obj with every non-finite float replaced by None: JSON has no NaN or Infinity."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(strict_json(obj), indent=1, allow_nan=False)))
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; a clear error if it is not one (nothing is overwritten)."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({type(e).__name__}); move it away or use another --out") from None
+    check(isinstance(obj, dict), f"{path} does not hold a JSON object; move it away or choose another --out")
+    return obj
+
+def check_writable(folder: str, flag: str = "--out") -> Path:
+    """Prove that `folder` is, or can be created as, a writable folder, without writing anything."""
+    p = Path(folder)
+    check(not p.is_file(), f"{flag} {folder} is a file; give a folder")
+    base = next(a for a in (p, *p.parents) if a.exists())
+    why = "read-only" if base.is_dir() else "not a folder"
+    check(base.is_dir() and os.access(base, os.W_OK | os.X_OK), f"{flag} {folder} is not a writable folder ({base} is "
+                                                                 f"{why})")
+    return p
+
+def writable_folder(folder: str, flag: str = "--out") -> Path:
+    """Create `folder` (checked by check_writable) and prove it is writable: the first write of a run."""
+    p = check_writable(folder, flag)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{flag} {folder} is not a writable folder ({e.strerror or type(e).__name__})") from None
+    return p
+
+def read_records(path: Path) -> list:
+    """The entries of a record file (eval.json, lipschitz.json: {"records": [...]}), read before the work so that a
+    broken file stops the run early. Records only grow: add_record appends."""
+    if not Path(path).exists():
+        return []
+    obj = read_json(path)
+    entries = obj.get("records", [obj])  # a file of one entry, as earlier versions wrote it
+    check(isinstance(entries, list), f"{path} is not a record file (its 'records' is not a list); move it away")
+    return entries
+
+def add_record(path: Path, entries: list, entry: dict) -> None:
+    write_json(path, {"records": entries + [entry]})
+
+# ==== 9. Data: uint8 tensors in memory, float [0, 1] batches on the device =========================================
+# Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,). Batches are cast to float in
+# [0, 1] on the device and augmented there (random crop with zero padding + horizontal flip, the CIFAR recipe).
+NORM_STATS = {  # per-channel mean/std of the Normalize layer inside each model
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # for imagefolder
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    "random": ((0.5, 0.5, 0.5), (0.2887, 0.2887, 0.2887)),  # uniform [0, 1]: std 1/sqrt(12)
+}
+
+@dataclass
+class Dataset:
+    train_x: torch.Tensor  # (N, 3, H, W) uint8
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor  # (M, 3, H, W) uint8
+    test_y: torch.Tensor  # (M,) int64
+    num_classes: int
+    name: str
+
+    @property
+    def image_size(self) -> int:
+        return self.train_x.shape[-1]
+
+def make_synthetic(n_train: int = 6000, n_test: int = 1000, seed: int = 0, size: int = 32, num_classes: int = 10,
+                   strong: float = 0.2, weak: float = 4 / 255, noise: float = 0.02) -> Dataset:
+    """A deterministic 10-class 32x32 image set, no download, on which standard training is accurate but not robust
+    and adversarial training robust, for the reason Ilyas et al. (2019) give: data holds robust and non-robust
+    features, and standard training uses both. Each image is a smooth colour layout (4x4x3 cells, upsampled) of
+      * a strong layout (cell contrast up to `strong`) shared by classes c and c + 5: a robust feature naming the pair;
+      * a weak layout of the class (contrast up to `weak` = 4/255): it alone tells the pair apart, and an L-inf
+        attack of 8/255 can turn it into the other class's;
+    plus smooth per-image noise (`noise` per cell) and 1/255 pixel noise. A robust model can trust only the pair
+    (robust accuracy near 0.5). Layouts are fixed (seed 1234); `seed` draws the examples."""
+    check(num_classes % 2 == 0, f"synthetic needs an even number of classes, got {num_classes}")
+    base, pairs = torch.Generator().manual_seed(1234), num_classes // 2
+    strong_layouts = strong * (torch.rand(pairs, 3, 4, 4, generator=base) * 2 - 1)  # (C/2, 3, 4, 4)
+    weak_layouts = weak * (torch.randint(0, 2, (num_classes, 3, 4, 4), generator=base).float() * 2 - 1)  # (C, 3, 4, 4)
+    cells = 0.5 + strong_layouts[torch.arange(num_classes) % pairs] + weak_layouts  # (C, 3, 4, 4)
+
+    def draw(n: int, g: torch.Generator):
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        low = cells[y] + noise * torch.randn(n, 3, 4, 4, generator=g)  # (n, 3, 4, 4)
+        x = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+        x = x + torch.randn(n, 3, size, size, generator=g) / 255
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+    tx, ty = draw(n_train, torch.Generator().manual_seed(seed * 2 + 1))
+    return Dataset(tx, ty, *draw(n_test, torch.Generator().manual_seed(seed * 2 + 2)), num_classes, "synthetic")
+
+def make_random(n_train: int = 50000, n_test: int = 10000, seed: int = 0, size: int = 32) -> Dataset:
+    """Uniform noise with random labels in CIFAR-10's shape: for timing a full-size epoch offline."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda n: (torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+                      torch.randint(0, 10, (n,), generator=g))
+    return Dataset(*draw(n_train), *draw(n_test), 10, "random")
+
+def load_cifar(name: str, data_dir: str) -> Dataset:
+    """CIFAR-10/100 from the python-pickle layout under `data_dir`, downloaded there through torchvision when missing
+    (offline, the error says where to put the archive). Read here, so that only the layout matters."""
+    root, classes = Path(data_dir), 10 if name == "cifar10" else 100
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    if not folder.is_dir():
+        made = next(a for a in (root, *root.parents) if a.exists())  # a failed download leaves no folder behind
+        try:
+            import torchvision  # only needed for the download
+            (torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100)(
+                str(root), train=True, download=True)
+        except Exception as e:  # offline, or no write access
+            if made != root:
+                import shutil
+                shutil.rmtree(made / root.relative_to(made).parts[0], ignore_errors=True)
+            raise UserError(f"{name} not found in {root}/ and the download failed ({type(e).__name__}); put "
+                            f"{name.replace('cifar', 'cifar-')}-python.tar.gz from https://www.cs.toronto.edu/~kriz/ "
+                            f"extracted into {root}/") from None
+
+    def read(fn):
+        bad = lambda why: UserError(f"{name}: {folder / fn} is not a CIFAR batch ({why}); re-extract the archive")
+        try:
+            with open(folder / fn, "rb") as f:
+                d = pickle.load(f, encoding="latin1")
+        except Exception as e:
+            raise bad(f"cannot read it: {type(e).__name__}") from None
+        if not isinstance(d, dict) or "data" not in d or not ({"labels", "fine_labels"} & set(d)):
+            raise bad("expected a dict with 'data' and 'labels'")
+        try:
+            x, y = np.asarray(d["data"]), np.asarray(d.get("labels", d.get("fine_labels")))
+        except (TypeError, ValueError, OverflowError):
+            raise bad("data or labels are not numbers") from None
+        if x.dtype != np.uint8:  # a cast would turn floats in [0, 1] into black images
+            raise bad(f"pixels are {x.dtype}; expected uint8 values 0..255")
+        if y.dtype.kind not in "iu":
+            raise bad(f"labels are {y.dtype}; expected whole numbers")
+        y = y.astype(np.int64)
+        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (len(x),):
+            raise bad(f"data {tuple(x.shape)}, labels {tuple(y.shape)}; expected (N, 3072) and (N,)")
+        if len(y) and (y.min() < 0 or y.max() >= classes):
+            raise bad(f"label {int(y.max() if y.max() >= classes else y.min())} outside 0..{classes - 1}")
+        return torch.from_numpy(x.reshape(-1, 3, 32, 32)), torch.from_numpy(y)
+    parts = ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]) if name == "cifar10" else (["train"], ["test"])
+    (tx, ty), (vx, vy) = [map(torch.cat, zip(*map(read, files))) for files in parts]
+    return Dataset(tx, ty, vx, vy, classes, name)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+
+def read_images(paths: list[Path], size: int) -> torch.Tensor:
+    """Images as RGB, shorter side resized to `size`, centre-cropped: (N, 3, size, size) uint8."""
+    from PIL import Image  # Pillow comes with torchvision
+    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                s = size / min(im.size)
+                im = im.convert("RGB").resize(tuple(max(size, round(v * s)) for v in im.size), Image.BILINEAR)
+                left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+                out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+        except Exception as e:
+            raise UserError(f"cannot read image {p} ({type(e).__name__}: {e})") from None
+    return out
+
+def class_images(folder: Path, classes: list[str], what: str, need_all: bool) -> tuple[list[Path], list[int]]:
+    """The images of folder/<class>/ (or folder/<class>/images/, TinyImageNet's layout), with class indices."""
+    paths, labels, kinds = [], [], ", ".join(IMAGE_EXTENSIONS)
+    for c in sorted(p.name for p in folder.iterdir() if p.is_dir()):
+        check(c in classes, f"{what}: class {c!r} in {folder}/ is not in train/")
+        sub = folder / c / "images" if (folder / c / "images").is_dir() else folder / c
+        imgs = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        check(len(imgs) > 0 or not need_all, f"{what}: class folder {sub}/ has no images ({kinds}); remove it or "
+                                              "add images")
+        paths, labels = paths + imgs, labels + [classes.index(c)] * len(imgs)
+    check(len(paths) > 0, f"{what}: no images ({kinds}) under {folder}/")
+    return paths, labels
+
+def load_tinyimagenet(data_dir: str, size: int = 64) -> Dataset:
+    """TinyImageNet-200 from its raw layout: train/<wnid>/images/*.JPEG, and val/images/*.JPEG with
+    val/val_annotations.txt (file, wnid, box). Val is the test set."""
+    root = Path(data_dir)
+    if not (root / "train").is_dir() and (root / "tiny-imagenet-200").is_dir():
+        root = root / "tiny-imagenet-200"
+    ann = root / "val" / "val_annotations.txt"
+    check((root / "train").is_dir() and ann.is_file(),
+          f"tinyimagenet not found in {data_dir}/: expected train/<wnid>/images/ and val/val_annotations.txt "
+          "(unzip tiny-imagenet-200.zip from http://cs231n.stanford.edu/tiny-imagenet-200.zip there)")
+    wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    check(len(wnids) >= 2, f"tinyimagenet: {root / 'train'}/ has {len(wnids)} class folders; need at least 2")
+    paths, labels = class_images(root / "train", wnids, "tinyimagenet", need_all=False)
+    val = [line.split()[:2] for line in ann.read_text().splitlines() if len(line.split()) >= 2]
+    for _, w in val:
+        check(w in wnids, f"tinyimagenet: {ann} names class {w!r} that train/ lacks")
+    check(len(val) > 0, f"tinyimagenet: no images found under {root}/")
+    vx = read_images([root / "val" / "images" / f for f, _ in val], size)
+    return Dataset(read_images(paths, size), torch.tensor(labels), vx, torch.tensor([wnids.index(w) for _, w in val]),
+                   len(wnids), "tinyimagenet")
+
+def load_imagefolder(data_dir: str, size: int = 32) -> Dataset:
+    """Any `data_dir` with train/ and test/ (or val/) holding one sub-folder per class; images of any size are
+    resized (shorter side) and centre-cropped to `size`."""
+    root, train_dir = Path(data_dir), Path(data_dir) / "train"
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    check(train_dir.is_dir() and test_dir is not None,
+          f"imagefolder: {data_dir}/ must hold train/ and test/ (or val/) with one sub-folder per class")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    check(len(classes) >= 2, f"imagefolder: {train_dir}/ has {len(classes)} class folders; need at least 2")
+    (tp, tl), (vp, vl) = (class_images(d, classes, "imagefolder", d is train_dir) for d in (train_dir, test_dir))
+    return Dataset(read_images(tp, size), torch.tensor(tl), read_images(vp, size), torch.tensor(vl), len(classes),
+                   "imagefolder")
+
+def load_dataset(name: str, data_dir: str = "data", image_size: Optional[int] = None, seed: int = 0,
+                 train_limit: Optional[int] = None, test_limit: Optional[int] = None) -> Dataset:
+    """Load by name; `train_limit`/`test_limit` keep only the first N examples."""
+    check(name in DATASETS, f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    if name in ("synthetic", "random"):  # generated in memory: keep the request to what fits
+        for flag, v in (("--train-limit", train_limit), ("--test-limit", test_limit)):
+            check(v is None or v <= 100_000, f"{flag} {v} too large for generated data ({name}); allowed: 1..100000")
+        make, n = (make_synthetic, (6000, 1000)) if name == "synthetic" else (make_random, (50000, 10000))
+        data = make(train_limit or n[0], test_limit or n[1], seed=0, size=image_size or 32)
+    else:
+        cifar = name in ("cifar10", "cifar100")
+        check(cifar or Path(data_dir).is_dir(), f"--data-dir {data_dir!r} does not exist or is not a directory "
+                                                f"(needed for {name})")
+        check(not cifar or image_size in (None, 32), f"{name} images are 32x32; --image-size {image_size} not allowed")
+        data = (load_cifar(name, data_dir) if cifar else load_tinyimagenet(data_dir, image_size or 64)
+                if name == "tinyimagenet" else load_imagefolder(data_dir, image_size or 32))
+    data.train_x, data.train_y = data.train_x[:train_limit], data.train_y[:train_limit]  # [:None] keeps all
+    data.test_x, data.test_y = data.test_x[:test_limit], data.test_y[:test_limit]
+    return check_dataset(data)
+
+def check_dataset(d: Dataset) -> Dataset:
+    """A Dataset is what it claims: uint8 images (N, 3, S, S) of one size, int64 labels 0..classes-1, a train and a
+    test split that are not empty. Every loader's result passes here before any training."""
+    what = f"data set {d.name}"
+    check(isinstance(d.num_classes, int) and d.num_classes >= 2, f"{what}: {d.num_classes} classes; need at least 2")
+    for split, x, y in (("train", d.train_x, d.train_y), ("test", d.test_x, d.test_y)):
+        check(torch.is_tensor(x) and x.dtype == torch.uint8, f"{what}: {split} images are "
+              f"{getattr(x, 'dtype', type(x).__name__)}; expected uint8 pixel values 0..255")
+        check(x.dim() == 4 and x.shape[1] == 3 and x.shape[2] == x.shape[3] == d.train_x.shape[-1],
+              f"{what}: {split} images have shape {tuple(x.shape)}; expected (N, 3, S, S) with the train split's S")
+        check(torch.is_tensor(y) and y.dtype == torch.int64 and y.shape == (len(x),),
+              f"{what}: {split} labels must be int64 of shape ({len(x)},)")
+        check(len(x) > 0, f"{what}: the {split} split is empty")
+        check(int(y.min()) >= 0 and int(y.max()) < d.num_classes,
+              f"{what}: {split} label {int(y.max() if y.max() >= d.num_classes else y.min())} outside "
+              f"0..{d.num_classes - 1}")
+    return d
+
+def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, seed: int):
+    """Hold out `n_val` training examples (a fixed random subset) for model selection: the test set never chooses a
+    checkpoint (robust overfitting, Rice et al. 2020)."""
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
+
+def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding `pad`) + horizontal flip of a float batch (B, C, H, W), on its device, with the
+    global torch RNG (seeded per epoch)."""
+    B, C, H, W = x.shape
+    dy, dx = (torch.randint(0, 2 * pad + 1, (B,), device=x.device) for _ in range(2))
+    rows = torch.arange(H, device=x.device)[None] + dy[:, None]  # (B, H)
+    cols = torch.arange(W, device=x.device)[None] + dx[:, None]  # (B, W)
+    b, c = torch.arange(B, device=x.device)[:, None, None, None], torch.arange(C, device=x.device)[None, :, None, None]
+    out = F.pad(x, (pad, pad, pad, pad))[b, c, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+    return torch.where((torch.rand(B, device=x.device) < 0.5)[:, None, None, None], out.flip(3), out)
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
+            shuffle: bool = False, train_augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (float images in [0,1], labels) on `device`; shuffling uses the global RNG. Training keeps the whole
+    uint8 set on the device (150 MB for CIFAR-10), so a batch is a gather, a cast and the augmentation there: no
+    host work, no copy, no sync per step."""
+    order = torch.randperm(len(x), device=x.device) if shuffle else torch.arange(len(x), device=x.device)
+    for i in range(0, len(x), batch_size):
+        idx = order[i:i + batch_size]
+        xb = x[idx].to(device, non_blocking=True).float().div_(255)
+        xb = augment(xb, pad=max(1, xb.shape[-1] // 8)) if train_augment else xb
+        yield xb, y[idx].to(device, non_blocking=True)
+
+# ==== 10. The training loop: checkpoints, validation, resume, the dual model =======================================
 CHECKPOINT_VERSION = 1
 RUN_FILES = ("last.pt", "best.pt", "metrics.json")  # a folder holding any of these holds a run
 
@@ -2252,9 +2516,62 @@ def log(msg: str) -> None:
 def check_resume(resume: bool, overwrite: bool) -> None:
     check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
 
+LOSSES = ("standard", "at", "trades", "rt-er")  # the methods whose step is loss_step on one loss function
+
+class Trainer:
+    """What the training loop holds for one method: the model, its optimisers and cosine schedules. `step` trains on
+    one batch with the method's step function (section 4) and returns 0-dim tensors to log, left on the device (the
+    loop reads them once per epoch, so a step never waits for the GPU). Optimisers: one over every parameter; advmoe
+    [experts, routers] (--router-lr; the routers' schedule per --router-schedule); jtdmoe [f_R, f_S]."""
+
+    def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
+        self.model, self.cfg = model, cfg
+        if cfg.method == "advmoe":
+            router = router_parameters(model)
+            check(len(router) > 0, "advmoe needs MoE layers (--arch moe-resnet18 or moe-vit)")
+            ids = {id(p) for p in router}
+            self.opts = [sgd([p for p in model.parameters() if id(p) not in ids], cfg),
+                         sgd(router, cfg, cfg.router_lr)]  # router_lr None: --lr
+        elif cfg.method == "jtdmoe":
+            self.opts = [sgd(model.robust.parameters(), cfg), sgd(model.standard.parameters(), cfg)]
+        else:
+            self.opts = [sgd(model.parameters(), cfg)]
+        scheduled = self.opts[:1] if cfg.method == "advmoe" and cfg.router_schedule != "cosine" else self.opts
+        self.scheds = [cosine(o, total_steps) for o in scheduled]
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        model, cfg, opts, extra = self.model, self.cfg, self.opts, {}
+        if cfg.method == "advmoe":
+            loss, logits, extra["router_loss"] = advmoe_step(model, opts[1], opts[0], x, y, cfg)
+        elif cfg.method == "jtdmoe":
+            loss, logits, extra["robust_loss"] = jtdmoe_step(model, opts[0], opts[1], x, y, cfg)
+        else:  # looked up at call time, so a test can stand in for a loss
+            loss_fn = {"standard": standard_loss, "at": at_loss, "trades": trades_loss, "rt-er": rter_loss}
+            loss, logits = loss_step(model, opts[0], loss_fn[cfg.method], x, y, cfg)
+        for s in self.scheds:
+            s.step()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in extra.items()},
+                "acc": (logits.argmax(1) == y).float().mean()}
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "opts": [o.state_dict() for o in self.opts],
+                "scheds": [s.state_dict() for s in self.scheds]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a checkpoint, whichever device wrote it: each optimiser keeps the kernel choice (fused / foreach)
+        made for this device, not the one saved with its state."""
+        self.model.load_state_dict(state["model"])
+        for o, st in zip(self.opts, state["opts"]):
+            here = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in o.param_groups]
+            o.load_state_dict(st)
+            for g, h in zip(o.param_groups, here):
+                g.update(h)
+        for s, st in zip(self.scheds, state["scheds"]):
+            s.load_state_dict(st)
+
 EXPLODED = 100.0  # a step loss this many times the run's first (at least 1) stops training like a non-finite one
 
-def train_epoch(method: Method, x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device,
+def train_epoch(method: "Trainer", x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device,
                 epoch: int, start_loss: Optional[float] = None) -> dict:
     """One pass over (x, y) with method.step. Logs are summed on the device and read back once. Divergence stops the
     run before anything of this epoch is saved (the last good checkpoint stays): a non-finite loss or weight, or a
@@ -2394,7 +2711,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     seed_everything(cfg.seed)  # the initial weights
     shape = (data.num_classes, data.image_size)
     model = runtime.prepare(build_run_model(cfg, *shape))
-    method = METHOD_CLASSES[cfg.method](model, cfg, cfg.epochs * math.ceil(len(tx) / cfg.batch_size))
+    method = Trainer(model, cfg, cfg.epochs * math.ceil(len(tx) / cfg.batch_size))
     data_parallel(model, method.opts, cfg.sync_bn)  # under torchrun; nothing in one process
     history, best, start, start_loss = [], {"epoch": -1, "score": -1.0}, 0, None
     if state is not None:
@@ -2439,7 +2756,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         usage = expert_counts(model)
         val = evaluate(model, vx, vy, AttackConfig(cfg.eps, cfg.alpha, cfg.val_steps, 1, cfg.norm), runtime.device)
         row = {"epoch": epoch + 1, **row, "val_clean_acc": val["clean_acc"], "val_robust_acc": val["robust_acc"],
-               "lr": method.opt.param_groups[0]["lr"], "time_s": round(time.time() - t0, 2),
+               "lr": method.opts[0].param_groups[0]["lr"], "time_s": round(time.time() - t0, 2),
                "images_per_s": round(n / seconds, 1), "expert_usage": usage, "routing": routing}
         history.append(row)
         if row[selection] > best["score"]:
@@ -2552,291 +2869,7 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
     log(format_report(metrics["test"], f"dual model at a={cfg.dual_a}"))
     return metrics
 
-# ==== 9. Lipschitz constants, route stability and certified radii (Puigcerver 2022; dual model) =====================
-# How fast can the logits F change with the input, in a norm p (linf or l2; output in the same)? local_lipschitz:
-# max ||F(x') - F(x)|| / ||x' - x|| over an eps-ball by gradient ascent, a lower bound on the local constant;
-# jacobian_spectral_norm: ||J_F(x)||_2 by power iteration with jvp and vjp; lipschitz_bound: an upper bound, the
-# product of per-layer operator norms (L2: Gram iteration, provable; L-inf: row sums; BatchNorm in eval as
-# max |gamma / sigma|; residual blocks L_shortcut + L_branch).
-# For a dense network the bound is global. An MoE layer F = sum_i g_i f_i with L_i-Lipschitz experts, r_i-Lipschitz
-# gates and outputs bounded by M_i is K-Lipschitz with K = sum_i (L_i + M_i r_i) (dual-model paper; soft gates); with
-# hard top-1 routing, where the route cannot change only the chosen expert and its gate move: K = max_i (L_i + M_i
-# r_i). A hard router is not Lipschitz across route changes (two inputs a hair apart on either side of a switch differ
-# by the gap between two experts), and M_i is measured on the given inputs, so for an MoE the bound is *route-stable*,
-# not global: it holds within one route region near the measured inputs (`route_stable_{norm}` in the report), and a
-# certificate only inside the route-stable radius.
-
-def local_lipschitz(model: nn.Module, x: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
-                    steps: int = 20) -> torch.Tensor:
-    """Per-example lower bound (B,) on the local Lipschitz constant of x -> logits in the eps-ball, in `norm`. linf:
-    for every output j and sign s, sign-gradient ascent on s * (F_j(x + d) - F_j(x)) (the inf-norm of the change is
-    the largest such term); l2: normalised-gradient ascent on ||F(x + d) - F(x)||_2 (power iteration for a linear
-    F). The ratio is taken at every iterate; images are not clipped. Exact for F = Wx + b."""
-    x, best = x.detach(), torch.zeros(len(x), device=x.device)
-    ratio = lambda out, inp: per_example_norm(out, norm, False) / per_example_norm(inp, norm, False).clamp_min(1e-12)
-    with eval_mode(model):
-        with torch.no_grad():
-            f0 = model(x).float()
-        for obj in [(j, s) for j in range(f0.shape[1]) for s in (1.0, -1.0)] if norm == "linf" else [None]:
-            d = torch.randn_like(x)
-            d = eps * d / per_example_norm(d, norm).clamp_min(1e-12)
-            for _ in range(steps):
-                d.requires_grad_(True)
-                diff = model(x + d).float() - f0
-                best = torch.maximum(best, ratio(diff, d).detach())
-                (g,) = torch.autograd.grad((diff[:, obj[0]] * obj[1] if obj else diff.pow(2).sum(1)).sum(), d)
-                with torch.no_grad():  # linf: a sign step, clipped; l2: to the eps-sphere along the gradient
-                    if obj:
-                        d = (d + eps * g.sign()).clamp(-eps, eps)
-                    else:
-                        d = eps * g / per_example_norm(g, "l2").clamp_min(1e-12)
-            with torch.no_grad():
-                best = torch.maximum(best, ratio(model(x + d).float() - f0, d))
-    return best
-
-def jacobian_spectral_norm(model: nn.Module, x: torch.Tensor, iters: int = 30) -> torch.Tensor:
-    """||J_F(x)||_2 per example by power iteration on J^T J: J v by forward-mode AD (jvp), J^T u by reverse mode
-    (vjp); examples are independent in eval mode, so one batched pass serves all. (B,)"""
-    import warnings
-    import torch.autograd.forward_ad as fwAD
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    x = x.detach()
-    unit = lambda t: t / t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
-    v, sigma = unit(torch.randn_like(x)), torch.zeros(len(x), device=x.device)
-    with eval_mode(model), sdpa_kernel([SDPBackend.MATH]), warnings.catch_warnings():
-        # MATH: the fused attention kernels have no jvp; torch's jvp decompositions warn about torch.jit
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*")
-        xr = x.clone().requires_grad_(True)
-        out = model(xr).float()  # for the vjp, built once
-        for _ in range(iters):
-            with fwAD.dual_level():
-                jv = fwAD.unpack_dual(model(fwAD.make_dual(x, v))).tangent.float()  # (B, classes)
-            sigma = jv.norm(dim=1)
-            v = unit(torch.autograd.grad(out, xr, jv, retain_graph=True)[0])  # J^T J v, normalised
-    return sigma.detach()
-
-def gram_spectral_bound(K: torch.Tensor, iters: int = 10) -> torch.Tensor:
-    """Upper bounds on the spectral norms of a batch of matrices K (..., m, n), real or complex, by Gram iteration
-    (Delattre et al. 2023): with G_0 = K, G_{t+1} = G_t^H G_t, ||G_t||_2 = ||K||_2^(2^t) <= ||G_t||_F, so ||K||_2 <=
-    ||G_t||_F^(1 / 2^t) for every t, tightening geometrically. Each G_t is rescaled by its Frobenius norm (tracked in
-    log space), float64. Power iteration, in contrast, approaches ||K||_2 from below and is no bound."""
-    G = K.to(torch.complex128 if K.is_complex() else torch.float64)
-    log_scale = torch.zeros(G.shape[:-2], dtype=torch.float64, device=G.device)
-    for _ in range(iters):
-        f = torch.linalg.matrix_norm(G, "fro").clamp_min(1e-300)
-        G, log_scale = G / f[..., None, None], 2 * (log_scale + f.log())
-        G = G.mH @ G
-    return ((torch.linalg.matrix_norm(G, "fro").clamp_min(1e-300).log() + log_scale) / 2.0 ** iters).exp()
-
-def conv_spectral_bound(weight: torch.Tensor, in_hw: tuple[int, int], padding: tuple[int, int],
-                        iters: int = 10) -> float:
-    """A provable upper bound on the L2 operator norm of a (strided, zero-padded) convolution on (C, H, W) inputs.
-    Padding embeds the input isometrically in an (H + 2p) x (W + 2p) grid, where the convolution is a crop of the
-    circular one, and the stride keeps a subset of its outputs: neither increases the norm. The 2-D DFT
-    block-diagonalises the circular convolution (Sedghi et al. 2019): its norm is the largest spectral norm of the
-    per-frequency C_out x C_in matrices."""
-    n = [max(s + 2 * p, k) for s, p, k in zip(in_hw, padding, weight.shape[-2:])]
-    freq = torch.fft.fft2(weight.detach().double(), s=n).permute(2, 3, 0, 1)  # (H', W', C_out, C_in)
-    return gram_spectral_bound(freq, iters).max().item()
-
-GELU_SLOPE = 1.1290  # max |d/dx x * Phi(x)|
-
-def operator_norm(W: torch.Tensor, norm: str, iters: int = 12) -> float:
-    """||W|| of a matrix: inf -> inf is the largest row L1 norm; L2 a Gram-iteration bound."""
-    return W.abs().sum(1).max().item() if norm == "linf" else gram_spectral_bound(W.detach(), iters).item()
-
-def forward_inputs(model: nn.Module, x: torch.Tensor, modules: list) -> dict:
-    """{module: the input it received} for one eval-mode, no-grad forward of x (a module called twice: the last)."""
-    inputs = {}
-    record = lambda mod, inp, out: inputs.__setitem__(mod, inp[0].detach())
-    hooks = [m.register_forward_hook(record) for m in modules]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return inputs
-
-class LipschitzBound:
-    """Upper bound of a (MoE-)ResNet18, dual model or Sequential/Linear/Conv stack in norm p: global for a dense
-    model, route-stable with MoE layers (the section's comment). `measure(x)` first records each module's input shape
-    and, for MoE layers, M_i = max ||f_i(h)|| over the inputs. Calling the object returns the bound and fills `moe`
-    (per-MoE-layer terms) and `prefix` (the bound of the map from the model input to each MoE layer's input)."""
-
-    def __init__(self, model: nn.Module, norm: str = "l2", iters: int = 12):
-        check(not any(isinstance(m, Attention) for m in model.modules()), "no global Lipschitz bound for moe-vit: "
-              "dot-product self-attention is not globally Lipschitz (Kim et al. 2021)")
-        self.model, self.norm, self.iters = model, norm, iters
-        self.shapes, self.M, self.moe, self.prefix = {}, {}, [], {}
-
-    @torch.no_grad()
-    def measure(self, x: torch.Tensor) -> "LipschitzBound":
-        def hook(m, inp, out):  # (every expert runs on the MoE layer's input, so its modules' shapes are seen too)
-            self.shapes[m] = tuple(inp[0].shape[1:])
-            if isinstance(m, MoE):  # M_i = max ||f_i(h)|| over the inputs seen so far
-                M = [per_example_norm(e(inp[0]), self.norm, keepdim=False).max().item() for e in m.experts]
-                self.M[m] = [max(a, b) for a, b in zip(self.M.get(m, M), M)]
-        hooks = [m.register_forward_hook(hook) for m in self.model.modules()]
-        with eval_mode(self.model):
-            self.model(x)
-        for h in hooks:
-            h.remove()
-        return self
-
-    def __call__(self) -> float:
-        check(len(self.shapes) > 0, "call LipschitzBound.measure(x) first")
-        self.moe = []
-        return self.bound(self.model, 1.0)
-
-    def bound(self, m: nn.Module, before: float) -> float:
-        """Bound of module m; `before` is the bound of everything up to m's input."""
-        if isinstance(m, DualModel):
-            check(m.mix == "logits", "the Lipschitz bound of a dual model holds for --dual-mix logits only")
-            return (1 - m.a) * self.bound(m.standard, before) + m.a * self.bound(m.robust, before)
-        if isinstance(m, ResNet18):
-            L = self.chain([m.normalize, m.stem, m.layer1, m.layer2, m.layer3, m.layer4], before)
-            _, H, W = self.shapes[m.layer4[-1]]  # the last block keeps its input's spatial size
-            pool = 1.0 if self.norm == "linf" else 1.0 / math.sqrt(H * W)  # the average pool
-            return L * pool * self.bound(m.fc, before * L * pool)
-        if isinstance(m, nn.Sequential):
-            return self.chain(list(m), before)
-        if isinstance(m, BasicBlock):
-            return self.bound(m.branch, before) + self.bound(m.shortcut, before)
-        if isinstance(m, MoE):
-            return self.moe_bound(m, before)
-        if isinstance(m, Normalize):
-            return (1 / m.std).max().item()
-        if isinstance(m, nn.Linear):
-            return operator_norm(m.weight, self.norm, self.iters)
-        if isinstance(m, nn.Conv2d):
-            check(m.groups == 1 and m.dilation == (1, 1), "the Lipschitz bound handles plain convolutions only")
-            if self.norm == "linf":  # each output is a row of C_in x k x k weights
-                return operator_norm(m.weight.flatten(1), "linf")
-            return conv_spectral_bound(m.weight, self.shapes[m][1:], m.padding, self.iters)
-        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            return (m.weight.detach().abs() / torch.sqrt(m.running_var + m.eps)).max().item()
-        if isinstance(m, (nn.ReLU, nn.Identity, nn.Flatten, nn.Dropout, nn.GELU)):
-            return GELU_SLOPE if isinstance(m, nn.GELU) else 1.0
-        raise UserError(f"no Lipschitz bound for layer type {type(m).__name__}")
-
-    def chain(self, modules: list, before: float) -> float:
-        L = 1.0
-        for sub in modules:
-            L *= self.bound(sub, before * L)
-        return L
-
-    def moe_bound(self, m: MoE, before: float) -> float:
-        """Soft-gate bound sum_i (L_i + M_i r_i) and hard-route bound max_i (L_i + M_i r_i). r_i: the gate g_i =
-        softmax(W pool(h))_i has |dg_i| <= 1/2 ||dr|| (a row of the softmax Jacobian has norm <= 1/2), so r_i <=
-        ||W|| / 2 (l2: times 1 / sqrt(HW) for the pool)."""
-        self.prefix[m] = before
-        Ls = [self.bound(e, before) for e in m.experts]
-        pool = 1.0 if (self.norm == "linf" or m.tokens) else 1.0 / math.sqrt(self.shapes[m][1] * self.shapes[m][2])
-        r = 0.5 * operator_norm(m.router_affine()[0], self.norm, self.iters) * pool  # W with the centring folded in
-        M = self.M.get(m, [float("inf")] * m.num_experts)
-        terms = [L + Mi * r for L, Mi in zip(Ls, M)]
-        self.moe.append(dict(experts_L=Ls, M=M, gate_r=r, soft_bound=sum(terms), hard_route_bound=max(terms)))
-        return max(terms) if m.k == 1 else sum(terms)
-
-def lipschitz_bound(model: nn.Module, x: torch.Tensor, norm: str = "l2", iters: int = 12) -> dict:
-    """The upper bound of LipschitzBound measured on x, with the per-MoE-layer terms."""
-    lb = LipschitzBound(model, norm, iters).measure(x)
-    return {"bound": lb(), "moe": lb.moe}
-
-def router_view(layer: MoE, h: torch.Tensor, norm: str):
-    """The layer's router on its input h, in float32: (logits (N, E), router weight W (E, D), the input-norm scale
-    of the pooling, B). Rows are pooled images, or tokens."""
-    rows = h.reshape(-1, h.shape[-1]) if layer.tokens else h.mean(dim=(2, 3))  # (N, D)
-    scale = 1.0 if layer.tokens or norm == "linf" else math.sqrt(h.shape[2] * h.shape[3])
-    W, b = layer.router_affine()
-    return rows.float() @ W.T + b, W, scale, h.shape[0]
-
-def route_stability_radius(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
-    """Per image, the smallest perturbation of the layer's input h (in `norm`) that can change its set of top-k
-    experts. The router is linear in the pooled input (or the token): a kept expert i is overtaken by a dropped j
-    when the gap r_i - r_j, which moves at most ||w_i - w_j||_* per unit of input (dual norm: L1 for linf, L2 for
-    l2), closes. Exact for the layer: min over i kept, j dropped of (r_i - r_j) / ||w_i - w_j||_*, times sqrt(HW) in
-    l2 for the pooling (a constant-over-space perturbation is the worst case). h: (B, C, H, W) or (B, T, D) -> (B,)"""
-    logits, W, scale, B = router_view(layer, h, norm)  # (N, E)
-    E = layer.num_experts
-    if layer.k == E:
-        return torch.full((B,), float("inf"), device=h.device)
-    kept = logits.topk(layer.k, dim=1).indices  # (N, K)
-    diff_w = W[:, None, :] - W[None, :, :]  # (E, E, D)
-    dual = diff_w.abs().sum(-1) if norm == "linf" else diff_w.norm(dim=-1)  # (E, E)
-    ratio = (logits[:, :, None] - logits[:, None, :]) / dual.clamp_min(1e-12)  # (N, E, E): (r_i - r_j) / ||.||_*
-    valid = torch.zeros_like(ratio, dtype=torch.bool).scatter_(1, kept[:, :, None].expand(-1, -1, E), True)
-    valid &= torch.ones_like(logits, dtype=torch.bool).scatter(1, kept, False)[:, None, :]  # i kept, j dropped
-    return (ratio.masked_fill(~valid, float("inf")).flatten(1).amin(1) * scale).view(B, -1).amin(1)
-
-def route_flip_direction(layer: MoE, h: torch.Tensor, norm: str = "linf") -> torch.Tensor:
-    """For per-image top-1 routing: the unit perturbation of h (constant over space) that closes the binding logit
-    gap fastest; h + (radius + a bit) * direction flips the route."""
-    check(not layer.tokens and layer.k == 1, "route_flip_direction is for per-image top-1 routing")
-    logits, W, _, B = router_view(layer, h, norm)
-    i = logits.argmax(1)  # (B,)
-    diff = W[i][:, None, :] - W[None, :, :]  # (B, E, D): w_i - w_j
-    dual = diff.abs().sum(-1) if norm == "linf" else diff.norm(dim=-1)
-    ratio = ((logits.gather(1, i[:, None]) - logits) / dual.clamp_min(1e-12)).scatter(1, i[:, None], float("inf"))
-    d = diff[torch.arange(B), ratio.argmin(1)]  # (B, D)
-    u = -d.sign() if norm == "linf" else -d / d.norm(dim=1, keepdim=True) / math.sqrt(h.shape[2] * h.shape[3])
-    return u[:, :, None, None].expand_as(h).clone()
-
-def certify(model: nn.Module, x: torch.Tensor, y: torch.Tensor, norm: str = "linf") -> dict:
-    """Certified radius per example: a right prediction keeps its label within min(margin / (2 K), route-stable
-    radius), K the bound (dual model: K_D = (1 - a) K_S + a K_R), since each logit moves by at most K ||d||; 0 if
-    wrong. (margin: top-1 minus top-2 logit.) The route-stable radius is the smallest over MoE layers of the layer's
-    own radius divided by the bound of the map from x to that layer's input: exact for an MoE layer that sees the
-    input directly, a bound otherwise."""
-    lb = LipschitzBound(model, norm).measure(x)
-    K = lb()
-    with torch.no_grad(), eval_mode(model):
-        top2 = model(x).float().topk(2, dim=1)
-    correct, gap = top2.indices[:, 0] == y, top2.values[:, 0] - top2.values[:, 1]
-    route = torch.full((len(x),), float("inf"), device=x.device)
-    for m, h in forward_inputs(model, x, moe_layers(model)).items():
-        route = torch.minimum(route, route_stability_radius(m, h, norm) / lb.prefix.get(m, 1.0))
-    radius = torch.where(correct, torch.minimum(gap / (2 * K), route), torch.zeros_like(gap))
-    return {"radius": radius, "K": K, "lipschitz_radius": gap / (2 * K), "route_radius": route, "correct": correct}
-
-def expert_spread(model: nn.Module, x: torch.Tensor) -> list[float]:
-    """Per MoE layer, mean over rows of ||f_top1(h) - f_top2(h)|| / ||f_top1(h)||: how different the two
-    top-weighted experts' outputs are (Puigcerver 2022: large spread hurts robustness)."""
-    spreads, inputs = [], forward_inputs(model, x, moe_layers(model))  # also leaves each layer's routing in m.routing
-    with torch.no_grad(), eval_mode(model):
-        for m in (m for m in moe_layers(model) if m.num_experts >= 2):
-            rows = inputs[m].reshape(-1, inputs[m].shape[-1]) if m.tokens else inputs[m]
-            outs, n, rank = torch.stack([e(rows) for e in m.experts], 1), torch.arange(len(rows)), m.routing.ranking
-            a, b = outs[n, rank[:, 0]].flatten(1), outs[n, rank[:, 1]].flatten(1)  # (N, E, ...) -> top-1, top-2
-            spreads.append(((a - b).norm(dim=1) / a.norm(dim=1).clamp_min(1e-12)).mean().item())
-    return spreads
-
-def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
-                     local_steps: int = 5, jacobian_iters: int = 15) -> dict:
-    """Everything above on a batch: local estimates, Jacobian norm, upper bounds (`global_l2`, `global_linf` for a
-    dense model; `route_stable_l2`, `route_stable_linf` with an MoE), per-expert constants, expert spread, and
-    certified accuracy at eps (route-stable certificate)."""
-    rep = {"n": len(x), "eps": eps, "norm": norm}
-    rep["local_linf"] = local_lipschitz(model, x, eps, "linf", local_steps).mean().item()
-    rep["local_l2"] = local_lipschitz(model, x, eps * math.sqrt(x[0].numel()) / 4, "l2", local_steps).mean().item()
-    rep["jacobian_l2"] = jacobian_spectral_norm(model, x, jacobian_iters).mean().item()
-    if any(isinstance(m, Attention) for m in model.modules()):
-        return rep  # no global bound for attention
-    kind = "route_stable" if moe_layers(model) else "global"  # see the section's comment
-    for p in NORMS:
-        b = lipschitz_bound(model, x, p)
-        rep[f"{kind}_{p}"] = b["bound"]
-        if b["moe"]:
-            rep[f"moe_{p}"] = b["moe"]
-    rep["expert_spread"] = expert_spread(model, x)
-    cert = certify(model, x, y, norm)
-    rep.update(certified_acc=(cert["radius"] >= eps).float().mean().item(),
-               median_certified_radius=cert["radius"].median().item(),
-               median_route_radius=cert["route_radius"].median().item())
-    return rep
-
-# ==== 10. Benchmark, demo and command line ========================================================================
+# ==== 11. Benchmark, demo and command line =========================================================================
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
     """Wall-clock seconds of one call of fn, waiting for the device before and after."""
@@ -2875,7 +2908,7 @@ BENCH_ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
 def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optional[int] = None) -> dict:
     """Images per second of a training step, standard and PGD-10 AT, for ResNet-18, MoE-ResNet18 and MoE-ViT (E = 4,
     k = 1) at cfg's width, batch size, device, precision and --compile, on random CIFAR-10-shaped uint8 data on the
-    device fed through the real loop (batches + augment + Method.step).
+    device fed through the real loop (batches + augment + Trainer.step).
     -> {arch: {"standard": img/s, "at": img/s, "at_step_s": seconds, ...}}"""
     rt = make_runtime(cfg.device, cfg.precision)
     cuda = rt.device.type == "cuda"
@@ -2889,7 +2922,7 @@ def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optiona
         c = dataclasses.replace(cfg, method=method, arch=arch, experts=4, top_k=1, train_steps=10)
         seed_everything(0)
         model = rt.prepare(build_model(model_config(c, 10, 32)))
-        step = METHOD_CLASSES[method](compile_model(model) if cfg.compile else model, c, total_steps=10 ** 6).step
+        step = Trainer(compile_model(model) if cfg.compile else model, c, total_steps=10 ** 6).step
         data = batches(x, y, B, rt.device, shuffle=True, train_augment=True)
         for _ in range(warmup):
             step(*next(data))

@@ -538,13 +538,13 @@ def test_divergence_stops_training_keeps_the_last_good_epoch(tmp_path, capsys, m
     err = capsys.readouterr().err.strip()  # lr 1e6: the loss explodes within the first epoch
     assert "diverged in epoch" in err and "lower --lr" in err and len(err.splitlines()) == 1
     assert not (out / "metrics.json").exists() or "test" not in json.loads((out / "metrics.json").read_text())
-    real, calls = mr.Standard.loss, []
+    real, calls = mr.standard_loss, []
 
-    def nan_in_epoch_2(self, x, y):  # one step per epoch here: the second epoch's loss is NaN
-        loss, logits = real(self, x, y)
+    def nan_in_epoch_2(model, x, y, cfg):  # one step per epoch here: the second epoch's loss is NaN
+        loss, logits = real(model, x, y, cfg)
         calls.append(1)
         return (loss * float("nan") if len(calls) > 1 else loss), logits
-    monkeypatch.setattr(mr.Standard, "loss", nan_in_epoch_2)
+    monkeypatch.setattr(mr, "standard_loss", nan_in_epoch_2)
     out = tmp_path / "div2"
     assert mr.main(TS + ["--method", "standard", "--epochs", "3", "--out", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
@@ -573,14 +573,14 @@ def test_out_of_memory_is_one_line_and_other_errors_are_not_disguised(tmp_path, 
 
 def test_an_exploding_finite_loss_stops_training_in_its_first_epoch(tmp_path, capsys, monkeypatch):
     """A loss 100x the run's first stops the run even though every number is finite (lr 1e6 reached 2.4e14)."""
-    real = mr.Standard.loss
+    real = mr.standard_loss
     calls = []
 
-    def exploding(self, x, y):  # finite, but from the third step on far above where the run started
-        loss, logits = real(self, x, y)
+    def exploding(model, x, y, cfg):  # finite, but from the third step on far above where the run started
+        loss, logits = real(model, x, y, cfg)
         calls.append(1)
         return (loss * 1e6 if len(calls) >= 3 else loss), logits
-    monkeypatch.setattr(mr.Standard, "loss", exploding)
+    monkeypatch.setattr(mr, "standard_loss", exploding)
     out = tmp_path / "boom"
     assert mr.main(TS + ["--method", "standard", "--batch-size", "16", "--out", str(out), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
@@ -633,7 +633,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
 def test_ctrl_c_in_the_first_epoch_does_not_advise_a_resume(tmp_path, monkeypatch, capsys):
     def interrupted(self, x, y):
         raise KeyboardInterrupt
-    monkeypatch.setattr(mr.Standard, "step", interrupted)
+    monkeypatch.setattr(mr.Trainer, "step", interrupted)
     out = tmp_path / "cut"
     assert mr.main(TS + ["--method", "standard", "--out", str(out), "--device", "cpu"]) == 130
     err = capsys.readouterr().err
@@ -727,16 +727,17 @@ def small_cfg(**kw):
 
 def test_advmoe_router_step_moves_only_routers_and_expert_step_the_rest():
     model = small_moe()
-    method = mr.AdvMoE(model, small_cfg(method="advmoe"), total_steps=10)
+    cfg = small_cfg(method="advmoe")
+    expert_opt, router_opt = mr.Trainer(model, cfg, total_steps=10).opts
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     router_names = {n for n, _ in model.named_parameters() if ".router." in n}
     params = lambda: {n: p.detach().clone() for n, p in model.named_parameters()}
     before = params()
-    method.router_step(x, y)
+    mr.loss_step(model, router_opt, mr.at_loss, x, y, cfg)  # AdvMoE's step 1
     moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert moved and moved <= router_names
     before = params()
-    method.expert_step(x, y)
+    mr.loss_step(model, expert_opt, mr.at_loss, x, y, cfg)  # step 2
     moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     assert moved and not (moved & router_names)
     assert all(p.grad is None for p in model.parameters())
@@ -752,9 +753,8 @@ def test_rt_er_uses_the_runner_up_expert(router):
     x = torch.rand(6, 3, 32, 32)
     routes = mr.runner_up_routes(model, x)
     assert (routes[0].indices == 3).all() and (routes[0].gates == 1).all()
-    method = mr.RTER(model, small_cfg(method="rt-er", experts=4), total_steps=10)
     model.train()
-    term = method.runner_up_term(x, torch.randint(0, 10, (6,)))
+    term = mr.runner_up_term(model, x, torch.randint(0, 10, (6,)), small_cfg(method="rt-er", experts=4))
     term.backward()
     grads = [sum(p.grad.abs().sum().item() for p in e.parameters() if p.grad is not None) for e in layer.experts]
     assert grads[3] > 0 and grads[0] == grads[1] == grads[2] == 0
@@ -789,13 +789,14 @@ def test_dual_model_normalized_mix_weighs_equally_scaled_votes():
 
 def test_jtdmoe_steps_leave_the_other_member_unchanged():
     dual = mr.DualModel(small_moe(1, E=2), small_moe(2, E=2), 0.5)
-    method = mr.JTDMoE(dual, small_cfg(method="jtdmoe", experts=2), total_steps=10)
+    cfg = small_cfg(method="jtdmoe", experts=2)
+    robust_opt, standard_opt = mr.Trainer(dual, cfg, total_steps=10).opts
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     s_before, r_before = snapshot(dual.standard), snapshot(dual.robust)
-    method.robust_step(x, y)
+    mr.jtdmoe_robust_step(dual, robust_opt, x, y, cfg)
     assert not changed(s_before, dual.standard) and changed(r_before, dual.robust)
     s_before, r_before = snapshot(dual.standard), snapshot(dual.robust)
-    method.standard_step(x, y)
+    mr.jtdmoe_standard_step(dual, standard_opt, x, y, cfg)
     assert not changed(r_before, dual.robust) and changed(s_before, dual.standard)
 
 
@@ -1035,7 +1036,7 @@ def test_expert_path_terms_use_label_pgd_against_that_path(monkeypatch, method):
     monkeypatch.setattr(mr, "pgd", spy)
     cfg = small_cfg(method=method, experts=3)
     model = mr.build_run_model(cfg, 10, 32)
-    step = mr.METHOD_CLASSES[method](model, cfg, 10)
+    step = mr.Trainer(model, cfg, 10)
     data = mr.make_synthetic(16, 8)
     step.step(data.train_x.float() / 255, data.train_y)
     on_path = [c for c in calls if c[0]]
@@ -1345,19 +1346,20 @@ def test_bf16_training_step_matches_float32():
     turn bf16 rounding into different adversarial examples, as a different random start would)."""
     data = mr.make_synthetic(n_train=64, n_test=8)
     x, y = data.train_x.float() / 255, data.train_y
-    for method_class in (mr.Standard, mr.PGDAT):
+    for method in ("standard", "at"):
         updates, losses = {}, {}
         for precision in ("fp32", "bf16"):
             rt = mr.make_runtime("cpu", precision)
             torch.manual_seed(0)
             model = rt.prepare(mr.build_model(mr.ModelConfig(width=0.125, experts=2)))
             before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-            method = method_class(model, mr.Config(**{**TINY, "width": 0.125, "precision": precision}), total_steps=10)
+            trainer = mr.Trainer(model, mr.Config(**{**TINY, "width": 0.125, "precision": precision, "method": method}),
+                                 total_steps=10)
             torch.manual_seed(1)
-            losses[precision] = method.step(x, y)["loss"].item()
+            losses[precision] = trainer.step(x, y)["loss"].item()
             updates[precision] = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
         assert abs(losses["bf16"] - losses["fp32"]) < 0.02 * losses["fp32"], losses
-        if method_class is mr.Standard:
+        if method == "standard":
             cos = nn.functional.cosine_similarity(updates["bf16"], updates["fp32"], dim=0).item()
             assert cos > 0.95, cos
 
@@ -1382,7 +1384,7 @@ def test_training_step_reads_back_only_the_expert_batch_sizes(monkeypatch, arch,
     expert's batch size: one read per MoE layer and forward, no .item() and no tensor truth test."""
     cfg = mr.Config(**{**TINY, "arch": arch, "method": method, "train_steps": 2, "experts": 2})
     model = mr.build_model(mr.model_config(cfg, 10, 32))
-    m = mr.METHOD_CLASSES[method](model, cfg, total_steps=10)
+    m = mr.Trainer(model, cfg, total_steps=10)
     data = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8), torch.randint(0, 10, (16,))
     calls = []
     for layer in mr.moe_layers(model):
@@ -1462,7 +1464,7 @@ def test_compiled_model_matches_eager_and_trains(restore_dynamo):
     mr.compile_model(model)
     assert torch.allclose(model(x), ref, atol=1e-4)
     assert set(model.state_dict()) == set(mr.build_model(mr.model_config(cfg, 10, 32)).state_dict())  # plain keys
-    logs = mr.PGDAT(model, cfg, total_steps=4).step(x, y)
+    logs = mr.Trainer(model, cfg, total_steps=4).step(x, y)  # PGD-AT
     assert torch.isfinite(logs["loss"])
 
 
@@ -1478,8 +1480,8 @@ def test_cuda_step_is_bf16_channels_last_fused_and_syncs_only_in_dispatch():
     for arch in ("resnet18", "moe-resnet18"):
         cfg = mr.Config(**{**TINY, "arch": arch, "experts": 4, "train_steps": 3, "device": "cuda"})
         model = rt.prepare(mr.build_model(mr.model_config(cfg, 10, 32)))
-        m = mr.PGDAT(model, cfg, total_steps=10)
-        assert m.opt.param_groups[0]["fused"]
+        m = mr.Trainer(model, cfg, total_steps=10)  # PGD-AT
+        assert m.opts[0].param_groups[0]["fused"]
         xb, yb = next(mr.batches(x, y, 32, rt.device, shuffle=True, train_augment=True))
         torch.backends.cudnn.benchmark = False  # autotuning a new expert batch size synchronises
         m.step(xb, yb)  # warm-up
@@ -1517,13 +1519,13 @@ def test_resume_keeps_this_devices_optimizer_kernel():
     """A last.pt written on CUDA says fused=True; resumed on a CPU the optimiser keeps its own choice."""
     cfg = small_cfg(method="at")
     model = mr.build_run_model(cfg, 10, 32)
-    method = mr.PGDAT(model, cfg, 10)
+    method = mr.Trainer(model, cfg, 10)
     state = method.state_dict()
     for g in state["opts"][0]["param_groups"]:
         g["fused"] = True  # as if saved on a GPU
-    again = mr.PGDAT(mr.build_run_model(cfg, 10, 32), cfg, 10)
+    again = mr.Trainer(mr.build_run_model(cfg, 10, 32), cfg, 10)
     again.load_state_dict(state)
-    assert all(not g["fused"] for g in again.opt.param_groups)
+    assert all(not g["fused"] for g in again.opts[0].param_groups)
     data = mr.make_synthetic(8, 8)
     assert torch.isfinite(again.step(data.train_x.float() / 255, data.train_y)["loss"])
 
@@ -1885,7 +1887,6 @@ def test_rt_er_term_is_kl_clean_to_adversarial_on_the_runner_up_path_of_every_la
         model.fc.weight.mul_(100)
     x, y = torch.rand(6, 3, 32, 32), torch.randint(0, 10, (6,))
     cfg = small_cfg(method="rt-er", experts=3, train_steps=2, beta=2.5)
-    method = mr.RTER(model, cfg, total_steps=10)
     routes = mr.runner_up_routes(model, x)  # each layer's second-ranked expert, given the runner-up layers before
     with torch.no_grad(), mr.forced_rank(model, 1):
         model(x)
@@ -1893,7 +1894,7 @@ def test_rt_er_term_is_kl_clean_to_adversarial_on_the_runner_up_path_of_every_la
     assert len(routes) == 2 and all(torch.equal(r.indices[:, 0], s) for r, s in zip(routes, second))
     assert (routes[0].indices[:, 0] != mr.current_routes(model, x)[0].indices[:, 0]).all()
     torch.manual_seed(11)
-    term = method.runner_up_term(x, y).item()
+    term = mr.runner_up_term(model, x, y, cfg).item()
     torch.manual_seed(11)
     with mr.forced_routes(model, routes), torch.enable_grad():
         xa = mr.pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm)  # label PGD against that path
@@ -1903,24 +1904,24 @@ def test_rt_er_term_is_kl_clean_to_adversarial_on_the_runner_up_path_of_every_la
     assert term == pytest.approx(kl(log_p, log_q), rel=1e-4, abs=1e-7)  # KL(f_j(x) || f_j(x')): clean first
     assert kl(log_q, log_p) != pytest.approx(term, rel=1e-2)  # (the reverse KL would differ)
     torch.manual_seed(12)
-    loss = method.loss(x, y)[0].item()
+    loss = mr.rter_loss(model, x, y, cfg)[0].item()
     torch.manual_seed(12)
     at = mr.at_loss(model, x, y, cfg)[0].item()
-    assert loss == pytest.approx(at + 2.5 * method.runner_up_term(x, y).item(), rel=1e-5)
+    assert loss == pytest.approx(at + 2.5 * mr.runner_up_term(model, x, y, cfg).item(), rel=1e-5)
 
 
 def test_jtdmoe_robust_step_is_at_plus_beta_times_every_experts_kl_term_on_f_r_only(monkeypatch):
     import copy
     dual = mr.DualModel(small_moe(1, E=2), small_moe(2, E=2), 0.5)
     cfg = small_cfg(method="jtdmoe", experts=2, train_steps=2, beta=3.0)
-    method = mr.JTDMoE(dual, cfg, total_steps=10)
+    robust_opt = mr.Trainer(dual, cfg, total_steps=10).opts[0]
     seen = []
-    monkeypatch.setattr(method, "descend", lambda opt, loss: seen.append((opt, loss.detach())))
+    monkeypatch.setattr(mr, "descend", lambda opt, loss: seen.append((opt, loss.detach())))
     x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     f_r = dual.robust
     start = copy.deepcopy(f_r.state_dict())  # the step's forwards move BatchNorm statistics: replay from here
     torch.manual_seed(13)
-    method.robust_step(x, y)
+    mr.jtdmoe_robust_step(dual, robust_opt, x, y, cfg)
     f_r.load_state_dict(start)
     torch.manual_seed(13)
     f_r.train()
@@ -1931,7 +1932,7 @@ def test_jtdmoe_robust_step_is_at_plus_beta_times_every_experts_kl_term_on_f_r_o
             log_p, log_q = f_r(x).log_softmax(1), f_r(xa).log_softmax(1)
             loss = loss + 3.0 * (log_p.exp() * (log_p - log_q)).sum(1).mean()
     [(opt, got)] = seen
-    assert opt is method.opts[0] and {id(p) for g in opt.param_groups for p in g["params"]} == \
+    assert opt is robust_opt and {id(p) for g in opt.param_groups for p in g["params"]} == \
         {id(p) for p in f_r.parameters()}
     assert got.item() == pytest.approx(loss.item(), rel=1e-4)
 
@@ -2429,7 +2430,7 @@ def idle_expert_steps(rank, tmp, sync, method):
         layer.router.weight[0], layer.router.weight[1] = -u * 50, u * 50
         c = 50 * (u * mid).sum()
         layer.router.bias.copy_(torch.stack([c, -c, c.new_tensor(-100.0), c.new_tensor(-100.0)]))
-    method_ = mr.METHOD_CLASSES[method](model, cfg, 10)
+    method_ = mr.Trainer(model, cfg, 10)
     mr.data_parallel(model, method_.opts, cfg.sync_bn)  # (nothing in one process)
     layer.register_forward_hook(lambda m, i, o: counts.append(torch.bincount(
         m.routing.indices[:, 0], minlength=4).tolist()) if m.training else None)  # the training forwards' routes
@@ -2581,3 +2582,99 @@ def test_distributed_sigterm_keeps_the_last_finished_epoch(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
     assert [h["epoch"] for h in m["history"]] == list(range(1, 7)) and "test" in m
+
+
+# ---------------------------------------------------------------------------- reading and copying
+def test_moe_layer_records_describe_its_last_forward_only():
+    """The contract stated at the MoE layer: each forward replaces aux, routing and router_logits with its own (the
+    aux loss read after a forward is that forward's, with its gradient); counts accumulate until reset."""
+    torch.manual_seed(0)
+    layer = mr.MoE([nn.Linear(6, 6) for _ in range(3)], 6, k=1, tokens=True)
+    a, b = torch.randn(2, 5, 6), torch.randn(2, 7, 6) * 10
+    alone = copy.deepcopy(layer)  # the same weights, no forward yet
+    layer(a)
+    aux_a, routing_a = layer.aux, layer.routing
+    layer(b)
+    assert layer.aux is not aux_a and layer.routing.logits.shape == (14, 3) and routing_a.logits.shape == (10, 3)
+    alone(b)  # the same layer on b alone: the records equal those left by b after a
+    assert torch.equal(alone.aux.balance, layer.aux.balance) and torch.equal(alone.aux.z, layer.aux.z)
+    assert torch.equal(alone.routing.indices, layer.routing.indices)
+    assert layer.aux.z.requires_grad and not layer.routing.logits.requires_grad
+    assert layer.counts.sum() == 24 and alone.counts.sum() == 14
+    model = nn.Sequential(layer)  # moe_aux_loss reads what the last forward left
+    model(a)
+    assert mr.moe_aux_loss(model, 1.0, 0.0).item() == pytest.approx(aux_a.balance.item())
+
+
+def copy_cost(source: str, roots: list) -> tuple[int, set]:
+    """Lines a reader copies to use `roots` alone: each top-level definition reachable from them in the module
+    (decorators and docstrings included; names in annotations and a function's own parameters and locals are not
+    references). -> (lines, the definitions' names)"""
+    import ast
+    defs = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defs[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                if isinstance(t, ast.Name):
+                    defs[t.id] = node
+
+    def refs(node):
+        local, out, stack = set(), set(), [node]
+        for f in ast.walk(node):
+            if isinstance(f, (ast.FunctionDef, ast.Lambda)):
+                local |= {a.arg for a in f.args.posonlyargs + f.args.args + f.args.kwonlyargs}
+            elif isinstance(f, ast.Name) and isinstance(f.ctx, ast.Store):
+                local.add(f.id)
+        while stack:
+            n = stack.pop()
+            if isinstance(n, ast.Name):
+                out.add(n.id)
+            for name, value in ast.iter_fields(n):
+                if name not in ("annotation", "returns"):
+                    stack += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, ast.AST)]
+        return out - local
+
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in defs and name not in seen:
+            seen.add(name)
+            todo += refs(defs[name]) & defs.keys()
+    nodes = {id(defs[n]): defs[n] for n in seen}.values()
+    first = lambda d: min([d.lineno] + [x.lineno for x in getattr(d, "decorator_list", [])])
+    return sum(d.end_lineno - first(d) + 1 for d in nodes), seen
+
+
+COPY_PIECES = [  # (the README's name of a piece, its top-level definitions, its line budget)
+    ("MoE layer", ["MoE", "moe_layers", "moe_aux_loss"], 120),
+    ("PGD", ["pgd"], 50),
+    ("APGD-CE + APGD-T", ["apgd", "apgd_targeted"], 140),
+    ("Square L-inf", ["square_linf"], 60),
+    ("Square L2 (on the L-inf search)", ["square_l2"], 100),
+    ("AdvMoE step", ["advmoe_step"], 220),
+    ("RT-ER step", ["rter_loss", "loss_step"], 220),
+    ("JTDMoE step", ["jtdmoe_step"], 220),
+    ("Dual model", ["DualModel"], 30),
+    ("Lipschitz bound", ["LipschitzBound"], 200),
+]
+
+
+def test_each_piece_copies_within_its_line_budget_and_readme_quotes_the_cost():
+    source = (HERE / "moe_robust.py").read_text()
+    readme = (HERE / "README.md").read_text()
+    for label, roots, budget in COPY_PIECES:
+        lines, names = copy_cost(source, roots)
+        assert lines <= budget, (label, lines, budget, sorted(names))
+        assert f"| {label} | {lines} |" in readme, f"README Layout: the row of {label} should say {lines} lines"
+    for label, roots, _ in COPY_PIECES[5:8]:  # the methods copy without the training loop, configuration or the CLI
+        names = copy_cost(source, roots)[1]
+        assert not names & {"Config", "Trainer", "train", "main", "sgd", "LipschitzBound", "MoE"}, (label, names)
+    names = copy_cost(source, ["LipschitzBound"])[1]  # a rule per module type, not the project's model classes
+    assert not names & {"ResNet18", "BasicBlock", "MoEViT", "DualModel", "Normalize", "MoE", "Attention"}, names
+    # the reading order: the MoE layer within the first 200 lines, the ideas before the machinery
+    order = [source.index(s) for s in ("\nclass MoE(", "\nclass ResNet18(", "\ndef pgd(", "\ndef advmoe_step(",
+                                       "\ndef evaluate_full(", "\nclass LipschitzBound", "\nclass Config",
+                                       "\ndef load_dataset(", "\ndef train(", "\ndef main(")]
+    assert order == sorted(order) and source[:order[0]].count("\n") < 200
