@@ -2516,8 +2516,6 @@ def log(msg: str) -> None:
 def check_resume(resume: bool, overwrite: bool) -> None:
     check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
 
-LOSSES = ("standard", "at", "trades", "rt-er")  # the methods whose step is loss_step on one loss function
-
 class Trainer:
     """What the training loop holds for one method: the model, its optimisers and cosine schedules. `step` trains on
     one batch with the method's step function (section 4) and returns 0-dim tensors to log, left on the device (the
