@@ -7,8 +7,11 @@ import json
 import math
 import os
 import pickle
+import re
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -2328,10 +2331,35 @@ DP = ["--dataset", "synthetic", "--width", "0.0625", "--experts", "4", "--epochs
 
 
 def torchrun(*args, cwd, n=2):
+    """moe_robust.py under torchrun with n gloo processes of one thread each. A rank that crashes (SIGABRT: gloo's
+    C++ side aborting, seen once on a 2-core machine, not reproduced in 14 runs of the same command) is reported as a
+    warning with the ranks' own lines, and the command runs once more from the same state of its --out folder; the
+    second run's result is what the test judges. A Python error, a rank that torchrun stopped because a peer failed
+    (SIGTERM), a wrong number or a hang is never retried."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                           str(HERE / "moe_robust.py"), *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=600)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+           str(HERE / "moe_robust.py"), *args]
+    out = Path(args[args.index("--out") + 1]) if "--out" in args else None
+    kept = Path(cwd) / "before-torchrun"
+    shutil.rmtree(kept, ignore_errors=True)
+    if out is not None and out.exists():
+        shutil.copytree(out, kept)
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    if r.returncode != 0 and re.search(r"Signal \d+ \(SIG(ABRT|SEGV|BUS)\) received", r.stderr):
+        warnings.warn(f"torchrun: a rank crashed; ran again. Its stderr:\n{rank_lines(r.stderr)}")
+        if out is not None:
+            shutil.rmtree(out, ignore_errors=True)
+            if kept.exists():
+                shutil.copytree(kept, out)
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=600)
+    return r
+
+
+def rank_lines(stderr: str) -> str:
+    """What the ranks printed, without torchrun's own log lines (its summary at the end names only who failed)."""
+    own = re.compile(r"^(\[?[WIE]\d{4}|W\d|\s*(traceback|host|rank|exitcode|error_file|time|root cause|failures)"
+                     r"\s*:|=+$|-+$|\[\d+\]:|torch\.distributed)")
+    return "\n".join(line for line in stderr.splitlines() if not own.search(line))[:3000]
 
 
 def _joined(rank, n, store, fn, args):
@@ -2370,7 +2398,7 @@ def test_distributed_training_equals_one_process(tmp_path, method, steps):
     args = DP + ["--method", method, "--train-steps", steps, "--sync-bn"]
     one = run_cli(*args, "--out", str(tmp_path / "one"))
     two = torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], rank_lines(two.stderr))
     assert two.stdout.count("epoch   1/1") == 1  # rank 0 alone logs
     a, b = weights(tmp_path / "one" / "last.pt"), weights(tmp_path / "two" / "last.pt")
     for k, v in a["method"]["model"].items():
@@ -2397,7 +2425,7 @@ def test_distributed_training_of_every_method_is_one_process_to_rounding(tmp_pat
     args += ["--train-steps", "1"] if method != "standard" else []
     one = run_cli(*args, "--out", str(tmp_path / "one"))
     two = torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], rank_lines(two.stderr))
     gap = max_weight_gap(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt")
     assert gap < (1e-4 if method == "trades" else 1e-5), gap  # TRADES' attack starts where its KL gradient is ~0,
     # so the sign of its first step is rounding noise: 3e-5 measured with the centred router
@@ -2525,7 +2553,7 @@ def test_distributed_eval_and_dual_are_sharded_and_add_up(trained, tmp_path):
             "--square-queries", "5", "--test-limit", "24", "--device", "cpu"]
     one = run_cli(*args, "--out", str(tmp_path / "one"))
     two = torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], rank_lines(two.stderr))
     ra, rb = (json.loads((tmp_path / d / "eval.json").read_text())["records"] for d in ("one", "two"))
     assert len(rb) == 1 and two.stdout.count("-> ") == 1
     ta, tb = ra[0]["test"], rb[0]["test"]
@@ -2538,7 +2566,7 @@ def test_distributed_eval_and_dual_are_sharded_and_add_up(trained, tmp_path):
             "--eval-suite", "pgd", "--eval-steps", "1", "--test-limit", "24", "--device", "cpu"]
     one = run_cli(*dual, "--out", str(tmp_path / "d1"))
     two = torchrun(*dual, "--out", str(tmp_path / "d2"), cwd=tmp_path)
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], rank_lines(two.stderr))
     da, db = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("d1", "d2"))
     assert [r["clean_acc"] for r in db["dual_sweep"]] == [r["clean_acc"] for r in da["dual_sweep"]]
 
