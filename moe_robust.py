@@ -41,11 +41,13 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import operator
 import os
 import pickle
+import platform
 import signal
 import sys
 import threading
@@ -1864,7 +1866,7 @@ CONTEXT_FLAGS = {"method": "--method", "arch": "--arch", "suite": "--eval-suite"
 MODE_NAMES = {"train": "training", "dual": "--method dual", "eval": "--eval", "lipschitz": "--lipschitz",
               "benchmark": "--benchmark", "demo": "the demo", "resume": "--resume"}
 MODE_WHERE = {"lipschitz_n": dict(mode=("lipschitz",)), "overwrite": dict(mode=("train", "dual")),  # not in Config
-              "resume": dict(mode=("dual",))}
+              "resume": dict(mode=("dual",)), "against": dict(mode=("benchmark",))}
 
 def field_where(name: str):
     """A Config field's `where`, or that of a flag in MODE_WHERE."""
@@ -1912,24 +1914,38 @@ class AffineEvalBatchNorm(nn.BatchNorm2d):
         y = affine_eval(self, x)
         return super().forward(x) if y is None else y
 
+class EvalNHWCNormalize(Normalize):
+    """Normalize whose eval-mode output on a float32 CPU is channels_last (NHWC), so every convolution after it runs
+    in oneDNN's NHWC kernels and hands NHWC on: the attacks' forward-backward passes and the evaluation's forwards
+    (PGD-5 on the demo's model 2.0x, on width-1 MoE-ResNet18 1.14x, AMD EPYC). Only where it is exact up to rounding
+    and safe: eval mode computes no BatchNorm statistics, and every eval-mode backward in this file takes the
+    input's gradient or a training member's parameters (descend's inputs=), never an eval-mode weight gradient
+    (oneDNN's NHWC weight gradient of a strided 1x1 conv is the kernel Runtime avoids). Training stays NCHW."""
+    def forward(self, x):
+        y = super().forward(x)
+        return y if self.training or not y.is_cpu or y.dtype != torch.float32 or y.dim() != 4 else \
+            y.contiguous(memory_format=torch.channels_last)
+
 @dataclass
 class Runtime:
     """Device, autocast dtype and memory format: chosen once here, used everywhere."""
     device: torch.device
     amp_dtype: Optional[torch.dtype]  # bf16 on CUDA, None (float32) on CPU unless --precision bf16
-    channels_last: bool  # NHWC activations: faster convolutions on tensor cores and in oneDNN. Not float32 on CPU:
-    # there it is 1.3x faster per attack step, but BatchNorm's channels_last training kernel sums its statistics in
-    # float32 (a training step then differs from the NCHW one by 1e-4, not 1e-7), and oneDNN's weight gradient of a
-    # strided 1x1 conv corrupts the heap at 4-8 input channels and odd batch sizes (torch 2.14)
+    channels_last: bool  # NHWC activations: faster convolutions on tensor cores and in oneDNN. Not in float32 CPU
+    # training: BatchNorm's channels_last training kernel sums its statistics in float32 (a training step then differs
+    # from the NCHW one by 1e-4, not 1e-7), and oneDNN's weight gradient of a strided 1x1 conv corrupts the heap at 4-8
+    # input channels and odd batch sizes (torch 2.14); there eval mode alone runs NHWC (EvalNHWCNormalize)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.device.type == "cuda":  # autotune convolutions per shape, except in an MoE (a module with experts),
             # where every step brings new per-expert batch sizes, each a synchronising tuning
             torch.backends.cudnn.benchmark = not any(hasattr(m, "experts") for m in model.modules())
-        else:  # CPU: eval-mode BatchNorm as an affine map (attacks' backward passes)
+        else:  # CPU: eval-mode BatchNorm as an affine map, eval-mode activations NHWC (the attacks' passes)
             for m in model.modules():
                 if type(m) is nn.BatchNorm2d:
                     m.__class__ = AffineEvalBatchNorm
+                elif type(m) is Normalize and not self.channels_last:
+                    m.__class__ = EvalNHWCNormalize
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
@@ -2956,6 +2972,68 @@ def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
     log(f"-> {dest}{replaced}")
     return res
 
+SIDE_BY_SIDE = {  # what `--benchmark --against FILE` times, on random CIFAR-10-shaped data: name -> (what, settings)
+    "PGD-AT step, the demo's model": ("step", dict(method="at", width=0.125, experts=4, top_k=1, batch_size=64,
+                                                   train_steps=5)),
+    "PGD-AT step, width 1": ("step", dict(method="at", width=1.0, experts=4, top_k=1, batch_size=64, train_steps=5)),
+    "AdvMoE step, the official trainer's setting": ("step", dict(method="advmoe", moe_blocks="all", experts=2,
+                                                                 expert_ratio=0.5, batch_size=32, train_steps=2)),
+    "PGD-10 attack, the demo's model": ("attack", dict(method="at", width=0.125, experts=4, top_k=1, batch_size=256,
+                                                       train_steps=10))}  # in eval mode, as evaluation runs it
+
+def side_by_side_job(mod, what: str, settings: dict, device: str) -> Callable[[], object]:
+    """One SIDE_BY_SIDE workload built from a module `mod` (this file or another copy of it): a training step
+    (Trainer, or an older copy's METHOD_CLASSES) or PGD on the model in eval mode."""
+    c = mod.Config(dataset="synthetic", device=device, **settings)
+    torch.manual_seed(0)
+    model = mod.make_runtime(device, "fp32").prepare(mod.build_model(mod.model_config(c, 10, 32)))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(c.batch_size, 3, 32, 32, generator=g), torch.randint(0, 10, (c.batch_size,), generator=g)
+    x, y = x.to(device), y.to(device)
+    if what == "attack":
+        return lambda: mod.pgd(model.eval(), x, y, steps=c.train_steps)
+    trainer = getattr(mod, "Trainer", None) or mod.METHOD_CLASSES[c.method]
+    step = trainer(model, c, total_steps=10 ** 6).step
+    return lambda: step(x, y)
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what platform knows."""
+    try:
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+def benchmark_against(cfg: Config, path: str, out: str = "runs/benchmark", repeats: int = 3,
+                      names: Optional[list] = None) -> dict:
+    """`--benchmark --against FILE`: each SIDE_BY_SIDE workload built from this file and from FILE (another copy of
+    moe_robust.py, e.g. `git show REV:moe_robust.py > old.py`), timed alternately in this one process (float32), best
+    of `repeats`; -> OUT/side_by_side.json with seconds and FILE's time / this file's (> 1: this file is faster)."""
+    check(Path(path).is_file(), f"--against {path}: no such file; give a copy of moe_robust.py")
+    check_writable(out)
+    spec = importlib.util.spec_from_file_location("moe_robust_against", path)
+    other = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (dataclasses look their module up)
+    try:
+        spec.loader.exec_module(other)
+    except (Exception, SystemExit) as e:
+        raise UserError(f"--against {path} could not be imported ({type(e).__name__}: {e}); give a copy of "
+                        "moe_robust.py") from None
+    rt = make_runtime(cfg.device)
+    res = {"device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else
+           f"{cpu_name()}, {torch.get_num_threads()} threads",
+           "torch": torch.__version__, "against": str(path), "workloads": {}}
+    log(f"side by side: this file vs {path} | {res['device']}")
+    for name in names or list(SIDE_BY_SIDE):
+        jobs = [side_by_side_job(m, *SIDE_BY_SIDE[name], str(rt.device)) for m in (sys.modules[__name__], other)]
+        for job in jobs:  # warm-up
+            job()
+        best = [min(ts) for ts in zip(*[[timed(job, rt.device) for job in jobs] for _ in range(repeats)])]
+        res["workloads"][name] = r = {"this_s": round(best[0], 4), "against_s": round(best[1], 4),
+                                      "speedup": round(best[1] / best[0], 3)}
+        log(f"{name:45s} this {r['this_s'] * 1e3:9.1f} ms | against {r['against_s'] * 1e3:9.1f} ms | "
+            f"{r['speedup']:.2f}x")
+    write_json(writable_folder(out) / "side_by_side.json", res)
+    return res
+
 def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
     """Standard training vs PGD-AT of a small MoE-ResNet18 on `synthetic`, about a minute on 2 CPU cores."""
     common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4, batch_size=64,
@@ -3028,6 +3106,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--benchmark", action="store_true", help="images/s of standard and PGD-10 AT steps (ResNet-18, "
                    "MoE-ResNet18, MoE-ViT at --width, --batch-size) and the MoE layer's cost versus E; writes "
                    "OUT/benchmark.json")
+    g.add_argument("--against", metavar="FILE", help="with --benchmark: time training steps and PGD of this file and "
+                   "of FILE (another copy of moe_robust.py) side by side; writes OUT/side_by_side.json")
     g.add_argument("--lipschitz", metavar="CKPT", help="Lipschitz estimates, bounds, certified accuracy of a CKPT")
     g.add_argument("--lipschitz-n", type=int, default=64, metavar="N", help="test examples the --lipschitz report uses")
     g.add_argument("--demo", action="store_true", help="run the demo (what no arguments does)")
@@ -3144,6 +3224,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         check(world()[1] == 1 or alone is None, f"{alone} runs in one process; start it without torchrun")
         if not argv or args.demo:
             run_demo(args.out or "runs/demo", args.device)
+        elif args.benchmark and args.against:
+            benchmark_against(cfg, args.against, args.out or "runs/benchmark")
         elif args.benchmark:
             benchmark(cfg, args.out or "runs/benchmark")
         elif args.eval:

@@ -1296,8 +1296,8 @@ def test_precision_is_chosen_in_one_place():
 
 
 def test_cpu_eval_batchnorm_and_layouts_compute_the_same_function():
-    """Runtime.prepare on CPU (eval-mode BatchNorm as an affine map) and channels_last (MoE rows gathered and added in
-    memory order) change only float rounding: logits, routes and input gradients in eval mode, and training-mode
+    """Runtime.prepare on CPU (eval-mode BatchNorm as an affine map, eval-mode activations NHWC) and channels_last (MoE
+    rows gathered and added in memory order) change only float rounding: logits, routes and input gradients in eval mode, and training-mode
     outputs and running statistics, match the plain model's; the layout survives every MoE layer."""
     torch.manual_seed(0)
     plain = mr.build_model(mr.ModelConfig(width=0.125, experts=3, top_k=2, moe_blocks="all", expert_ratio=0.5))
@@ -1306,6 +1306,7 @@ def test_cpu_eval_batchnorm_and_layouts_compute_the_same_function():
     fast = mr.make_runtime("cpu").prepare(copy.deepcopy(plain))
     cl = copy.deepcopy(fast).to(memory_format=torch.channels_last)
     assert type(fast.stem[1]) is mr.AffineEvalBatchNorm and type(plain.stem[1]) is nn.BatchNorm2d
+    assert type(fast.normalize) is mr.EvalNHWCNormalize and type(cl.normalize) is mr.EvalNHWCNormalize
     assert fast.state_dict().keys() == plain.state_dict().keys()
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
     grads, routes = [], []
@@ -1320,12 +1321,17 @@ def test_cpu_eval_batchnorm_and_layouts_compute_the_same_function():
         assert torch.allclose(l0, l1, atol=1e-5) and torch.allclose(g0, g1, atol=1e-7, rtol=1e-4)
     assert routes[0] == routes[1] == routes[2]
     feats = []
-    cl.layer2[0].register_forward_hook(lambda mod, i, o: feats.append(o))
+    for m in (fast, cl):
+        m.layer2[0].register_forward_hook(lambda mod, i, o: feats.append(o))
     p = plain.train()(x)  # training mode: batch statistics, and the same running statistics after
     for m in (fast, cl):
         assert torch.allclose(p, m.train()(x), atol=1e-5)
         assert torch.allclose(plain.stem[1].running_var, m.stem[1].running_var, atol=1e-6)
-    assert feats[0].is_contiguous(memory_format=torch.channels_last)
+    assert feats[0].is_contiguous() and not feats[0].is_contiguous(memory_format=torch.channels_last)  # trains NCHW
+    assert feats[1].is_contiguous(memory_format=torch.channels_last)  # the channels_last model stays NHWC
+    with torch.no_grad():
+        fast.eval()(x)
+    assert feats[-1].is_contiguous(memory_format=torch.channels_last)  # evaluates NHWC (EvalNHWCNormalize)
 
 
 def test_bf16_pgd_is_no_weaker_than_float32(trained):
@@ -1437,6 +1443,32 @@ def test_benchmark_cli_writes_its_numbers(tmp_path, monkeypatch):
         assert res["train_images_per_s"][arch]["standard"] > 0 and res["train_images_per_s"][arch]["at"] > 0
     assert set(res["moe_over_dense"]) == {"standard", "at"}
 
+
+
+def test_benchmark_against_times_this_file_beside_another_copy(tmp_path, monkeypatch, capsys):
+    """--benchmark --against FILE builds each workload from both files and writes their times and the ratio (a
+    copy of this very file: both columns time the same code). An older copy's API (METHOD_CLASSES, no Trainer)
+    builds too. No timing is asserted."""
+    (tmp_path / "copy.py").write_text((HERE / "moe_robust.py").read_text())
+    name = "PGD-AT step, the demo's model"
+    monkeypatch.setitem(mr.SIDE_BY_SIDE, name, ("step", dict(mr.SIDE_BY_SIDE[name][1], batch_size=8, train_steps=1)))
+    monkeypatch.setattr(mr, "SIDE_BY_SIDE", {name: mr.SIDE_BY_SIDE[name]})
+    assert mr.main(["--benchmark", "--against", str(tmp_path / "copy.py"), "--device", "cpu",
+                    "--out", str(tmp_path / "b")]) == 0
+    res = json.loads((tmp_path / "b" / "side_by_side.json").read_text())
+    r = res["workloads"][name]
+    assert r["this_s"] > 0 and r["against_s"] > 0 and r["speedup"] == pytest.approx(r["against_s"] / r["this_s"],
+                                                                                     rel=0.01)
+    assert name in capsys.readouterr().out
+    old = type("OldCopy", (), {k: getattr(mr, k) for k in ("Config", "make_runtime", "build_model", "model_config",
+                                                               "pgd")})
+    old.METHOD_CLASSES = {"at": mr.Trainer}  # how a copy before the Trainer named its methods
+    mr.side_by_side_job(old, "step", dict(mr.SIDE_BY_SIDE[name][1]), "cpu")()
+    (tmp_path / "broken.py").write_text("raise SystemExit('no')\n")
+    assert mr.main(["--benchmark", "--against", str(tmp_path / "broken.py"), "--device", "cpu"]) == 2
+    assert mr.main(["--against", str(tmp_path / "copy.py"), "--device", "cpu"]) == 2  # read by --benchmark only
+    err = capsys.readouterr().err
+    assert "could not be imported" in err and "--against is not read by this run" in err
 
 def restore_dynamo_settings():
     """compile_model raises dynamo's recompile limit and switches an inductor option process-wide: put them back."""
