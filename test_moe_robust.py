@@ -1296,8 +1296,8 @@ def test_precision_is_chosen_in_one_place():
 
 
 def test_cpu_eval_batchnorm_and_layouts_compute_the_same_function():
-    """Runtime.prepare on CPU (eval-mode BatchNorm as an affine map, eval-mode activations NHWC) and channels_last (MoE
-    rows gathered and added in memory order) change only float rounding: logits, routes and input gradients in eval mode, and training-mode
+    """Runtime.prepare on CPU (eval-mode BatchNorm as an affine map or folded into its convolution, eval-mode
+    activations NHWC) and channels_last (MoE rows gathered and added in memory order) change only float rounding: logits, routes and input gradients in eval mode, and training-mode
     outputs and running statistics, match the plain model's; the layout survives every MoE layer."""
     torch.manual_seed(0)
     plain = mr.build_model(mr.ModelConfig(width=0.125, experts=3, top_k=2, moe_blocks="all", expert_ratio=0.5))
@@ -1305,8 +1305,12 @@ def test_cpu_eval_batchnorm_and_layouts_compute_the_same_function():
         plain.train()(torch.rand(64, 3, 32, 32))  # running statistics away from (0, 1)
     fast = mr.make_runtime("cpu").prepare(copy.deepcopy(plain))
     cl = copy.deepcopy(fast).to(memory_format=torch.channels_last)
-    assert type(fast.stem[1]) is mr.AffineEvalBatchNorm and type(plain.stem[1]) is nn.BatchNorm2d
+    assert isinstance(fast.stem[1], mr.AffineEvalBatchNorm) and type(plain.stem[1]) is nn.BatchNorm2d
     assert type(fast.normalize) is mr.EvalNHWCNormalize and type(cl.normalize) is mr.EvalNHWCNormalize
+    conv, bn = fast.layer1[0].branch.experts[1][:2]  # every conv-BatchNorm pair, in experts too, is folded in eval
+    assert type(conv) is mr.FoldingConv2d and type(bn) is mr.FoldedBatchNorm and conv.pair[0] is bn
+    assert sum(type(m) is mr.FoldingConv2d for m in fast.modules()) == sum(
+        type(m) is nn.Conv2d for m in plain.modules())
     assert fast.state_dict().keys() == plain.state_dict().keys()
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
     grads, routes = [], []
@@ -1332,6 +1336,19 @@ def test_cpu_eval_batchnorm_and_layouts_compute_the_same_function():
     with torch.no_grad():
         fast.eval()(x)
     assert feats[-1].is_contiguous(memory_format=torch.channels_last)  # evaluates NHWC (EvalNHWCNormalize)
+    h, u = torch.rand(4, conv.in_channels, 8, 8), torch.rand(4, conv.out_channels, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(bn(u), u)  # folded: the BatchNorm passes on what the convolution already normalised
+        assert torch.allclose(bn(conv(h)), F.batch_norm(F.conv2d(h, conv.weight, None, conv.stride, conv.padding),
+                              bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps), atol=1e-5)
+        with torch.autocast("cpu", torch.bfloat16):  # under autocast neither folds: the pair normalises as before
+            assert not mr.folds(conv, bn, h) and not torch.equal(bn(u), u)
+        bn.train()  # one of the pair in training mode: neither folds
+        assert not mr.folds(conv, bn, h)
+        bn.eval().__class__ = mr.SyncBatchNorm  # --sync-bn's swap: its eval mode folds as one process's does
+        assert mr.folds(conv, bn, h) and torch.equal(bn(u), u) and torch.allclose(bn(conv(h)), F.batch_norm(
+            F.conv2d(h, conv.weight, None, conv.stride, conv.padding), bn.running_mean, bn.running_var, bn.weight,
+            bn.bias, eps=bn.eps), atol=1e-5)
 
 
 def test_bf16_pgd_is_no_weaker_than_float32(trained):
