@@ -16,16 +16,17 @@ up when the call runs). README.md "How to read the file" gives what each piece c
 
 Quick start (CPU, nothing downloaded): pip install -r requirements.txt; python moe_robust.py (the demo: standard vs
 PGD-AT MoE-ResNet18 on `synthetic`); python -m pytest -q test_moe_robust.py
-Measured (`python moe_robust.py`, 2 CPU cores of an Intel Xeon, 77 s; README.md has every number with its command):
+Measured (`python moe_robust.py`, 2 Intel Xeon cores, commit e5400b1, 77 s; README.md: each number, its command):
 MoE-ResNet18 width 0.125, E=4 top-1 (centred router), synthetic test set, PGD-10 8/255: standard 0.958 clean / 0.000
 robust; PGD-AT 0.482 / 0.480. On 3,677 real CIFAR-10 photographs (a small sample, README "Results on real images"),
 10 epochs, 500 test images, the `full` cascade, 3 seeds each: PGD-AT 0.378 / 0.193 +- 0.025 with the centred router
 and 0.377 / 0.211 +- 0.016 with the papers' linear one; AdvMoE (centred) 0.372 / 0.210 +- 0.009. The `autoattack`
 suite against Croce & Hein's own code on two earlier models of that sample (200 images): the same RA after every
 attack, image by image (README "The methods").
-Speed (`--benchmark --device cpu [--precision bf16]`, 2 AVX512-BF16 cores, width 1, batch 128): PGD-10 AT of
-MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 in bf16 + channels_last, 1.03x and 1.02x the dense
-ResNet-18's. On CUDA: bf16 autocast, channels_last, fused SGD, data on the GPU, one host sync per MoE layer and
+Speed (`--benchmark --device cpu [--precision bf16]`, 2 AVX512-BF16 cores, width 1, batch 128, commit 80557f2):
+PGD-10 AT of MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 in bf16 + channels_last, 1.03x and 1.02x the
+dense ResNet-18's. Against commit 0819781 (`--benchmark --against`, AMD EPYC): the demo's PGD-AT step 1.67x, its
+PGD-10 attack 2.16x, the demo 1.28x, width 1 1.11x (eval mode on a CPU: BatchNorm folded, NHWC). On CUDA: bf16 autocast, channels_last, fused SGD, data on the GPU, one host sync per MoE layer and
 forward (GPU figures are not yet measured).
 
 Conventions: inputs are images in [0, 1]; every model normalises inside itself and returns logits; eps is in pixel
@@ -3038,7 +3039,7 @@ def cpu_name() -> str:
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
 
-def benchmark_against(cfg: Config, path: str, out: str = "runs/benchmark", repeats: int = 3,
+def benchmark_against(cfg: Config, path: str, out: str = "runs/benchmark", repeats: int = 5,
                       names: Optional[list] = None) -> dict:
     """`--benchmark --against FILE`: each SIDE_BY_SIDE workload built from this file and from FILE (another copy of
     moe_robust.py, e.g. `git show REV:moe_robust.py > old.py`), timed alternately in this one process (float32), best
