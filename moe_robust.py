@@ -26,8 +26,9 @@ attack, image by image (README "The methods").
 Speed (`--benchmark --device cpu [--precision bf16]`, 2 AVX512-BF16 cores, width 1, batch 128, commit 80557f2):
 PGD-10 AT of MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 in bf16 + channels_last, 1.03x and 1.02x the
 dense ResNet-18's. Against commit 0819781 (`--benchmark --against`, AMD EPYC): the demo's PGD-AT step 1.67x, its
-PGD-10 attack 2.16x, the demo 1.28x, width 1 1.11x (eval mode on a CPU: BatchNorm folded, NHWC). On CUDA: bf16 autocast, channels_last, fused SGD, data on the GPU, one host sync per MoE layer and
-forward (GPU figures are not yet measured).
+PGD-10 attack 2.16x, the demo 1.28x, width 1 1.11x (eval mode on a CPU: BatchNorm folded, NHWC). On CUDA: bf16
+autocast, channels_last, fused SGD, data on the GPU, one host sync per MoE layer and forward (GPU figures are not
+yet measured).
 
 Conventions: inputs are images in [0, 1]; every model normalises inside itself and returns logits; eps is in pixel
 units (8/255 = 8 grey levels). Papers by short name: Shazeer 2017 (sparsely-gated MoE), Switch 2021 (Fedus et al.),
