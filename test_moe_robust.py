@@ -2380,11 +2380,11 @@ DP = ["--dataset", "synthetic", "--width", "0.0625", "--experts", "4", "--epochs
 
 
 def torchrun(*args, cwd, n=2):
-    """moe_robust.py under torchrun with n gloo processes of one thread each. A rank that crashes (SIGABRT: gloo's
-    C++ side aborting, seen once on a 2-core machine, not reproduced in 14 runs of the same command) is reported as a
-    warning with the ranks' own lines, and the command runs once more from the same state of its --out folder; the
-    second run's result is what the test judges. A Python error, a rank that torchrun stopped because a peer failed
-    (SIGTERM), a wrong number or a hang is never retried."""
+    """moe_robust.py under torchrun with n gloo processes of one thread each. A rank that crashes (SIGABRT: "terminate
+    called without an active exception" at a finished rank's teardown, 2 runs in 64 on a 2-core CPU before the script
+    left torchrun ranks with os._exit) is reported as a warning with the ranks' own lines, and the command runs once
+    more from the same state of its --out folder; the second run's result is what the test judges. A Python error, a
+    rank that torchrun stopped because a peer failed (SIGTERM), a wrong number or a hang is never retried."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
            str(HERE / "moe_robust.py"), *args]
