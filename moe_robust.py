@@ -25,8 +25,8 @@ suite against Croce & Hein's own code on two earlier models of that sample (200 
 attack, image by image (README "The methods").
 Speed (`--benchmark --device cpu [--precision bf16]`, 2 AVX512-BF16 cores, width 1, batch 128, commit 80557f2):
 PGD-10 AT of MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 in bf16 + channels_last, 1.03x and 1.02x the
-dense ResNet-18's. Against commit 0819781 (`--benchmark --against`, AMD EPYC): the demo's PGD-AT step 1.67x, its
-PGD-10 attack 2.16x, the demo 1.28x, width 1 1.11x (eval mode on a CPU: BatchNorm folded, NHWC). On CUDA: bf16
+dense ResNet-18's. Against commit 0819781 (`--benchmark --against`, AMD EPYC): the demo's PGD-AT step 1.23x, its
+PGD-10 attack 1.20x, width 1 1.07x (eval mode on a CPU: each BatchNorm folded into its convolution). On CUDA: bf16
 autocast, channels_last, fused SGD, data on the GPU, one host sync per MoE layer and forward (GPU figures are not
 yet measured).
 
@@ -1943,39 +1943,26 @@ class FoldedBatchNorm(AffineEvalBatchNorm):
     def forward(self, x):
         return x if folds(self.pair[0], self, x) else super().forward(x)
 
-class EvalNHWCNormalize(Normalize):
-    """Normalize whose eval-mode output on a float32 CPU is channels_last (NHWC), so every convolution after it runs
-    in oneDNN's NHWC kernels and hands NHWC on: the attacks' forward-backward passes and the evaluation's forwards
-    (PGD-5 on the demo's model 2.0x, on width-1 MoE-ResNet18 1.14x, AMD EPYC). Only where it is exact up to rounding
-    and safe: eval mode computes no BatchNorm statistics, and every eval-mode backward in this file takes the
-    input's gradient or a training member's parameters (descend's inputs=), never an eval-mode weight gradient
-    (oneDNN's NHWC weight gradient of a strided 1x1 conv is the kernel Runtime avoids). Training stays NCHW."""
-    def forward(self, x):
-        y = super().forward(x)
-        return y if self.training or not y.is_cpu or y.dtype != torch.float32 or y.dim() != 4 else \
-            y.contiguous(memory_format=torch.channels_last)
-
 @dataclass
 class Runtime:
     """Device, autocast dtype and memory format: chosen once here, used everywhere."""
     device: torch.device
     amp_dtype: Optional[torch.dtype]  # bf16 on CUDA, None (float32) on CPU unless --precision bf16
-    channels_last: bool  # NHWC activations: faster convolutions on tensor cores and in oneDNN. Not in float32 CPU
-    # training: BatchNorm's channels_last training kernel sums its statistics in float32 (a training step then differs
-    # from the NCHW one by 1e-4, not 1e-7), and oneDNN's weight gradient of a strided 1x1 conv corrupts the heap at 4-8
-    # input channels and odd batch sizes (torch 2.14); there eval mode alone runs NHWC (EvalNHWCNormalize)
+    channels_last: bool  # NHWC activations: faster convolutions on tensor cores and in oneDNN. Not float32 on CPU:
+    # there it is 1.3-2x faster per attack step, but BatchNorm's channels_last training kernel sums its statistics in
+    # float32 (a training step then differs from the NCHW one by 1e-4, not 1e-7), and oneDNN's weight gradient of a
+    # strided 1x1 conv corrupts the heap at 4-8 input channels (torch 2.14; MALLOC_CHECK_=3 reports it). Not even in
+    # eval mode alone: an eval-mode backward that also takes weight gradients (the official AutoAttack's FAB does)
+    # reaches that kernel
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.device.type == "cuda":  # autotune convolutions per shape, except in an MoE (a module with experts),
             # where every step brings new per-expert batch sizes, each a synchronising tuning
             torch.backends.cudnn.benchmark = not any(hasattr(m, "experts") for m in model.modules())
-        else:  # CPU: eval-mode BatchNorm as an affine map or folded into the convolution before it, eval-mode
-            # activations NHWC in float32 (the attacks' passes)
+        else:  # CPU: eval-mode BatchNorm as an affine map or folded into the convolution before it (the attacks')
             for m in model.modules():
                 if type(m) is nn.BatchNorm2d:
                     m.__class__ = AffineEvalBatchNorm
-                elif type(m) is Normalize and not self.channels_last:
-                    m.__class__ = EvalNHWCNormalize
             for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
                 for conv, bn in zip(seq, seq[1:]):
                     if type(conv) is nn.Conv2d and type(bn) is AffineEvalBatchNorm:
