@@ -1926,7 +1926,7 @@ def folds(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
 class FoldingConv2d(nn.Conv2d):
     """A Conv2d followed by a BatchNorm2d: in eval mode on a float32 CPU one convolution with the BatchNorm folded in,
     W' = W * s (per output channel), b' = t (affine_eval's s and t), and the BatchNorm passes its input on: an attack
-    step's forward and backward skip a pass over each feature map (PGD on the demo's model 1.18x, AMD EPYC). Same
+    step's forward and backward skip a pass over each feature map (README "Speed" has the measurement). Same
     function up to float rounding; training is unchanged. `pair` holds the BatchNorm (in a tuple: not a submodule;
     a BatchNorm swapped by class, as --sync-bn does, stays paired; one replaced by another module does not)."""
     def forward(self, x):
