@@ -1482,8 +1482,10 @@ def test_benchmark_against_times_this_file_beside_another_copy(tmp_path, monkeyp
     (tmp_path / "broken.py").write_text("raise SystemExit('no')\n")
     assert mr.main(["--benchmark", "--against", str(tmp_path / "broken.py"), "--device", "cpu"]) == 2
     assert mr.main(["--against", str(tmp_path / "copy.py"), "--device", "cpu"]) == 2  # read by --benchmark only
+    assert mr.main(["--benchmark", "--against", str(tmp_path / "none.py"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "could not be imported" in err and "--against is not read by this run" in err
+    assert f"--against {tmp_path / 'none.py'}: no such file" in err and "Traceback" not in err
 
 def restore_dynamo_settings():
     """compile_model raises dynamo's recompile limit and switches an inductor option process-wide: put them back."""
