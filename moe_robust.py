@@ -2942,12 +2942,16 @@ def benchmark_moe(device: str = "auto", batch: int = 256, channels: int = 64, si
     return results
 
 BENCH_ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
+BENCH_MODELS = {a: dict(arch=a, experts=4, top_k=1) for a in BENCH_ARCHS}  # name -> settings
+BENCH_MODELS["advmoe-layout"] = dict(arch="moe-resnet18", moe_blocks="all", experts=2, expert_ratio=0.5, top_k=1)
 
-def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optional[int] = None) -> dict:
+def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optional[int] = None,
+                       models: tuple = BENCH_ARCHS) -> dict:
     """Images per second of a training step, standard and PGD-10 AT, for ResNet-18, MoE-ResNet18 and MoE-ViT (E = 4,
-    k = 1) at cfg's width, batch size, device, precision and --compile, on random CIFAR-10-shaped uint8 data on the
+    k = 1), and with models=tuple(BENCH_MODELS) also AdvMoE's layout (every block an MoE of two half-width experts),
+    at cfg's width, batch size, device, precision and --compile, on random CIFAR-10-shaped uint8 data on the
     device fed through the real loop (batches + augment + Trainer.step).
-    -> {arch: {"standard": img/s, "at": img/s, "at_step_s": seconds, ...}}"""
+    -> {model: {"standard": img/s, "at": img/s, "at_step_s": seconds, ...}}"""
     rt = make_runtime(cfg.device, cfg.precision)
     cuda = rt.device.type == "cuda"
     iters = iters or (20 if cuda else 2)
@@ -2955,9 +2959,9 @@ def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optiona
     B, n, gen = cfg.batch_size, cfg.batch_size * (iters + warmup), torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen).to(rt.device)
     y = torch.randint(0, 10, (n,), generator=gen).to(rt.device)
-    results = {arch: {} for arch in BENCH_ARCHS}
-    for arch, method in [(a, m) for a in BENCH_ARCHS for m in ("standard", "at")]:
-        c = dataclasses.replace(cfg, method=method, arch=arch, experts=4, top_k=1, train_steps=10)
+    results = {name: {} for name in models}
+    for arch, method in [(a, m) for a in models for m in ("standard", "at")]:
+        c = dataclasses.replace(cfg, method=method, train_steps=10, **BENCH_MODELS[arch])
         seed_everything(0)
         model = rt.prepare(build_model(model_config(c, 10, 32)))
         step = Trainer(compile_model(model) if cfg.compile else model, c, total_steps=10 ** 6).step
@@ -2984,10 +2988,13 @@ def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
     res = {"device": name, "torch": torch.__version__, "precision": str(rt.amp_dtype or torch.float32),
            "channels_last": rt.channels_last, "compile": cfg.compile, "width": cfg.width, "batch_size": cfg.batch_size}
     log("benchmark: " + " | ".join(f"{k} {v}" for k, v in res.items()))
-    res["train_images_per_s"] = steps = benchmark_training(cfg)
+    res["train_images_per_s"] = steps = benchmark_training(cfg, models=tuple(BENCH_MODELS))
     res["moe_over_dense"] = ratio = {m: round(steps["moe-resnet18"][m] / steps["resnet18"][m], 3)
                                      for m in ("standard", "at")}
-    log(f"MoE-ResNet18 / ResNet-18 throughput: standard {ratio['standard']:.2f}, PGD-10 AT {ratio['at']:.2f}")
+    res["advmoe_layout_step_over_dense"] = layout = {  # step time, so below 1 is faster than dense
+        m: round(steps["advmoe-layout"][f"{m}_step_s"] / steps["resnet18"][f"{m}_step_s"], 3) for m in ("standard", "at")}
+    log(f"MoE-ResNet18 / ResNet-18 throughput: standard {ratio['standard']:.2f}, PGD-10 AT {ratio['at']:.2f}; "
+        f"AdvMoE layout / ResNet-18 step time: standard {layout['standard']:.2f}, PGD-10 AT {layout['at']:.2f}")
     res["moe_layer_us_per_example"] = benchmark_moe(cfg.device, precision=cfg.precision)
     res["moe_layer_shape"] = "batch 256, 64 channels, 8x8 maps, forward + backward"
     dest = writable_folder(out) / "benchmark.json"

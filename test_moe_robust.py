@@ -1566,6 +1566,50 @@ def test_cuda_and_cpu_agree_on_a_forward():
     assert (out - ref).norm() / ref.norm() < 1e-4
 
 
+@cuda
+@pytest.mark.parametrize("arch", ["moe-resnet18", "moe-vit", "resnet18"])
+def test_cuda_cli_runs_every_method_and_reports_float32(tmp_path, arch):
+    """Every entry point on CUDA, tiny: each training method (bf16 autocast, channels_last, fused SGD) with the
+    full suite on its test split, --resume of the finished run, --eval, --lipschitz and the dual model from two
+    checkpoints. What is reported is float32: the clean accuracy a CUDA --eval records equals a CPU --eval's."""
+    G = T + ["--arch", arch, "--device", "cuda"]
+    G[G.index("pgd")] = "full"
+    G += ["--apgd-steps", "2", "--apgd-targets", "2", "--square-queries", "4"]
+    G += ["--experts", "2"] if arch != "resnet18" else []
+    methods = [m for m in mr.METHODS if m != "dual" and (arch != "resnet18" or m not in ("advmoe", "rt-er", "jtdmoe"))]
+    for method in methods:
+        i = G.index("--train-steps")
+        argv = G if method != "standard" else G[:i] + G[i + 2:]  # standard training runs no attack
+        out = tmp_path / method
+        assert mr.main(argv + ["--method", method, "--out", str(out)]) == 0, method
+        test = json.loads((out / "metrics.json").read_text())["test"]
+        assert 0 <= test["robust_acc"] <= test["clean_acc"] <= 1, (method, test)
+    assert mr.main(["--resume", "--out", str(tmp_path / "at"), "--device", "cuda"]) == 0  # nothing to do
+    ckpt = str(tmp_path / "at" / "best.pt")
+    for device in ("cuda", "cpu"):
+        assert mr.main(["--eval", ckpt, "--eval-suite", "pgd", "--eval-steps", "2", "--test-limit", "32",
+                        "--device", device]) == 0
+    on_cuda, on_cpu = json.loads((tmp_path / "at" / "eval.json").read_text())["records"]
+    assert on_cuda["test"]["clean_acc"] == on_cpu["test"]["clean_acc"]
+    assert mr.main(["--lipschitz", ckpt, "--lipschitz-n", "4", "--device", "cuda"]) == 0
+    assert mr.main(["--method", "dual", "--standard-ckpt", str(tmp_path / "standard" / "best.pt"), "--robust-ckpt",
+                    ckpt, "--test-limit", "16", "--eval-suite", "pgd", "--eval-steps", "1", "--dual-sweep", "0,1",
+                    "--device", "cuda", "--out", str(tmp_path / "dual")]) == 0
+
+
+@cuda
+def test_cuda_torchrun_one_process_equals_the_plain_run(tmp_path):
+    """`torchrun --nproc_per_node=1` on a GPU: the same run as without torchrun (one process forms no process
+    group), to bf16 autocast's and cuDNN's run-to-run rounding."""
+    args = DP[:-1] + ["cuda", "--method", "advmoe", "--train-steps", "1"]
+    one = run_cli(*args, "--out", str(tmp_path / "one"))
+    two = torchrun(*args, "--out", str(tmp_path / "two"), cwd=tmp_path, n=1)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], rank_lines(two.stderr))
+    assert max_weight_gap(tmp_path / "one" / "last.pt", tmp_path / "two" / "last.pt") < 1e-2
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert mb["history"][0]["train_loss"] == pytest.approx(ma["history"][0]["train_loss"], abs=1e-2)
+
+
 # ---------------------------------------------------------------------------- CUDA paths checked on a CPU
 def test_resume_keeps_this_devices_optimizer_kernel():
     """A last.pt written on CUDA says fused=True; resumed on a CPU the optimiser keeps its own choice."""
