@@ -2456,6 +2456,9 @@ def rank_lines(stderr: str) -> str:
 
 
 def _joined(rank, n, store, fn, args):
+    """One spawned rank. After fn returns, it leaves with os._exit as a finished torchrun rank does (see the end of
+    moe_robust.py): with torch 2.11 a spawned rank aborted in the interpreter's teardown ("terminate called without
+    an active exception"). An exception from fn still propagates (spawn reports it)."""
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=n)
@@ -2463,6 +2466,8 @@ def _joined(rank, n, store, fn, args):
         fn(rank, *args)
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn, *args, tmp, n=2):
@@ -2685,7 +2690,7 @@ def test_distributed_sigterm_keeps_the_last_finished_epoch(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     out = tmp_path / "o"
     i = DP.index("--epochs")
-    args = DP[:i] + ["--epochs", "6"] + DP[i + 2:]
+    args = DP[:i] + ["--epochs", "20"] + DP[i + 2:]  # a fast machine is still running when the signal comes
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(HERE / "moe_robust.py"), *args, "--method", "at", "--train-steps", "1", "--out",
                           str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
@@ -2698,11 +2703,11 @@ def test_distributed_sigterm_keeps_the_last_finished_epoch(tmp_path):
     assert p.returncode != 0 and err.count("SIGTERM: interrupted; every finished epoch is saved in") == 1, err[-3000:]
     assert 'moe_robust.py", line' not in err
     done = torch.load(out / "last.pt", weights_only=True)["epoch"]
-    assert 0 <= done < 5
+    assert 0 <= done < 19
     r = torchrun("--resume", "--out", str(out), "--device", "cpu", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
-    assert [h["epoch"] for h in m["history"]] == list(range(1, 7)) and "test" in m
+    assert [h["epoch"] for h in m["history"]] == list(range(1, 21)) and "test" in m
 
 
 # ---------------------------------------------------------------------------- reading and copying
