@@ -1454,9 +1454,12 @@ def test_benchmark_cli_writes_its_numbers(tmp_path, monkeypatch):
     assert mr.main(["--benchmark", "--device", "cpu", "--width", "0.0625", "--batch-size", "8",
                     "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "benchmark.json").read_text())
-    for arch in mr.BENCH_ARCHS:
+    for arch in mr.BENCH_MODELS:  # the three architectures and AdvMoE's all-block layout
         assert res["train_images_per_s"][arch]["standard"] > 0 and res["train_images_per_s"][arch]["at"] > 0
-    assert set(res["moe_over_dense"]) == {"standard", "at"}
+    assert set(res["moe_over_dense"]) == set(res["advmoe_layout_step_over_dense"]) == {"standard", "at"}
+    steps = res["train_images_per_s"]
+    assert res["advmoe_layout_step_over_dense"]["at"] == round(steps["advmoe-layout"]["at_step_s"]
+                                                               / steps["resnet18"]["at_step_s"], 3)
 
 
 
