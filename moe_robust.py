@@ -1900,15 +1900,29 @@ def refuse_unread(given: set, ctx: dict) -> None:
         check(why is None, f"{flag} is not read by this run: {why}; leave it out")
 
 # ==== 8. Setup: the device chosen in one place, data parallelism, files written atomically =========================
+def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm's per-channel map y = x * s + t: s = w / sqrt(running_var + eps),
+    t = b - running_mean * s. -> (s, t), each (C,)"""
+    s = (bn.running_var + bn.eps).rsqrt()
+    return (s * bn.weight, bn.bias - bn.running_mean * s * bn.weight) if bn.affine else (s, -bn.running_mean * s)
+
+def folds(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a Conv2d and the BatchNorm2d right after it (paired by Runtime.prepare) run as one convolution: both in
+    eval mode, x a float32 CPU feature map, no autocast. The BatchNorm then passes its input on (affine_eval)."""
+    return (not conv.training and not bn.training and x.is_cpu and x.dim() == 4 and x.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu"))
+
 def affine_eval(bn: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """An eval-mode BatchNorm on a float32 CPU feature map as the per-channel affine map it then is: y = x * s + t,
-    s = w / sqrt(running_var + eps), t = b - running_mean * s; None where that does not apply. Same function up to
-    float rounding; its backward (every attack step's) is one multiply, where PyTorch's CPU batch-norm backward is a
-    reduction kernel (PGD-10 on the demo's model: 5-10% faster on CPU)."""
+    """An eval-mode BatchNorm on a float32 CPU feature map as the per-channel affine map it then is: y = x * s + t
+    (bn_scale_shift), or x itself where the convolution before it folded it in (`pair`, FoldingConv2d); None where
+    neither applies. Same function up to float rounding; its backward (every attack step's) is one multiply, where
+    PyTorch's CPU batch-norm backward is a reduction kernel (PGD-10 on the demo's model: 5-10% faster on CPU). Every
+    eval-mode BatchNorm of a prepared model on a CPU runs it, the --sync-bn SyncBatchNorm included."""
     if bn.training or bn.running_mean is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 4:
         return None
-    s = (bn.running_var + bn.eps).rsqrt()
-    s, t = (s * bn.weight, bn.bias - bn.running_mean * s * bn.weight) if bn.affine else (s, -bn.running_mean * s)
+    if hasattr(bn, "pair") and folds(bn.pair[0], bn, x):
+        return x
+    s, t = bn_scale_shift(bn)
     return torch.addcmul(t.view(1, -1, 1, 1), x, s.view(1, -1, 1, 1))
 
 class AffineEvalBatchNorm(nn.BatchNorm2d):
@@ -1917,16 +1931,9 @@ class AffineEvalBatchNorm(nn.BatchNorm2d):
         y = affine_eval(self, x)
         return super().forward(x) if y is None else y
 
-def folds(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
-    """Whether a Conv2d and the BatchNorm2d right after it (paired by Runtime.prepare) run as one convolution: both in
-    eval mode, x a float32 CPU feature map, no autocast. The BatchNorm then passes its input on (FoldedBatchNorm, or
-    the SyncBatchNorm that --sync-bn makes of it)."""
-    return (not conv.training and not bn.training and x.is_cpu and x.dim() == 4 and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu"))
-
 class FoldingConv2d(nn.Conv2d):
     """A Conv2d followed by a BatchNorm2d: in eval mode on a float32 CPU one convolution with the BatchNorm folded in,
-    W' = W * s (per output channel), b' = t (affine_eval's s and t), and the BatchNorm passes its input on: an attack
+    W' = W * s (per output channel), b' = t (bn_scale_shift), and the BatchNorm passes its input on: an attack
     step's forward and backward skip a pass over each feature map (README "Speed" has the measurement). Same
     function up to float rounding; training is unchanged. `pair` holds the BatchNorm (in a tuple: not a submodule;
     a BatchNorm swapped by class, as --sync-bn does, stays paired; one replaced by another module does not)."""
@@ -1934,15 +1941,13 @@ class FoldingConv2d(nn.Conv2d):
         bn = self.pair[0]
         if not folds(self, bn, x):
             return super().forward(x)
-        s = (bn.running_var + bn.eps).rsqrt() * (bn.weight if bn.affine else 1)
-        t = (bn.bias if bn.affine else 0) - bn.running_mean * s
+        s, t = bn_scale_shift(bn)
         return F.conv2d(x, self.weight * s.view(-1, 1, 1, 1), t if self.bias is None else t + self.bias * s,
                         self.stride, self.padding, self.dilation, self.groups)
 
 class FoldedBatchNorm(AffineEvalBatchNorm):
-    """The BatchNorm2d after a FoldingConv2d: where the convolution folded it in, the identity; else as before."""
-    def forward(self, x):
-        return x if folds(self.pair[0], self, x) else super().forward(x)
+    """The BatchNorm2d after a FoldingConv2d (its `pair`): where the convolution folded it in, the identity; else as
+    before (both decided by affine_eval)."""
 
 @dataclass
 class Runtime:
@@ -2131,8 +2136,6 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x):
         if not (self.training and world()[1] > 1):  # eval: as one process computes it (Runtime.prepare, on a CPU)
-            if hasattr(self, "pair") and folds(self.pair[0], self, x):
-                return x
             y = affine_eval(self, x)
             return super().forward(x) if y is None else y
         dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
