@@ -28,7 +28,6 @@ TINY = dict(dataset="synthetic", arch="moe-resnet18", width=0.0625, experts=2, t
             eval_suite="pgd", device="cpu")
 
 
-
 # ---------------------------------------------------------------------------- MoE layer
 def dense_reference(layer: mr.MoE, x: torch.Tensor) -> torch.Tensor:
     """Run every expert on every row and combine with the layer's gates scattered to (N, E)."""
@@ -1580,8 +1579,8 @@ def test_cuda_cli_runs_every_method_and_reports_float32(tmp_path, arch):
     G += ["--apgd-steps", "2", "--apgd-targets", "2", "--square-queries", "4"]
     G += ["--experts", "2"] if arch != "resnet18" else []
     methods = [m for m in mr.METHODS if m != "dual" and (arch != "resnet18" or m not in ("advmoe", "rt-er", "jtdmoe"))]
+    i = G.index("--train-steps")
     for method in methods:
-        i = G.index("--train-steps")
         argv = G if method != "standard" else G[:i] + G[i + 2:]  # standard training runs no attack
         out = tmp_path / method
         assert mr.main(argv + ["--method", method, "--out", str(out)]) == 0, method
