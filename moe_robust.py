@@ -119,6 +119,21 @@ def eval_mode(*models: nn.Module):
         for m, w in zip(models, was):
             m.train(w)
 
+@contextlib.contextmanager
+def frozen(*models: nn.Module):
+    """eval_mode, and every parameter without gradient (both restored on exit): how the training attacks and the
+    evaluation hold a model. Its backward then takes input gradients only, so on a CPU the folded convolutions can run
+    channels_last (FoldingConv2d)."""
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with eval_mode(*models):
+            yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
 # ==== 1. The sparse top-k MoE layer ================================================================================
 # Letters used in shape comments: B batch, T tokens per image, N rows routed (N = B per image, N = B*T per token),
 # E experts, K experts kept per row (top-k), D router input width, C/H/W channels/height/width.
@@ -655,10 +670,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Optiona
     device; an example counts as robust only if the prediction is right on the clean image and on the attack's worst
     case. Runs in float32."""
     clean = robust = 0
-    for xb, yb in batches(x, y, batch_size, device):
-        ok = predict(model, xb) == yb
-        clean += ok.sum().item()
-        robust += (ok & (predict(model, attack(model, xb, yb)) == yb)).sum().item() if attack is not None else 0
+    with frozen(model):  # no weight gradients in the attacks
+        for xb, yb in batches(x, y, batch_size, device):
+            ok = predict(model, xb) == yb
+            clean += ok.sum().item()
+            robust += (ok & (predict(model, attack(model, xb, yb)) == yb)).sum().item() if attack is not None else 0
     out = {"clean_acc": clean / max(1, len(x))}
     return out if attack is None else {**out, "robust_acc": robust / max(1, len(x)), "attack": attack.describe()}
 
@@ -1020,16 +1036,20 @@ def trades_kl(logits_adv: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
 
 def trades_attack(model: nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tensor:
     """TRADES' inner maximisation: PGD on KL(p(x) || p(x')), started at x + 0.001 N(0, I)."""
-    with torch.no_grad(), eval_mode(model):
-        p_clean = model(x).float().softmax(1)
-    x0 = (x + 0.001 * rows_rand(x, lambda t: t.normal_())).clamp(0, 1)
-    xa = pgd(model, x0, p_clean, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, random_start=False, loss_fn=trades_kl)
+    with frozen(model):  # no weight gradients in an attack
+        with torch.no_grad():
+            p_clean = model(x).float().softmax(1)
+        x0 = (x + 0.001 * rows_rand(x, lambda t: t.normal_())).clamp(0, 1)
+        xa = pgd(model, x0, p_clean, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, random_start=False,
+                 loss_fn=trades_kl)
     return project(xa - x, cfg.eps, cfg.norm).add(x).clamp(0, 1)
 
 def at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
     """PGD-AT (Madry et al. 2018): CE(F(x_adv), y) + MoE aux losses of that forward, x_adv = PGD-`train_steps`
     against the current model (last iterate). -> (loss, logits)"""
-    logits = model(pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm)).float()
+    with frozen(model):  # no weight gradients in the attack
+        xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm)
+    logits = model(xa).float()
     return F.cross_entropy(logits, y) + aux(model, cfg), logits
 
 def trades_term(model: nn.Module, x: torch.Tensor, cfg: Config, xa: Optional[torch.Tensor] = None):
@@ -1049,7 +1069,10 @@ def expert_path_term(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Co
     """RT-ER / JTDMoE's KL term on one expert path (the routes or expert forced on `model`): (1/B) sum_n KL(f(x_n) ||
     f(x'_n)), x' = label PGD (cross-entropy, random start) against that path, as in the dual-model paper and its
     code; --expert-attack kl: TRADES' KL attack."""
-    xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm) if cfg.expert_attack == "pgd" else None
+    xa = None
+    if cfg.expert_attack == "pgd":
+        with frozen(model):  # no weight gradients in the attack
+            xa = pgd(model, x, y, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm)
     return trades_term(model, x, cfg, xa)[0]
 
 def descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
@@ -1140,7 +1163,7 @@ def jtdmoe_standard_step(dual: "DualModel", opt: torch.optim.Optimizer, x: torch
     """JTDMoE step (b) on f_S (f_R frozen, in eval mode so its BatchNorm statistics stay put): CE(f_D(x), y) on clean
     x, so f_S learns to complement a * f_R. -> (loss, f_D's logits)"""
     dual.standard.train()
-    with eval_mode(dual.robust), autocast_for(x.device, cfg.precision):
+    with frozen(dual.robust), autocast_for(x.device, cfg.precision):
         logits = dual(x).float()
         loss = F.cross_entropy(logits, y) + aux(dual.standard, cfg)
     descend(opt, loss)
@@ -1305,20 +1328,22 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     moe = suite == "full" and analysis and len(layers) > 0
     attack = AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm)  # also the routing attack's
     attacks, sums = None, {"images": 0, "rows": 0}
-    for xb, yb in batches(x, y, batch_size, device):
-        logits, ok, routes = clean_pass(model, xb, yb)
-        if attacks is None:
-            num_classes = logits.shape[1]
-            attacks = suite_attacks(cfg, suite, num_classes, len(layers) > 0)
-            fixed = [(k, a) for k, a in attacks if not k.startswith("soft-router")]  # with no routing decision left
-        rows = ok.repeat_interleave(len(routes[0].indices) // len(xb)) if routes else ok  # rows of clean-correct images
-        add_up(sums, {"images": len(xb), "rows": int(rows.sum()) if routes else 0,
-                      **routing_counts(layers, routes, yb, num_classes)})
-        counts, xa = robust_counts(model, xb, yb, attacks, ok)
-        add_up(sums, counts)
-        add_up(sums, flip_counts("attack", routes, current_routes(model, xa) if layers else [], rows))
-        if moe:
-            add_up(sums, moe_counts(model, xb, yb, ok, routes, rows, fixed, attack))
+    with frozen(model):  # no weight gradients in the attacks
+        for xb, yb in batches(x, y, batch_size, device):
+            logits, ok, routes = clean_pass(model, xb, yb)
+            if attacks is None:
+                num_classes = logits.shape[1]
+                attacks = suite_attacks(cfg, suite, num_classes, len(layers) > 0)
+                fixed = [(k, a) for k, a in attacks if not k.startswith("soft-router")]  # with no routing decision left
+            # the rows of clean-correct images
+            rows = ok.repeat_interleave(len(routes[0].indices) // len(xb)) if routes else ok
+            add_up(sums, {"images": len(xb), "rows": int(rows.sum()) if routes else 0,
+                          **routing_counts(layers, routes, yb, num_classes)})
+            counts, xa = robust_counts(model, xb, yb, attacks, ok)
+            add_up(sums, counts)
+            add_up(sums, flip_counts("attack", routes, current_routes(model, xa) if layers else [], rows))
+            if moe:
+                add_up(sums, moe_counts(model, xb, yb, ok, routes, rows, fixed, attack))
     if ranks > 1:  # every rank's counts, added up
         parts = [None] * ranks
         dist.all_gather_object(parts, sums)
@@ -1329,7 +1354,8 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
            "attacks": names, "robust_after": {k: acc(k) for k in names}}
     res["fooled_by"] = {k: round(b - acc(k), 6) for k, b in zip(names, [acc("clean")] + [acc(k) for k in names])}
     if suite == "full" and analysis and is_main():
-        res["probe"] = masking_probe(model, probe_x.to(device).float() / 255, probe_y.to(device), cfg)
+        with frozen(model):
+            res["probe"] = masking_probe(model, probe_x.to(device).float() / 255, probe_y.to(device), cfg)
     rate = lambda kind: [sums.get(("flips", kind, l), 0) / max(1, sums["rows"]) for l in range(len(layers))]
     collapsed = []
     if layers:
@@ -1942,8 +1968,13 @@ class FoldingConv2d(nn.Conv2d):
         if not folds(self, bn, x):
             return super().forward(x)
         s, t = bn_scale_shift(bn)
-        return F.conv2d(x, self.weight * s.view(-1, 1, 1, 1), t if self.bias is None else t + self.bias * s,
-                        self.stride, self.padding, self.dilation, self.groups)
+        w = self.weight * s.view(-1, 1, 1, 1)
+        # channels_last where no weight gradient can be taken (`frozen`, no_grad): oneDNN's NHWC kernels are 1.3-3x
+        # faster at few channels. NCHW otherwise: its weight gradient corrupts the heap (Runtime.channels_last)
+        fmt = torch.contiguous_format if w.requires_grad else torch.channels_last
+        x, w = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
+        return F.conv2d(x, w, t if self.bias is None else t + self.bias * s, self.stride, self.padding, self.dilation,
+                        self.groups)
 
 class FoldedBatchNorm(AffineEvalBatchNorm):
     """The BatchNorm2d after a FoldingConv2d (its `pair`): where the convolution folded it in, the identity; else as
@@ -1954,12 +1985,12 @@ class Runtime:
     """Device, autocast dtype and memory format: chosen once here, used everywhere."""
     device: torch.device
     amp_dtype: Optional[torch.dtype]  # bf16 on CUDA, None (float32) on CPU unless --precision bf16
-    channels_last: bool  # NHWC activations: faster convolutions on tensor cores and in oneDNN. Not float32 on CPU:
-    # there it is 1.3-2x faster per attack step, but BatchNorm's channels_last training kernel sums its statistics in
-    # float32 (a training step then differs from the NCHW one by 1e-4, not 1e-7), and oneDNN's weight gradient of a
-    # strided 1x1 conv corrupts the heap at 4-8 input channels (torch 2.14; MALLOC_CHECK_=3 reports it). Not even in
-    # eval mode alone: an eval-mode backward that also takes weight gradients (the official AutoAttack's FAB does)
-    # reaches that kernel
+    channels_last: bool  # NHWC activations: faster convolutions on tensor cores and in oneDNN. Not the whole
+    # model in float32 on CPU: BatchNorm's channels_last training kernel sums its statistics in float32 (a training
+    # step then differs from the NCHW one by 1e-4, not 1e-7), and oneDNN's weight gradient of a strided 1x1 conv
+    # corrupts the heap at 4-8 input channels (torch 2.14; MALLOC_CHECK_=3 reports it), which any backward into the
+    # weights reaches, in eval mode too (the official AutoAttack's FAB takes one). Only passes that cannot take a
+    # weight gradient (`frozen`: the attacks) run channels_last there, per folded convolution (FoldingConv2d)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.device.type == "cuda":  # autotune convolutions per shape, except in an MoE (a module with experts),
@@ -3014,7 +3045,7 @@ SIDE_BY_SIDE = {  # what `--benchmark --against FILE` times, on random CIFAR-10-
     "AdvMoE step, the official trainer's setting": ("step", dict(method="advmoe", moe_blocks="all", experts=2,
                                                                  expert_ratio=0.5, batch_size=32, train_steps=2)),
     "PGD-10 attack, the demo's model": ("attack", dict(method="at", width=0.125, experts=4, top_k=1, batch_size=256,
-                                                       train_steps=10))}  # in eval mode, as evaluation runs it
+                                                       train_steps=10))}  # the model held as evaluation holds it
 
 def side_by_side_job(mod, what: str, settings: dict, device: str) -> Callable[[], object]:
     """One SIDE_BY_SIDE workload built from a module `mod` (this file or another copy of it): a training step
@@ -3025,8 +3056,13 @@ def side_by_side_job(mod, what: str, settings: dict, device: str) -> Callable[[]
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(c.batch_size, 3, 32, 32, generator=g), torch.randint(0, 10, (c.batch_size,), generator=g)
     x, y = x.to(device), y.to(device)
-    if what == "attack":
-        return lambda: mod.pgd(model.eval(), x, y, steps=c.train_steps)
+    if what == "attack":  # held as the evaluation holds it (`frozen`; an older copy without it: eval_mode)
+        hold = getattr(mod, "frozen", mod.eval_mode)
+
+        def attack():
+            with hold(model):
+                return mod.pgd(model, x, y, steps=c.train_steps)
+        return attack
     trainer = getattr(mod, "Trainer", None) or mod.METHOD_CLASSES[c.method]
     step = trainer(model, c, total_steps=10 ** 6).step
     return lambda: step(x, y)

@@ -1348,6 +1348,47 @@ def test_cpu_eval_batchnorm_and_layouts_compute_the_same_function():
             bn.bias, eps=bn.eps), atol=1e-5)
 
 
+
+def test_attacks_hold_the_model_frozen_and_fold_channels_last_only_without_weight_gradients():
+    """`frozen` (the training attacks' and the evaluation's hold on a model): eval mode and no parameter gradients,
+    both restored on exit, after an error too, and a parameter frozen before stays frozen. On a CPU its folded
+    convolutions run channels_last with the same logits and input gradients; any pass that can take a weight gradient
+    (training, or an eval-mode backward into the weights, as the official FAB's) runs NCHW. A PGD-AT step: its attack
+    channels_last, its update NCHW, on an NCHW x_adv."""
+    torch.manual_seed(0)
+    model = mr.make_runtime("cpu").prepare(mr.build_model(mr.ModelConfig(width=0.125, experts=2)))
+    with torch.no_grad():
+        model.train()(torch.rand(32, 3, 32, 32))  # running statistics away from (0, 1)
+    passes = []  # per forward: (training, input NCHW, {the folded convolutions' output layouts})
+    model.normalize.register_forward_pre_hook(lambda m, i: passes.append((m.training, i[0].is_contiguous(), set())))
+    cl = lambda o: o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous()
+    for m in model.modules():
+        if type(m) is mr.FoldingConv2d:
+            m.register_forward_hook(lambda m, i, o: passes[-1][2].add("cl" if cl(o) else "nchw"))
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def logits_and_grad():
+        xa = x.clone().requires_grad_(True)
+        logits = model(xa)
+        return logits, torch.autograd.grad(F.cross_entropy(logits, y), xa)[0]
+    model.fc.bias.requires_grad_(False)  # frozen by its user
+    with mr.eval_mode(model):  # parameters with gradient: NCHW
+        l0, g0 = logits_and_grad()
+    with pytest.raises(KeyError), mr.frozen(model):
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+        l1, g1 = logits_and_grad()
+        raise KeyError
+    with torch.no_grad():
+        mr.predict(model, x)  # no gradient at all: channels_last
+    assert [layouts for _, _, layouts in passes] == [{"nchw"}, {"cl"}, {"cl"}]
+    assert torch.allclose(l0, l1, atol=1e-5) and torch.allclose(g0, g1, atol=1e-7, rtol=1e-4)
+    assert model.training and [n for n, p in model.named_parameters() if not p.requires_grad] == ["fc.bias"]
+    model.fc.bias.requires_grad_(True)
+    passes.clear()
+    mr.Trainer(model, mr.Config(method="at", dataset="synthetic", train_steps=2, device="cpu"), 10).step(x, y)
+    assert passes == [(False, True, {"cl"}), (False, True, {"cl"}), (True, True, {"nchw"})]  # 2 attack passes, update
+    assert model.training and all(p.requires_grad for p in model.parameters())
+
 def test_bf16_pgd_is_no_weaker_than_float32(trained):
     """Adversarial examples made under bf16 autocast, scored by the float32 model, leave no more
     examples correct than float32 PGD does (small eps, where robust accuracy is in between)."""
