@@ -26,8 +26,8 @@ attack, image by image (README "The methods").
 Speed (`--benchmark --device cpu [--precision bf16]`, 2 AVX512-BF16 cores, width 1, batch 128, commit 80557f2):
 PGD-10 AT of MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 in bf16 + channels_last, 1.03x and 1.02x the
 dense ResNet-18's. Against commit 0819781 (`--benchmark --against`, AMD EPYC): the demo's PGD-AT step 1.47x, its
-PGD-10 attack 1.75x, width 1 1.12x (attacks on a CPU: each BatchNorm folded into its convolution, channels_last
-where no weight gradient is taken). On CUDA: bf16 autocast, channels_last, fused SGD, data on the GPU, one host
+PGD-10 attack 1.75x, width 1 1.12x (attacks on a CPU: each BatchNorm folded into its convolution, run
+channels_last). On CUDA: bf16 autocast, channels_last, fused SGD, data on the GPU, one host
 sync per MoE layer and forward. One H200
 (`--benchmark --batch-size 512`, width 1): PGD-10 AT of MoE-ResNet18 at 3,252 img/s, 0.58x the dense ResNet-18's
 5,576; both steps are bound by the host, not the GPU (README "On a GPU").
@@ -123,8 +123,7 @@ def eval_mode(*models: nn.Module):
 @contextlib.contextmanager
 def frozen(*models: nn.Module):
     """eval_mode, and every parameter without gradient (both restored on exit): how the training attacks and the
-    evaluation hold a model. Its backward then takes input gradients only, so on a CPU the folded convolutions can run
-    channels_last (FoldingConv2d)."""
+    evaluation hold a model. Its backward then takes input gradients only."""
     params = [p for m in models for p in m.parameters() if p.requires_grad]
     try:
         for p in params:
@@ -1970,12 +1969,18 @@ class FoldingConv2d(nn.Conv2d):
             return super().forward(x)
         s, t = bn_scale_shift(bn)
         w = self.weight * s.view(-1, 1, 1, 1)
-        # channels_last where no weight gradient can be taken (`frozen`, no_grad): oneDNN's NHWC kernels are 1.3-3x
-        # faster at few channels. NCHW otherwise: its weight gradient corrupts the heap (Runtime.channels_last)
-        fmt = torch.contiguous_format if w.requires_grad else torch.channels_last
-        x, w = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
-        return F.conv2d(x, w, t if self.bias is None else t + self.bias * s, self.stride, self.padding, self.dilation,
-                        self.groups)
+        # channels_last: oneDNN's NHWC kernels are 1.3-3x faster at few channels (the attacks' passes)
+        x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+        return self._conv_forward(x, w, t if self.bias is None else t + self.bias * s)
+
+    def _conv_forward(self, x, w, b):
+        # A strided 1x1 convolution (a ResNet shortcut) that can take a weight gradient as what it is, subsampling
+        # and then a 1x1 convolution: the same sums. oneDNN's channels_last weight gradient of the strided one
+        # corrupts the heap at 3-8 input channels (torch 2.14, float32 and bf16: `--precision bf16` on a CPU crashed
+        # at width 0.125; README "Speed"). The attacks' passes (`frozen`) keep the strided kernel.
+        if w.requires_grad and self.kernel_size == (1, 1) and self.stride != (1, 1) and self.padding == (0, 0):
+            return F.conv2d(x[:, :, ::self.stride[0], ::self.stride[1]], w, b, 1, 0, self.dilation, self.groups)
+        return super()._conv_forward(x, w, b)
 
 class FoldedBatchNorm(AffineEvalBatchNorm):
     """The BatchNorm2d after a FoldingConv2d (its `pair`): where the convolution folded it in, the identity; else as
@@ -1987,11 +1992,9 @@ class Runtime:
     device: torch.device
     amp_dtype: Optional[torch.dtype]  # bf16 on CUDA, None (float32) on CPU unless --precision bf16
     channels_last: bool  # NHWC activations: faster convolutions on tensor cores and in oneDNN. Not the whole
-    # model in float32 on CPU: BatchNorm's channels_last training kernel sums its statistics in float32 (a training
-    # step then differs from the NCHW one by 1e-4, not 1e-7), and oneDNN's weight gradient of a strided 1x1 conv
-    # corrupts the heap at 4-8 input channels (torch 2.14; MALLOC_CHECK_=3 reports it), which any backward into the
-    # weights reaches, in eval mode too (the official AutoAttack's FAB takes one). Only passes that cannot take a
-    # weight gradient (`frozen`: the attacks) run channels_last there, per folded convolution (FoldingConv2d)
+    # model in float32 on CPU: BatchNorm's channels_last training kernel normalises less exactly (3e-6 to 4e-5
+    # from float64, NCHW 4e-7) and a training step ran no faster (README "Speed"); eval-mode passes, whose
+    # BatchNorm is folded, run channels_last there per folded convolution (FoldingConv2d)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         if self.device.type == "cuda":  # autotune convolutions per shape, except in an MoE (a module with experts),

@@ -1349,12 +1349,12 @@ def test_cpu_eval_batchnorm_and_layouts_compute_the_same_function():
 
 
 
-def test_attacks_hold_the_model_frozen_and_fold_channels_last_only_without_weight_gradients():
+def test_attacks_hold_the_model_frozen_and_eval_passes_fold_channels_last():
     """`frozen` (the training attacks' and the evaluation's hold on a model): eval mode and no parameter gradients,
-    both restored on exit, after an error too, and a parameter frozen before stays frozen. On a CPU its folded
-    convolutions run channels_last with the same logits and input gradients; any pass that can take a weight gradient
-    (training, or an eval-mode backward into the weights, as the official FAB's) runs NCHW. A PGD-AT step: its attack
-    channels_last, its update NCHW, on an NCHW x_adv."""
+    both restored on exit, after an error too, and a parameter frozen before stays frozen, with the same logits and
+    input gradients as plain eval mode. On a CPU every eval-mode pass runs its folded convolutions channels_last,
+    with or without parameter gradients; training passes run NCHW. A PGD-AT step: its attack channels_last, its
+    update NCHW, on an NCHW x_adv."""
     torch.manual_seed(0)
     model = mr.make_runtime("cpu").prepare(mr.build_model(mr.ModelConfig(width=0.125, experts=2)))
     with torch.no_grad():
@@ -1372,15 +1372,15 @@ def test_attacks_hold_the_model_frozen_and_fold_channels_last_only_without_weigh
         logits = model(xa)
         return logits, torch.autograd.grad(F.cross_entropy(logits, y), xa)[0]
     model.fc.bias.requires_grad_(False)  # frozen by its user
-    with mr.eval_mode(model):  # parameters with gradient: NCHW
+    with mr.eval_mode(model):  # parameters with gradient
         l0, g0 = logits_and_grad()
     with pytest.raises(KeyError), mr.frozen(model):
         assert not model.training and not any(p.requires_grad for p in model.parameters())
         l1, g1 = logits_and_grad()
         raise KeyError
     with torch.no_grad():
-        mr.predict(model, x)  # no gradient at all: channels_last
-    assert [layouts for _, _, layouts in passes] == [{"nchw"}, {"cl"}, {"cl"}]
+        mr.predict(model, x)  # no gradient at all
+    assert [layouts for _, _, layouts in passes] == [{"cl"}, {"cl"}, {"cl"}]
     assert torch.allclose(l0, l1, atol=1e-5) and torch.allclose(g0, g1, atol=1e-7, rtol=1e-4)
     assert model.training and [n for n, p in model.named_parameters() if not p.requires_grad] == ["fc.bias"]
     model.fc.bias.requires_grad_(True)
@@ -1388,6 +1388,40 @@ def test_attacks_hold_the_model_frozen_and_fold_channels_last_only_without_weigh
     mr.Trainer(model, mr.Config(method="at", dataset="synthetic", train_steps=2, device="cpu"), 10).step(x, y)
     assert passes == [(False, True, {"cl"}), (False, True, {"cl"}), (True, True, {"nchw"})]  # 2 attack passes, update
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+def test_strided_pointwise_convolution_is_subsampling_then_1x1_and_cpu_training_survives_channels_last():
+    """A strided 1x1 convolution (a shortcut) runs on a CPU as subsampling then a stride-1 1x1 convolution: the same
+    outputs and gradients, the weight's included, in either layout. oneDNN's channels_last weight gradient of the
+    strided kernel corrupts the heap at 3-8 input channels (torch 2.14): `--precision bf16` training of the width-0.125
+    model, channels_last, crashed; here it runs in a child process under glibc's heap checks."""
+    torch.manual_seed(0)
+    model = mr.make_runtime("cpu").prepare(mr.build_model(mr.ModelConfig(width=0.125)))
+    conv = model.layer2[0].shortcut[0]
+    assert type(conv) is mr.FoldingConv2d and conv.kernel_size == (1, 1) and conv.stride == (2, 2)
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, 1, 2, bias=False)
+    plain.weight.data.copy_(conv.weight.data)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(8, conv.in_channels, 32, 32).contiguous(memory_format=fmt).requires_grad_(True)
+        outs = [m(x) for m in (conv, plain)]
+        grads = [torch.autograd.grad(o.square().sum(), (x, m.weight)) for o, m in zip(outs, (conv, plain))]
+        assert outs[0].shape == outs[1].shape == (8, conv.out_channels, 16, 16)
+        assert torch.allclose(outs[0], outs[1], atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-5) for a, b in zip(*grads))
+    code = """
+import torch, moe_robust as mr
+c = mr.Config(method="standard", dataset="synthetic", width=0.125, precision="bf16", device="cpu")
+torch.manual_seed(0)
+rt = mr.make_runtime("cpu", "bf16")
+assert rt.channels_last
+trainer = mr.Trainer(rt.prepare(mr.build_model(mr.model_config(c, 10, 32))), c, 10)
+for b in (64, 17, 3):
+    for _ in range(2):
+        trainer.step(torch.rand(b, 3, 32, 32), torch.randint(0, 10, (b,)))
+print("survived")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(HERE),
+                       env={**os.environ, "MALLOC_CHECK_": "3"}, timeout=600)
+    assert r.returncode == 0 and "survived" in r.stdout, r.stderr[-2000:]
 
 def test_bf16_pgd_is_no_weaker_than_float32(trained):
     """Adversarial examples made under bf16 autocast, scored by the float32 model, leave no more
