@@ -25,8 +25,8 @@ suite against Croce & Hein's own code on two earlier models of that sample (200 
 attack, image by image (README "The methods").
 Speed (`--benchmark --device cpu [--precision bf16]`, 2 AVX512-BF16 cores, width 1, batch 128, commit 80557f2):
 PGD-10 AT of MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 in bf16 + channels_last, 1.03x and 1.02x the
-dense ResNet-18's. Against commit 0819781 (`--benchmark --against`, AMD EPYC): the demo's PGD-AT step 1.47x, its
-PGD-10 attack 1.75x, width 1 1.12x (attacks on a CPU: each BatchNorm folded into its convolution, run
+dense ResNet-18's. Against commit 0819781 (`--benchmark --against`, AMD EPYC): the demo's PGD-AT step 1.55x, its
+PGD-10 attack 1.71x, width 1 1.12x (attacks on a CPU: each BatchNorm folded into its convolution, run
 channels_last). On CUDA: bf16 autocast, channels_last, fused SGD, data on the GPU, one host
 sync per MoE layer and forward. One H200
 (`--benchmark --batch-size 512`, width 1): PGD-10 AT of MoE-ResNet18 at 3,252 img/s, 0.58x the dense ResNet-18's
