@@ -1957,7 +1957,18 @@ class AffineEvalBatchNorm(nn.BatchNorm2d):
         y = affine_eval(self, x)
         return super().forward(x) if y is None else y
 
-class FoldingConv2d(nn.Conv2d):
+class SubsamplingConv2d(nn.Conv2d):
+    """A Conv2d on a CPU (Runtime.prepare gives every one this class): where a strided 1x1 convolution (a ResNet
+    shortcut) can take a weight gradient, it runs as what it is, subsampling and then a 1x1 convolution: the same
+    sums. oneDNN's channels_last weight gradient of the strided one corrupts the heap at 3-8 input channels (torch
+    2.14, float32 and bf16: `--precision bf16` on a CPU crashed at width 0.125; README "Speed"). Passes without
+    weight gradients (the attacks, `frozen`) keep the strided kernel."""
+    def _conv_forward(self, x, w, b):
+        if w.requires_grad and self.kernel_size == (1, 1) and self.stride != (1, 1) and self.padding == (0, 0):
+            return F.conv2d(x[:, :, ::self.stride[0], ::self.stride[1]], w, b, 1, 0, self.dilation, self.groups)
+        return super()._conv_forward(x, w, b)
+
+class FoldingConv2d(SubsamplingConv2d):
     """A Conv2d followed by a BatchNorm2d: in eval mode on a float32 CPU one convolution with the BatchNorm folded in,
     W' = W * s (per output channel), b' = t (bn_scale_shift), and the BatchNorm passes its input on: an attack
     step's forward and backward skip a pass over each feature map (README "Speed" has the measurement). Same
@@ -1972,15 +1983,6 @@ class FoldingConv2d(nn.Conv2d):
         # channels_last: oneDNN's NHWC kernels are 1.3-3x faster at few channels (the attacks' passes)
         x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
         return self._conv_forward(x, w, t if self.bias is None else t + self.bias * s)
-
-    def _conv_forward(self, x, w, b):
-        # A strided 1x1 convolution (a ResNet shortcut) that can take a weight gradient as what it is, subsampling
-        # and then a 1x1 convolution: the same sums. oneDNN's channels_last weight gradient of the strided one
-        # corrupts the heap at 3-8 input channels (torch 2.14, float32 and bf16: `--precision bf16` on a CPU crashed
-        # at width 0.125; README "Speed"). The attacks' passes (`frozen`) keep the strided kernel.
-        if w.requires_grad and self.kernel_size == (1, 1) and self.stride != (1, 1) and self.padding == (0, 0):
-            return F.conv2d(x[:, :, ::self.stride[0], ::self.stride[1]], w, b, 1, 0, self.dilation, self.groups)
-        return super()._conv_forward(x, w, b)
 
 class FoldedBatchNorm(AffineEvalBatchNorm):
     """The BatchNorm2d after a FoldingConv2d (its `pair`): where the convolution folded it in, the identity; else as
@@ -2000,13 +2002,14 @@ class Runtime:
         if self.device.type == "cuda":  # autotune convolutions per shape, except in an MoE (a module with experts),
             # where every step brings new per-expert batch sizes, each a synchronising tuning
             torch.backends.cudnn.benchmark = not any(hasattr(m, "experts") for m in model.modules())
-        else:  # CPU: eval-mode BatchNorm as an affine map or folded into the convolution before it (the attacks')
+        else:  # CPU: every Conv2d a SubsamplingConv2d; eval-mode BatchNorm as an affine map or folded into the
+            # convolution before it (the attacks')
             for m in model.modules():
-                if type(m) is nn.BatchNorm2d:
-                    m.__class__ = AffineEvalBatchNorm
+                if type(m) in (nn.BatchNorm2d, nn.Conv2d):
+                    m.__class__ = AffineEvalBatchNorm if type(m) is nn.BatchNorm2d else SubsamplingConv2d
             for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
                 for conv, bn in zip(seq, seq[1:]):
-                    if type(conv) is nn.Conv2d and type(bn) is AffineEvalBatchNorm:
+                    if type(conv) is SubsamplingConv2d and type(bn) is AffineEvalBatchNorm:
                         conv.__class__, bn.__class__ = FoldingConv2d, FoldedBatchNorm
                         conv.pair, bn.pair = (bn,), (conv,)
         model = model.to(self.device)

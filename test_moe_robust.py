@@ -1393,7 +1393,8 @@ def test_strided_pointwise_convolution_is_subsampling_then_1x1_and_cpu_training_
     """A strided 1x1 convolution (a shortcut) runs on a CPU as subsampling then a stride-1 1x1 convolution: the same
     outputs and gradients, the weight's included, in either layout. oneDNN's channels_last weight gradient of the
     strided kernel corrupts the heap at 3-8 input channels (torch 2.14): `--precision bf16` training of the width-0.125
-    model, channels_last, crashed; here it runs in a child process under glibc's heap checks."""
+    model, channels_last, crashed; here it runs in a child process under glibc's heap checks, and so does a model of
+    one's own whose strided 1x1 convolution has no BatchNorm after it."""
     torch.manual_seed(0)
     model = mr.make_runtime("cpu").prepare(mr.build_model(mr.ModelConfig(width=0.125)))
     conv = model.layer2[0].shortcut[0]
@@ -1417,6 +1418,13 @@ trainer = mr.Trainer(rt.prepare(mr.build_model(mr.model_config(c, 10, 32))), c, 
 for b in (64, 17, 3):
     for _ in range(2):
         trainer.step(torch.rand(b, 3, 32, 32), torch.randint(0, 10, (b,)))
+own = rt.prepare(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 16, 1, 2)))
+assert type(own[2]) is mr.SubsamplingConv2d
+for b in (64, 17, 3):
+    for _ in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = own(torch.rand(b, 3, 32, 32))
+        out.float().square().mean().backward()
 print("survived")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(HERE),
