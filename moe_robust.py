@@ -45,13 +45,11 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import operator
 import os
 import pickle
-import platform
 import signal
 import sys
 import threading
@@ -203,7 +201,7 @@ class MoE(nn.Module):
         """h: (N, D) -> indices (N, K'), gates (N, K'), every; records routing and aux losses. every: when a control
         fixes every row's experts (soft: all E, forced_expert: [i]), those in slot order (no grouping); else None."""
         with torch.autocast(h.device.type, enabled=False):  # the router in float32 (Switch 2021, sec. 2.4): under
-            h = self.centre(h.float()) if self.centre is not None else h.float()  # bf16 near-equal logits would tie
+            h = self.centred(h.float())  # bf16 near-equal logits would tie
             logits = self.router(h)  # (N, E)
             if self.noise is not None and self.training:
                 logits = logits + torch.randn_like(logits) * F.softplus(self.noise(h))
@@ -223,6 +221,17 @@ class MoE(nn.Module):
         self.routing = Routing(logits.detach(), probs.detach(), indices.detach(), gates.detach(), ranking)
         self.router_logits = logits  # with gradient, for attacks on the routing itself
         return indices, gates, every
+
+    def centred(self, h: torch.Tensor) -> torch.Tensor:
+        """h (N, D) standardised per feature (router="centred"), else h. A lone row in training has no batch variance:
+        it is routed with the running statistics, as evaluation would route it, and leaves them as they are (a
+        synchronised BatchNorm, which sees every process's rows, is called as it is)."""
+        c = self.centre
+        if c is None:
+            return h
+        if self.training and len(h) == 1 and isinstance(c, nn.BatchNorm1d):
+            return F.batch_norm(h, c.running_mean, c.running_var, eps=c.eps)
+        return c(h)
 
     def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
                  every: Optional[list[int]] = None) -> torch.Tensor:
@@ -666,16 +675,18 @@ def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 @float32_evaluation()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Optional[AttackConfig],
              device: torch.device, batch_size: int = 256) -> dict:
-    """Clean accuracy and, with an attack, robust accuracy (fractions in [0, 1]) on uint8 x (N, 3, H, W) on any
-    device; an example counts as robust only if the prediction is right on the clean image and on the attack's worst
-    case. Runs in float32."""
-    clean = robust = 0
+    """Clean accuracy, mean clean cross-entropy and, with an attack, robust accuracy (fractions in [0, 1]) on uint8 x
+    (N, 3, H, W) on any device; an example counts as robust only if the prediction is right on the clean image and on
+    the attack's worst case. Runs in float32."""
+    clean = robust = loss = 0
     with frozen(model):  # no weight gradients in the attacks
         for xb, yb in batches(x, y, batch_size, device):
-            ok = predict(model, xb) == yb
-            clean += ok.sum().item()
+            with torch.no_grad():
+                logits = model(xb).float()
+            ok = logits.argmax(1) == yb
+            clean, loss = clean + ok.sum().item(), loss + F.cross_entropy(logits, yb, reduction="sum").item()
             robust += (ok & (predict(model, attack(model, xb, yb)) == yb)).sum().item() if attack is not None else 0
-    out = {"clean_acc": clean / max(1, len(x))}
+    out = {"clean_acc": clean / max(1, len(x)), "clean_loss": loss / max(1, len(x))}
     return out if attack is None else {**out, "robust_acc": robust / max(1, len(x)), "attack": attack.describe()}
 
 def dlr_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -1256,7 +1267,6 @@ def masking_warnings(res: dict, n: int) -> list[str]:
             warn.append("PGD's robust accuracy rises with eps somewhere in the probe: gradients may be masked")
     return warn
 
-@float32_evaluation()
 def add_up(total: dict, part: dict) -> dict:
     """total[k] += part[k] for every key of part (whole numbers and count tensors alike). -> total"""
     for k, v in part.items():
@@ -1276,11 +1286,11 @@ def robust_counts(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, attacks:
     counts = {"clean": int(ok.sum()), **{name: int(robust.sum()) for name, robust in after.items()}}
     return {**counts, "robust": counts[attacks[-1][0]]}, xa
 
-def flip_counts(kind: str, routes: list[Route], new_routes: list[Route], rows: torch.Tensor) -> dict:
-    """How many of `rows` (a bool per routed row) changed their top-1 expert at each MoE layer. -> {("flips", kind,
+def flip_counts(kind: str, routes: list[Route], new_routes: list[Route], rows: list[torch.Tensor]) -> dict:
+    """How many of each MoE layer's `rows` (a bool per row it routes) changed their top-1 expert. -> {("flips", kind,
     layer): n}"""
-    return {("flips", kind, l): int((new.indices[:, 0] != r.indices[:, 0])[rows].sum())
-            for l, (r, new) in enumerate(zip(routes, new_routes))}
+    return {("flips", kind, l): int((new.indices[:, 0] != r.indices[:, 0])[rw].sum())
+            for l, (r, new, rw) in enumerate(zip(routes, new_routes, rows))}
 
 def routing_counts(layers: list, routes: list[Route], yb: torch.Tensor, num_classes: int) -> dict:
     """Routing statistics of one clean batch, on the host: each MoE layer's top-1 expert usage, and how each class
@@ -1296,7 +1306,7 @@ def routing_counts(layers: list, routes: list[Route], yb: torch.Tensor, num_clas
     return counts
 
 def moe_counts(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, ok: torch.Tensor, routes: list[Route],
-               rows: torch.Tensor, fixed: list, attack: AttackConfig) -> dict:
+               rows: list[torch.Tensor], fixed: list, attack: AttackConfig) -> dict:
     """The MoE diagnostics on one batch (the full suite): RA-E (every example keeps its clean `routes` through the
     attacks `fixed`, those with no routing decision left), RA-R (the routing attacked, the experts judged on clean
     x) with its route flips, and each forced expert network f_i's SA and RA (attacked anew). -> counts"""
@@ -1312,6 +1322,7 @@ def moe_counts(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, ok: torch.T
             counts[f"expert{i}_robust"] = int(attack_cascade(model, xb, yb, fixed, ok_i)[0][fixed[-1][0]].sum())
     return counts
 
+@float32_evaluation()
 def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device,
                   batch_size: int = 256, suite: Optional[str] = None, analysis: bool = True) -> dict:
     """The evaluation report of a model on uint8 images x (N, 3, H, W) and labels y (N,): SA, RA under the suite
@@ -1327,7 +1338,7 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     suite, layers = suite or cfg.eval_suite, moe_layers(model)
     moe = suite == "full" and analysis and len(layers) > 0
     attack = AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm)  # also the routing attack's
-    attacks, sums = None, {"images": 0, "rows": 0}
+    attacks, sums = None, {"images": 0}
     with frozen(model):  # no weight gradients in the attacks
         for xb, yb in batches(x, y, batch_size, device):
             logits, ok, routes = clean_pass(model, xb, yb)
@@ -1335,9 +1346,9 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
                 num_classes = logits.shape[1]
                 attacks = suite_attacks(cfg, suite, num_classes, len(layers) > 0)
                 fixed = [(k, a) for k, a in attacks if not k.startswith("soft-router")]  # with no routing decision left
-            # the rows of clean-correct images
-            rows = ok.repeat_interleave(len(routes[0].indices) // len(xb)) if routes else ok
-            add_up(sums, {"images": len(xb), "rows": int(rows.sum()) if routes else 0,
+            # each layer's rows of clean-correct images (per image, or per token: layers may differ in a dual model)
+            rows = [ok.repeat_interleave(len(r.indices) // len(xb)) for r in routes]
+            add_up(sums, {"images": len(xb), **{("rows", l): int(r.sum()) for l, r in enumerate(rows)},
                           **routing_counts(layers, routes, yb, num_classes)})
             counts, xa = robust_counts(model, xb, yb, attacks, ok)
             add_up(sums, counts)
@@ -1356,7 +1367,7 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
     if suite == "full" and analysis and is_main():
         with frozen(model):
             res["probe"] = masking_probe(model, probe_x.to(device).float() / 255, probe_y.to(device), cfg)
-    rate = lambda kind: [sums.get(("flips", kind, l), 0) / max(1, sums["rows"]) for l in range(len(layers))]
+    rate = lambda kind: [sums.get(("flips", kind, l), 0) / max(1, sums["rows", l]) for l in range(len(layers))]
     collapsed = []
     if layers:
         usage = [sums["usage", l].tolist() for l in range(len(layers))]
@@ -1666,6 +1677,7 @@ def expert_spread(model: nn.Module, x: torch.Tensor) -> list[float]:
             spreads.append(((a - b).norm(dim=1) / a.norm(dim=1).clamp_min(1e-12)).mean().item())
     return spreads
 
+@float32_evaluation()
 def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, norm: str = "linf",
                      local_steps: int = 5, jacobian_iters: int = 15) -> dict:
     """Everything above on a batch: local estimates, Jacobian norm, upper bounds (`global_l2`, `global_linf` for a
@@ -1685,7 +1697,7 @@ def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
             rep[f"moe_{p}"] = b["moe"]
     rep["expert_spread"] = expert_spread(model, x)
     cert = certify(model, x, y, norm)
-    rep.update(certified_acc=(cert["radius"] >= eps).float().mean().item(),
+    rep.update(certified_acc=(cert["correct"] & (cert["radius"] >= eps)).float().mean().item(),
                median_certified_radius=cert["radius"].median().item(),
                median_route_radius=cert["route_radius"].median().item())
     return rep
@@ -1816,8 +1828,9 @@ class Config:
                                     "code) or TRADES' KL attack", ("pgd", "kl"),
                              where=dict(mode=("train",), method=("rt-er", "jtdmoe")))
     device: str = opt("auto", "auto: cuda when available", ("auto", "cpu", "cuda"), group="run")
-    precision: str = opt("auto", "auto: bf16 + channels_last on CUDA, float32 on CPU (bf16: fast CPUs)", PRECISIONS,
-                         where=dict(mode=("train", "dual", "eval", "lipschitz", "benchmark")))
+    precision: str = opt("auto", "training's precision, auto: bf16 + channels_last on CUDA, float32 on CPU (bf16: fast "
+                                 "CPUs); every reported number is float32", PRECISIONS,
+                         where=dict(mode=("train", "benchmark")))
     compile: bool = opt(False, "torch.compile the dense parts and each expert (compile_model)",
                         where=dict(mode=("train", "benchmark")))
     sync_bn: bool = opt(False, "under torchrun: BatchNorm statistics over the global batch (every process's rows), so "
@@ -2269,6 +2282,49 @@ def check_writable(folder: str, flag: str = "--out") -> Path:
                                                                  f"{why})")
     return p
 
+def check_targets(folder: str, files: tuple, flag: str = "--out") -> Path:
+    """check_writable, and no file a run will write in `folder` is blocked by a folder of that name."""
+    p = check_writable(folder, flag)
+    for f in files:
+        check(not (p / f).is_dir(), f"{flag} {folder}: {p / f} is a folder where a file must go; move it away")
+    return p
+
+LOCKS: dict = {}  # folder -> this process's open lock file on it
+
+def lock_folder(folder: Path, flag: str = "--out") -> None:
+    """Create `folder` and hold it for this process (an advisory lock on folder/.lock, gone when the process is): a
+    second run into a folder in use is refused, so it neither clobbers files nor loses a record. Released when the
+    run that took it returns (holds_folders); rank 0 alone writes, so it alone locks."""
+    if not is_main() or str(Path(folder).resolve()) in LOCKS:
+        return
+    writable_folder(str(folder), flag)
+    f = open(Path(folder) / ".lock", "a+")
+    try:
+        import fcntl  # POSIX; elsewhere no lock is taken
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:
+        pass
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UserError(f"{flag} {folder} is in use by another run (process {holder}); wait for it to end or choose "
+                        "another folder") from None
+    f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
+    LOCKS[str(Path(folder).resolve())] = f
+
+def holds_folders(fn: Callable) -> Callable:
+    """Decorator: the folders `fn` locks (lock_folder) are released when it returns or raises."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        before = set(LOCKS)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for k in set(LOCKS) - before:
+                LOCKS.pop(k).close()
+    return run
+
 def writable_folder(folder: str, flag: str = "--out") -> Path:
     """Create `folder` (checked by check_writable) and prove it is writable: the first write of a run."""
     p = check_writable(folder, flag)
@@ -2283,7 +2339,7 @@ def writable_folder(folder: str, flag: str = "--out") -> Path:
 
 def read_records(path: Path) -> list:
     """The entries of a record file (eval.json, lipschitz.json: {"records": [...]}), read before the work so that a
-    broken file stops the run early. Records only grow: add_record appends."""
+    broken file stops the run early, and again by add_record. Records only grow."""
     if not Path(path).exists():
         return []
     obj = read_json(path)
@@ -2291,8 +2347,11 @@ def read_records(path: Path) -> list:
     check(isinstance(entries, list), f"{path} is not a record file (its 'records' is not a list); move it away")
     return entries
 
-def add_record(path: Path, entries: list, entry: dict) -> None:
-    write_json(path, {"records": entries + [entry]})
+def add_record(path: Path, entry: dict) -> int:
+    """Append `entry` to the record file (its folder locked by this run). -> the number of records now"""
+    entries = read_records(path) + [entry]
+    write_json(path, {"records": entries})
+    return len(entries)
 
 # ==== 9. Data: uint8 tensors in memory, float [0, 1] batches on the device =========================================
 # Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,). Batches are cast to float in
@@ -2351,6 +2410,17 @@ def make_random(n_train: int = 50000, n_test: int = 10000, seed: int = 0, size: 
                       torch.randint(0, 10, (n,), generator=g))
     return Dataset(*draw(n_train), *draw(n_test), 10, "random")
 
+class CifarUnpickler(pickle.Unpickler):
+    """Reads what CIFAR's batches hold (dicts, lists, strings, bytes, numpy arrays) and nothing else: a pickle may
+    name any callable, and plain pickle.load calls it."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}  # (bytes, in protocol 2)
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which CIFAR's format never holds")
+        return super().find_class(module, name)
+
 def load_cifar(name: str, data_dir: str) -> Dataset:
     """CIFAR-10/100 from the python-pickle layout under `data_dir`, downloaded there through torchvision when missing
     (offline, the error says where to put the archive). Read here, so that only the layout matters."""
@@ -2374,9 +2444,9 @@ def load_cifar(name: str, data_dir: str) -> Dataset:
         bad = lambda why: UserError(f"{name}: {folder / fn} is not a CIFAR batch ({why}); re-extract the archive")
         try:
             with open(folder / fn, "rb") as f:
-                d = pickle.load(f, encoding="latin1")
+                d = CifarUnpickler(f, encoding="latin1").load()
         except Exception as e:
-            raise bad(f"cannot read it: {type(e).__name__}") from None
+            raise bad(f"cannot read it: {e if isinstance(e, pickle.UnpicklingError) else type(e).__name__}") from None
         if not isinstance(d, dict) or "data" not in d or not ({"labels", "fine_labels"} & set(d)):
             raise bad("expected a dict with 'data' and 'labels'")
         try:
@@ -2649,8 +2719,24 @@ class Trainer:
         for s, st in zip(self.scheds, state["scheds"]):
             s.load_state_dict(st)
 
-EXPLODED = 100.0  # a step loss this many times the run's first (at least 1) stops training like a non-finite one
+EXPLODED = 100.0  # a loss or weight this many times the run's first (at least 1) stops training like a non-finite one
 
+def diverged(cfg: Config, epoch: int, where: str, what: str) -> UserError:
+    kept = f"epoch {epoch} is kept in {Path(cfg.out) / 'last.pt'}" if epoch > 0 else "nothing was saved"
+    return UserError(f"training diverged in epoch {epoch + 1}, {where}: {what} (lr {cfg.lr}); lower --lr; {kept}")
+
+def largest_weight(model: nn.Module) -> float:
+    return torch.stack([p.detach().abs().max().float() for p in model.parameters()]).max().item()
+
+def check_intact(model: nn.Module, vx: torch.Tensor, vy: torch.Tensor, cfg: Config, device: torch.device, epoch: int,
+                 start_loss: float, start_weight: float) -> None:
+    """After an epoch, on every rank: a model whose weights or clean validation loss are non-finite or EXPLODED times
+    the run's start (its first step loss, its largest initial weight; at least 1) is destroyed, however normal its
+    last step loss looked (one huge step), and stops the run as divergence does, before anything of it is saved."""
+    w, loss = largest_weight(model), evaluate(model, vx, vy, None, device)["clean_loss"]
+    for name, v, start in (("largest weight", w, start_weight), ("clean validation loss", loss, start_loss)):
+        if not math.isfinite(v) or v > EXPLODED * max(start, 1.0):
+            raise diverged(cfg, epoch, "after its last step", f"the {name} is {v:.3g} (the run started at {start:.3g})")
 def train_epoch(method: "Trainer", x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device,
                 epoch: int, start_loss: Optional[float] = None) -> dict:
     """One pass over (x, y) with method.step. Logs are summed on the device and read back once. Divergence stops the
@@ -2687,14 +2773,11 @@ def train_epoch(method: "Trainer", x: torch.Tensor, y: torch.Tensor, cfg: Config
         bad_loss = all_reduce(bad_loss, dist.ReduceOp.MAX)
     sums, bad_step = {k: v.item() for k, v in sums.items()}, first_bad.item()  # the epoch's one read-back
     start_loss = first.item() if start_loss is None else start_loss
-    params = [p for o in method.opts for g in o.param_groups for p in g["params"]]
-    if bad_step > 0 or not all(bool(p.isfinite().all()) for p in params):
+    if bad_step > 0:
         loss = bad_loss.item()
-        where = f"step {bad_step}/{math.ceil(len(x) / cfg.batch_size)}" if bad_step > 0 else "its weights"
-        what = (f"the loss exploded to {loss:.3g} (the run started at {start_loss:.3g})" if math.isfinite(loss) and
-                bad_step > 0 else "a value is not finite")
-        kept = f"epoch {epoch} is kept in {Path(cfg.out) / 'last.pt'}" if epoch > 0 else "nothing was saved"
-        raise UserError(f"training diverged in epoch {epoch + 1}, {where}: {what} (lr {cfg.lr}); lower --lr; {kept}")
+        raise diverged(cfg, epoch, f"step {bad_step}/{math.ceil(len(x) / cfg.batch_size)}",
+                       f"the loss exploded to {loss:.3g} (the run started at {start_loss:.3g})" if math.isfinite(loss)
+                       else "a value is not finite")
     if device.type == "cuda":
         torch.cuda.synchronize()
     return {**{f"train_{k}": v / n for k, v in sums.items()}, "images": n, "seconds": time.time() - t0,
@@ -2733,11 +2816,17 @@ def run_data(cfg: Config, data: Optional[Dataset] = None) -> Dataset:
 def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> Optional[dict]:
     """What --out holds agrees with resume/overwrite; for resume, its last.pt (checked). Reads, never writes."""
     out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
-    check_writable(cfg.out)
+    check_targets(cfg.out, RUN_FILES + RECORD_FILES)
     if resume:
         check(last.is_file(), f"nothing to resume: {last} does not exist (an interrupted first epoch saves nothing)")
         state = load_checkpoint(str(last))
         check("method" in state and "history" in state, f"{last} is not a training checkpoint (no optimiser state)")
+        hist, best, number = state["history"], state.get("best"), (int, float)
+        check(isinstance(hist, list) and len(hist) == state["epoch"] + 1
+              and all(isinstance(r, dict) and r.get("epoch") == i + 1 for i, r in enumerate(hist))
+              and isinstance(best, dict) and type(best.get("epoch")) is int and isinstance(best.get("score"), number)
+              and all(v is None or isinstance(v, number) for v in (state.get("start_loss"), state.get("start_weight"))),
+              f"{last} has a damaged or edited history (epochs, best epoch, start loss); it cannot be resumed")
         return state
     found = [f for f in RUN_FILES if (out / f).exists()]
     check(overwrite or not found, f"--out {cfg.out} already holds a run ({', '.join(found)}); pass --resume to "
@@ -2750,7 +2839,7 @@ def start_writing(out: Path, overwrite: bool, files: tuple) -> None:
     barrier()  # under torchrun every rank has checked its inputs; then rank 0 alone writes
     if not is_main():
         return
-    writable_folder(str(out))
+    lock_folder(out)
     remove_stale_temps(out)
     gone = [f for f in files if (out / f).exists()] if overwrite else []
     for f in gone:
@@ -2758,6 +2847,7 @@ def start_writing(out: Path, overwrite: bool, files: tuple) -> None:
     if gone:
         log(f"--overwrite: removed {', '.join(gone)} of the earlier run in {out}")
 
+@holds_folders
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
     """Train with `cfg.method`, validate each epoch, keep the best checkpoint, test it. Files in cfg.out: last.pt
     (everything, every epoch), best.pt (best validation epoch), metrics.json (the settings read, the data, per-epoch
@@ -2793,7 +2883,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     model = runtime.prepare(build_run_model(cfg, *shape))
     method = Trainer(model, cfg, cfg.epochs * math.ceil(len(tx) / cfg.batch_size))
     data_parallel(model, method.opts, cfg.sync_bn)  # under torchrun; nothing in one process
-    history, best, start, start_loss = [], {"epoch": -1, "score": -1.0}, 0, None
+    history, best, start, start_loss, start_weight = [], {"epoch": -1, "score": -1.0}, 0, None, largest_weight(model)
     if state is not None:
         check(state["num_classes"] == data.num_classes and state["image_size"] == data.image_size,
               f"{out / 'last.pt'} was trained on data of another shape than {cfg.dataset} in {cfg.data_dir} now has")
@@ -2802,6 +2892,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         except Exception as e:
             raise UserError(f"{out / 'last.pt'} does not fit its own config ({type(e).__name__})") from None
         history, best, start, start_loss = state["history"], state["best"], state["epoch"] + 1, state.get("start_loss")
+        start_weight = state.get("start_weight") or largest_weight(model)
     start_writing(out, overwrite, RUN_FILES + RECORD_FILES)  # every input is checked: from here on the run writes
     if state is not None:
         log(f"resumed {out / 'last.pt'} at epoch {start}/{cfg.epochs}"
@@ -2825,6 +2916,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         for m in moe_layers(model):  # torchrun: rows routed on every rank; one model on every rank
             m.counts = all_reduce(m.counts)
         average_buffers(model)
+        check_intact(model, vx, vy, cfg, runtime.device, epoch, start_loss, start_weight)
         if not is_main():  # rank 0 validates, saves and logs; the others go on to the next epoch
             continue
         routing, collapsed = routing_health(model, expert_counts(model), f"the rows of epoch {epoch + 1} (attacks "
@@ -2843,7 +2935,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
             best = {"epoch": epoch + 1, "score": row[selection]}
             save_checkpoint(out / "best.pt", {**saved, "epoch": epoch, "model": model.state_dict()})
         save_checkpoint(out / "last.pt", {**saved, "epoch": epoch, "method": method.state_dict(), "history": history,
-                                          "best": best, "start_loss": start_loss})
+                                          "best": best, "start_loss": start_loss,
+                                          "start_weight": start_weight})
         metrics["best_epoch"] = best["epoch"]
         write_json(out / "metrics.json", metrics)
         worst = max(routing, key=lambda r: r["max_share"], default=None)  # every layer's figures: metrics.json
@@ -2876,6 +2969,7 @@ def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module,
 
 DUAL_ROLES = ("standard", "robust")
 
+@holds_folders
 def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
     """--method dual: f_S and f_R from --standard-ckpt / --robust-ckpt, or trained here into OUT/standard (standard
     training) and OUT/robust (--robust-method, RT-ER by default); then f_D = (1 - a) f_S + a f_R is evaluated for
@@ -2885,7 +2979,7 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
     check_resume(resume, overwrite)
     cfg.validate()
     out = Path(cfg.out)
-    check_writable(cfg.out)
+    check_targets(cfg.out, ("metrics.json",) + RECORD_FILES)
     training = [f for f in ("last.pt", "best.pt") if (out / f).exists()]
     check(not training, f"--out {cfg.out} holds a training run ({', '.join(training)}), not a dual run; "
                         "choose another --out")
@@ -3020,11 +3114,13 @@ def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optiona
         log(f"{arch:13s} {method:8s} {r[method]:9.1f} img/s  ({seconds / iters * 1e3:.1f} ms/step, batch {B})")
     return results
 
+@holds_folders
 def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
     """`--benchmark`: training throughput and the MoE layer's cost versus E on this device; printed and written to
     OUT/benchmark.json (named in the log when it replaces an earlier one)."""
-    check_writable(out)
+    dest = check_targets(out, ("benchmark.json",)) / "benchmark.json"
     rt = make_runtime(cfg.device, cfg.precision)
+    lock_folder(dest.parent)
     cuda = rt.device.type == "cuda"
     name = torch.cuda.get_device_name(rt.device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     res = {"device": name, "torch": torch.__version__, "precision": str(rt.amp_dtype or torch.float32),
@@ -3039,77 +3135,9 @@ def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
         f"AdvMoE layout / ResNet-18 step time: standard {layout['standard']:.2f}, PGD-10 AT {layout['at']:.2f}")
     res["moe_layer_us_per_example"] = benchmark_moe(cfg.device, precision=cfg.precision)
     res["moe_layer_shape"] = "batch 256, 64 channels, 8x8 maps, forward + backward"
-    dest = writable_folder(out) / "benchmark.json"
     replaced = " (replaces the earlier benchmark there)" * dest.exists()
     write_json(dest, res)
     log(f"-> {dest}{replaced}")
-    return res
-
-SIDE_BY_SIDE = {  # what `--benchmark --against FILE` times, on random CIFAR-10-shaped data: name -> (what, settings)
-    "PGD-AT step, the demo's model": ("step", dict(method="at", width=0.125, experts=4, top_k=1, batch_size=64,
-                                                   train_steps=5)),
-    "PGD-AT step, width 1": ("step", dict(method="at", width=1.0, experts=4, top_k=1, batch_size=64, train_steps=5)),
-    "AdvMoE step, the official trainer's setting": ("step", dict(method="advmoe", moe_blocks="all", experts=2,
-                                                                 expert_ratio=0.5, batch_size=32, train_steps=2)),
-    "PGD-10 attack, the demo's model": ("attack", dict(method="at", width=0.125, experts=4, top_k=1, batch_size=256,
-                                                       train_steps=10))}  # the model held as evaluation holds it
-
-def side_by_side_job(mod, what: str, settings: dict, device: str) -> Callable[[], object]:
-    """One SIDE_BY_SIDE workload built from a module `mod` (this file or another copy of it): a training step
-    (Trainer, or an older copy's METHOD_CLASSES) or PGD on the model in eval mode."""
-    c = mod.Config(dataset="synthetic", device=device, **settings)
-    torch.manual_seed(0)
-    model = mod.make_runtime(device, "fp32").prepare(mod.build_model(mod.model_config(c, 10, 32)))
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.rand(c.batch_size, 3, 32, 32, generator=g), torch.randint(0, 10, (c.batch_size,), generator=g)
-    x, y = x.to(device), y.to(device)
-    if what == "attack":  # held as the evaluation holds it (`frozen`; an older copy without it: eval_mode)
-        hold = getattr(mod, "frozen", mod.eval_mode)
-
-        def attack():
-            with hold(model):
-                return mod.pgd(model, x, y, steps=c.train_steps)
-        return attack
-    trainer = getattr(mod, "Trainer", None) or mod.METHOD_CLASSES[c.method]
-    step = trainer(model, c, total_steps=10 ** 6).step
-    return lambda: step(x, y)
-
-def cpu_name() -> str:
-    """The processor's model name (Linux), else what platform knows."""
-    try:
-        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-def benchmark_against(cfg: Config, path: str, out: str = "runs/benchmark", repeats: int = 5,
-                      names: Optional[list] = None) -> dict:
-    """`--benchmark --against FILE`: each SIDE_BY_SIDE workload built from this file and from FILE (another copy of
-    moe_robust.py, e.g. `git show REV:moe_robust.py > old.py`), timed alternately in this one process (float32), best
-    of `repeats`; -> OUT/side_by_side.json with seconds and FILE's time / this file's (> 1: this file is faster)."""
-    check(Path(path).is_file(), f"--against {path}: no such file; give a copy of moe_robust.py")
-    check_writable(out)
-    spec = importlib.util.spec_from_file_location("moe_robust_against", path)
-    other = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # (dataclasses look their module up)
-    try:
-        spec.loader.exec_module(other)
-    except (Exception, SystemExit) as e:
-        raise UserError(f"--against {path} could not be imported ({type(e).__name__}: {e}); give a copy of "
-                        "moe_robust.py") from None
-    rt = make_runtime(cfg.device)
-    res = {"device": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else
-           f"{cpu_name()}, {torch.get_num_threads()} threads",
-           "torch": torch.__version__, "against": str(path), "workloads": {}}
-    log(f"side by side: this file vs {path} | {res['device']}")
-    for name in names or list(SIDE_BY_SIDE):
-        jobs = [side_by_side_job(m, *SIDE_BY_SIDE[name], str(rt.device)) for m in (sys.modules[__name__], other)]
-        for job in jobs:  # warm-up
-            job()
-        best = [min(ts) for ts in zip(*[[timed(job, rt.device) for job in jobs] for _ in range(repeats)])]
-        res["workloads"][name] = r = {"this_s": round(best[0], 4), "against_s": round(best[1], 4),
-                                      "speedup": round(best[1] / best[0], 3)}
-        log(f"{name:45s} this {r['this_s'] * 1e3:9.1f} ms | against {r['against_s'] * 1e3:9.1f} ms | "
-            f"{r['speedup']:.2f}x")
-    write_json(writable_folder(out) / "side_by_side.json", res)
     return res
 
 def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
@@ -3184,8 +3212,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--benchmark", action="store_true", help="images/s of standard and PGD-10 AT steps (ResNet-18, "
                    "MoE-ResNet18, MoE-ViT at --width, --batch-size) and the MoE layer's cost versus E; writes "
                    "OUT/benchmark.json")
-    g.add_argument("--against", metavar="FILE", help="with --benchmark: time training steps and PGD of this file and "
-                   "of FILE (another copy of moe_robust.py) side by side; writes OUT/side_by_side.json")
     g.add_argument("--lipschitz", metavar="CKPT", help="Lipschitz estimates, bounds, certified accuracy of a CKPT")
     g.add_argument("--lipschitz-n", type=int, default=64, metavar="N", help="test examples the --lipschitz report uses")
     g.add_argument("--demo", action="store_true", help="run the demo (what no arguments does)")
@@ -3200,7 +3226,7 @@ def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int],
     """A checkpoint's model on the CLI's device, the first `test_limit` test examples of its data set (from
     `data_dir`, else the checkpoint's), checked against each other, and the record file the report is added to (its
     folder proven writable, its entries read, before the work: --out, else the checkpoint's folder).
-    -> (runtime, model, saved config, Dataset, record path, earlier entries, data record)"""
+    -> (runtime, model, saved config, Dataset, record path, data record)"""
     rt = make_runtime(overrides.device, overrides.precision)
     model, saved, state = load_model(path, rt)
     saved.data_dir = data_dir or saved.data_dir
@@ -3208,37 +3234,38 @@ def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int],
         data = load_dataset(saved.dataset, saved.data_dir, saved.image_size, saved.seed, None, test_limit)
     check_fits(state, saved, data, f"checkpoint {path}")
     check_run_data(overrides, data)
-    dest = check_writable(out or str(Path(path).parent), "--out" if out else "the checkpoint's folder") / record
-    entries = read_records(dest)  # a broken record file stops us before the work
+    flag = "--out" if out else "the checkpoint's folder"
+    dest = check_targets(out or str(Path(path).parent), (record,), flag) / record
+    read_records(dest)  # a broken record file stops us before the work
+    lock_folder(dest.parent, flag)  # every input is checked: the folder is ours until the record is written
     seed_everything(overrides.seed)  # attacks' random starts and power iterations repeat run to run
     head = {"checkpoint": path, "checkpoint_epoch": state["epoch"] + 1,
             "model_config": record_config(saved, run_context(saved, "train")),
             "data": data_record(saved, data, test=len(data.test_x))}
-    return rt, model, saved, data, dest, entries, head
+    return rt, model, saved, data, dest, head
 
+@holds_folders
 def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str], data_dir: Optional[str] = None) -> dict:
     """Test-set report of a saved checkpoint, with the attack and suite settings given on the CLI, added to
     OUT/eval.json (OUT: the checkpoint's folder by default); earlier evaluations there are kept."""
-    rt, model, saved, data, dest, entries, head = checkpoint_and_data(path, overrides, overrides.test_limit, out,
-                                                                      data_dir, "eval.json")
+    rt, model, saved, data, dest, head = checkpoint_and_data(path, overrides, overrides.test_limit, out, data_dir,
+                                                             "eval.json")
     ctx = run_context(overrides, "eval", saved)
     result = {**head, "settings": record_config(overrides, ctx),
               "test": evaluate_full(model, data.test_x, data.test_y, overrides, rt.device)}
-    writable_folder(str(dest.parent))
-    add_record(dest, entries, result)
-    log(format_report(result["test"], path) + f"\n-> {dest} (evaluation {len(entries) + 1})")
+    n = add_record(dest, result)
+    log(format_report(result["test"], path) + f"\n-> {dest} (evaluation {n})")
     return result
 
+@holds_folders
 def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str],
                          data_dir: Optional[str] = None) -> dict:
     """lipschitz_report on the first n test examples of a checkpoint's data set, added to OUT/lipschitz.json (OUT:
     the checkpoint's folder by default); earlier reports there are kept."""
-    rt, model, saved, data, dest, entries, head = checkpoint_and_data(path, overrides, n, out, data_dir,
-                                                                      "lipschitz.json")
+    rt, model, saved, data, dest, head = checkpoint_and_data(path, overrides, n, out, data_dir, "lipschitz.json")
     x, y = data.test_x.to(rt.device).float() / 255, data.test_y.to(rt.device)
     rep = lipschitz_report(model, x, y, overrides.eps, overrides.norm)
-    writable_folder(str(dest.parent))
-    add_record(dest, entries, {**head, "settings": record_config(overrides, run_context(overrides, "lipschitz", saved)),
+    add_record(dest, {**head, "settings": record_config(overrides, run_context(overrides, "lipschitz", saved)),
                                **rep})
     keys = ("local_linf", "local_l2", "jacobian_l2", "global_linf", "global_l2", "route_stable_linf", "route_stable_l2",
             "certified_acc", "median_route_radius")
@@ -3290,6 +3317,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = config_from_dict(vars(args))
         cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
         cfg.validate()
+        for flag in ("out", "data_dir", "eval", "lipschitz", "standard_ckpt", "robust_ckpt"):
+            v = getattr(args, flag)
+            check(v is None or v.strip() != "", f"--{flag.replace('_', '-')} {v!r} is empty; give a path")
+        check(not cfg.sync_bn or world()[1] > 1, "--sync-bn shares BatchNorm statistics between torchrun's processes "
+                                                 "and does nothing in one; leave it out or start with torchrun")
         check(args.lipschitz_n >= 1, f"--lipschitz-n {args.lipschitz_n} must be >= 1")
         for ckpt in (args.eval, args.lipschitz, cfg.standard_ckpt, cfg.robust_ckpt):  # inputs before outputs
             if ckpt is not None:
@@ -3302,8 +3334,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         check(world()[1] == 1 or alone is None, f"{alone} runs in one process; start it without torchrun")
         if not argv or args.demo:
             run_demo(args.out or "runs/demo", args.device)
-        elif args.benchmark and args.against:
-            benchmark_against(cfg, args.against, args.out or "runs/benchmark")
         elif args.benchmark:
             benchmark(cfg, args.out or "runs/benchmark")
         elif args.eval:
