@@ -3173,3 +3173,85 @@ def test_a_dual_model_of_any_two_architectures_gets_the_full_report(archs):
     layers = len(mr.moe_layers(mr.DualModel(*members)))
     assert len(r.get("routing", {}).get("route_flip_attack", [])) == layers
     assert ("per_expert" in r) == (layers > 0) and 0 <= r["robust_acc"] <= r["clean_acc"] <= 1
+
+
+def test_constants_the_papers_and_their_code_fix_are_pinned(monkeypatch):
+    """Madry/Rice's SGD recipe, TRADES' beta 6 and its 0.001 N(0, I) start, PGD's alpha = eps/4 (2/255 at 8/255),
+    Switch's and ST-MoE's coefficients, AutoAttack's budgets (APGD 100 steps and rho 0.75, 9 targets, Square 5000
+    queries from p 0.8, FAB's alpha_max 0.1, eta 1.05, beta 0.9) and the cosine schedule."""
+    import inspect
+    c, default = mr.Config(), lambda f, p: inspect.signature(f).parameters[p].default
+    assert (c.lr, c.momentum, c.weight_decay, c.beta, c.train_steps, c.eps) == (0.1, 0.9, 5e-4, 6.0, 10, 8 / 255)
+    assert (c.balance_coef, c.z_coef, c.apgd_steps, c.square_queries) == (1e-2, 1e-3, 100, 5000)
+    assert default(mr.moe_aux_loss, "balance_coef") == 1e-2 and default(mr.moe_aux_loss, "z_coef") == 1e-3
+    assert default(mr.apgd, "rho") == 0.75 and default(mr.apgd_targeted, "targets") == 9
+    assert [default(mr.fab_targeted, p) for p in ("alpha_max", "eta", "beta")] == [0.1, 1.05, 0.9]
+    assert default(mr.square, "p_init") == default(mr.square_linf, "p_init") == 0.8
+    opt = mr.sgd([nn.Parameter(torch.zeros(1))], c)
+    assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9
+    sched = mr.cosine(opt, 10)
+    factors = [sched.lr_lambdas[0](t) for t in (0, 5, 10)]
+    assert factors == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    starts = []
+    monkeypatch.setattr(mr, "pgd", lambda model, x0, *a, **k: starts.append(x0) or x0)
+    x = torch.full((64, 3, 8, 8), 0.5)
+    mr.trades_attack(nn.Sequential(nn.Flatten(), nn.Linear(192, 10)), x, c)
+    assert (starts[0] - x).std().item() == pytest.approx(0.001, rel=0.05)
+
+
+def test_apgd_first_steps_are_the_papers_replayed_by_hand():
+    """APGD (Croce & Hein 2020, Alg. 1) on a linear model, its iterates recorded: x1 = P(x0 + eta sign(g0)) with eta =
+    2 eps and no momentum, then x_{k+1} = P(x_k + 0.75 (z_{k+1} - x_k) + 0.25 (x_k - x_{k-1})), z_{k+1} = P(x_k +
+    eta sign(g_k)); no checkpoint comes before step 4 of 20."""
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    seen = []
+    rec = lambda m, inp: seen.append(inp[0].detach().clone())
+    lin.register_forward_pre_hook(rec)
+    x, y, eps = torch.rand(6, 3, 4, 4), torch.randint(0, 10, (6,)), 4 / 255
+    mr.apgd(lin, x, y, eps, steps=20)
+    P = lambda z: torch.min(torch.max(z, x - eps), x + eps).clamp(0, 1)
+
+    def grad(z):
+        z = z.clone().requires_grad_(True)
+        return torch.autograd.grad(mr.ce_per_example(lin(z), y).sum(), z)[0]
+    x0, x1, x2, x3 = seen[:4]
+    assert torch.allclose(x1, P(x0 + 2 * eps * grad(x0).sign()), atol=1e-7)
+    for prev, cur, nxt in ((x0, x1, x2), (x1, x2, x3)):
+        z = P(cur + 2 * eps * grad(cur).sign())
+        assert torch.allclose(nxt, P(cur + 0.75 * (z - cur) + 0.25 * (cur - prev)), atol=1e-6)
+
+
+def test_masking_warnings_fire_exactly_past_their_thresholds():
+    """Square breaking what every gradient attack missed: warned from 1% of the examples and at least 2; the suite
+    beating PGD: warned above 0.02; the probe: warned when RA is left at the largest eps, or rises by over 0.02."""
+    def res(square_fooled, gap, probe):
+        return {"attacks": ["PGD-20", "APGD-CE-100", "Square-5000"], "robust_acc": 0.40,
+                "robust_after": {"PGD-20": 0.40 + gap, "APGD-CE-100": 0.40, "Square-5000": 0.40},
+                "fooled_by": {"PGD-20": 0.1, "APGD-CE-100": gap, "Square-5000": square_fooled},
+                "probe": {"eps": [1, 2, 4], "robust_acc": probe}}
+    quiet = res(0.0, 0.0199, [0.4, 0.4199, 0.0])
+    assert mr.masking_warnings(quiet, 200) == []
+    assert len(mr.masking_warnings(res(0.01, 0.0199, [0.4, 0.4199, 0.0]), 200)) == 1  # 2 of 200 images
+    assert mr.masking_warnings(res(0.01, 0.0199, [0.4, 0.4199, 0.0]), 100) == []  # 1 image: not yet
+    assert "PGD overstates" in mr.masking_warnings(res(0.0, 0.0201, [0.4, 0.4199, 0.0]), 200)[0]
+    assert "rises with eps" in mr.masking_warnings(res(0.0, 0.0, [0.4, 0.4201, 0.0]), 200)[0]
+    assert "attack success should reach 100%" in mr.masking_warnings(res(0.0, 0.0, [0.4, 0.2, 0.005]), 200)[0]
+
+
+def test_a_model_is_intact_up_to_exploded_times_its_start_and_destroyed_past_it():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    data = mr.make_synthetic(8, 8, size=4)
+    cfg, dev = small_cfg(), torch.device("cpu")
+    with torch.no_grad():
+        model[1].weight.zero_(), model[1].bias.zero_()
+        model[1].bias[0] = 500.0  # every image called class 0: a loss of 500 on the others
+    loss = mr.evaluate(model, data.train_x, data.train_y, None, dev)["clean_loss"]
+    mr.check_intact(model, data.train_x, data.train_y, cfg, dev, 0, loss / mr.EXPLODED, 5.0)  # exactly at the limit
+    with pytest.raises(mr.UserError, match="clean validation loss"):
+        mr.check_intact(model, data.train_x, data.train_y, cfg, dev, 0, loss / mr.EXPLODED * 0.999, 5.0)
+    with torch.no_grad():
+        model[1].bias[0] = mr.EXPLODED * 2.0
+    mr.check_intact(model, data.train_x, data.train_y, cfg, dev, 0, 1e9, 2.0)
+    with pytest.raises(mr.UserError, match="largest weight is 200"):
+        mr.check_intact(model, data.train_x, data.train_y, cfg, dev, 0, 1e9, 1.999)
