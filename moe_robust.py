@@ -1,43 +1,21 @@
 """moe_robust.py: robust sparse Mixture-of-Experts training in one readable file.
 
-A sparse top-k MoE layer (per image or per token), MoE-ResNet18 and a small MoE-ViT; PGD, APGD-CE, APGD-T, FAB-T,
-Square, a soft-router surrogate and a routing-only attack; standard training, PGD-AT, TRADES, AdvMoE, RT-ER, the dual
-model and JTDMoE; the evaluation an MoE needs (RA as the per-example minimum over a cascade of named attacks, masking
-probes, RA-E / RA-R, per-expert SA/RA, route flips); Lipschitz estimates, bounds and route-stable certificates; a
-CLI with atomic checkpoints, bit-identical --resume, data-parallel training under torchrun (GPUs or CPU processes)
-and --benchmark, in which every flag is read or refused (Config's `where`), nothing is written before every input is
-checked, and records only grow.
+A sparse top-k MoE layer, MoE-ResNet18 and a small MoE-ViT; PGD and AutoAttack's attacks (APGD-CE, APGD-T, FAB-T,
+Square) with attacks on the routing; standard training, PGD-AT, TRADES, AdvMoE, RT-ER, the dual model and JTDMoE;
+the evaluation an MoE needs (robust accuracy as the per-example minimum over named attacks, masking probes, RA-E,
+RA-R, per-expert figures, route flips); Lipschitz estimates, bounds and route-stable certificates.
 
-Reading order: the ideas first, then the machinery that runs them. 0 conventions (the one error type, precision,
-eval mode); 1 the MoE layer; 2 models; 3 attacks; 4 training methods, each a plain function; 5 evaluation; 6
-Lipschitz bounds and certificates; then 7 configuration, 8 setup (device, data parallelism, files), 9 data, 10 the
-training loop, 11 benchmark and command line. A function may call one defined further down (Python looks a name
-up when the call runs). README.md "How to read the file" gives what each piece costs when copied on its own.
+Reading order: the ideas first, each usable on its own: 0 conventions, 1 the MoE layer, 2 models, 3 attacks,
+4 training methods, 5 evaluation, 6 Lipschitz bounds and certificates. Then the runner: 7 configuration, 8 setup
+(device, torchrun, files), 9 data, 10 the training loop, 11 benchmark and command line.
 
-Quick start (CPU, nothing downloaded): pip install -r requirements.txt; python moe_robust.py (the demo: standard vs
-PGD-AT MoE-ResNet18 on `synthetic`); python -m pytest -q test_moe_robust.py
-Measured (`python moe_robust.py`, 2 Intel Xeon cores, commit e5400b1, 77 s; README.md: each number, its command):
-MoE-ResNet18 width 0.125, E=4 top-1 (centred router), synthetic test set, PGD-10 8/255: standard 0.958 clean / 0.000
-robust; PGD-AT 0.482 / 0.480. On 3,677 real CIFAR-10 photographs (a small sample, README "Results on real images"),
-10 epochs, 500 test images, the `full` cascade, 3 seeds each: PGD-AT 0.378 / 0.193 +- 0.025 with the centred router
-and 0.377 / 0.211 +- 0.016 with the papers' linear one; AdvMoE (centred) 0.372 / 0.210 +- 0.009. The `autoattack`
-suite against Croce & Hein's own code on two earlier models of that sample (200 images): the same RA after every
-attack, image by image (README "The methods").
-Speed (`--benchmark --device cpu [--precision bf16]`, 2 AVX512-BF16 cores, width 1, batch 128, commit 80557f2):
-PGD-10 AT of MoE-ResNet18 (E=4, k=1) at 6.3 img/s in float32 and 16.0 in bf16 + channels_last, 1.03x and 1.02x the
-dense ResNet-18's. Against commit 0819781 (`--benchmark --against`, AMD EPYC): the demo's PGD-AT step 1.55x, its
-PGD-10 attack 1.71x, width 1 1.12x (attacks on a CPU: each BatchNorm folded into its convolution, run
-channels_last). On CUDA: bf16 autocast, channels_last, fused SGD, data on the GPU, one host
-sync per MoE layer and forward. One H200
-(`--benchmark --batch-size 512`, width 1): PGD-10 AT of MoE-ResNet18 at 3,252 img/s, 0.58x the dense ResNet-18's
-5,576; both steps are bound by the host, not the GPU (README "On a GPU").
+Run: `python moe_robust.py` (the demo, about a minute on 2 CPU cores: standard training vs PGD-AT of a small
+MoE-ResNet18 on generated data); `python moe_robust.py --method advmoe --dataset cifar10` (for a GPU).
+Claim: PGD-AT makes the demo's MoE robust where standard training leaves it at 0 (README "The demo").
 
-Conventions: inputs are images in [0, 1]; every model normalises inside itself and returns logits; eps is in pixel
-units (8/255 = 8 grey levels). Papers by short name: Shazeer 2017 (sparsely-gated MoE), Switch 2021 (Fedus et al.),
-ST-MoE 2022 (z-loss), V-MoE 2021 (Riquelme et al.), Madry 2018 (PGD-AT), TRADES 2019 (Zhang et al.), APGD 2020
-(Croce & Hein; APGD-T, AutoAttack), Square 2020 (Andriushchenko et al.), Gram iteration 2023 (Delattre et al.),
-AdvMoE 2023 (Zhang et al., ICCV), Robust Experts 2025 (Pavlitska et al.), Dual model 2025 (Zhang, Xu, Hu, Wang,
-ICML), Puigcerver 2022 (adversarial robustness of MoE, Lipschitz constants).
+Conventions: images in [0, 1]; every model normalises inside itself and returns logits; eps in pixel units.
+Papers by short name: Shazeer 2017, Switch 2021, ST-MoE 2022, V-MoE 2021, Madry 2018, TRADES 2019, APGD 2020,
+Square 2020, AdvMoE 2023 (ICCV), Robust Experts 2025, Dual model 2025 (ICML), Puigcerver 2022 (MoE robustness).
 """
 from __future__ import annotations
 
@@ -66,6 +44,8 @@ import torch.nn.functional as F
 
 # ==== 0. Conventions: errors a user can read, precision, eval mode =================================================
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
 class UserError(Exception):
     """A mistake in what the user asked for. The CLI prints it as one line and exits 2."""
 
@@ -73,10 +53,9 @@ def check(condition: bool, message: str) -> None:
     if not condition:
         raise UserError(message)
 
-# One precision rule, amp_dtype: auto is bf16 autocast on CUDA and float32 on CPU (README's CPU numbers were taken in
-# it); bf16 on CPU is the fast path on a processor with AVX512-BF16 or AMX (README). A training step opens
-# autocast_for(device, cfg.precision) around its forwards, attack included; float32_evaluation switches autocast off
-# for every reported number; attacks and models never choose a precision.
+# One precision rule, amp_dtype: auto is bf16 autocast on CUDA and float32 on CPU (bf16 there on request). A training
+# step opens autocast_for(device, cfg.precision) around its forwards, attack included; float32_evaluation switches
+# autocast off for every reported number; attacks and models never choose a precision.
 
 def amp_dtype(device: torch.device, precision: str = "auto") -> Optional[torch.dtype]:
     """The autocast dtype of `precision` (auto, fp32, bf16) on this device; None: float32."""
@@ -94,8 +73,8 @@ def autocast_for(device: torch.device, precision: str = "auto"):
 @contextlib.contextmanager
 def float32_evaluation():
     """Context (and decorator): true float32 inside (no autocast, TF32 off on CUDA), restored on exit. Reported
-    accuracies are float32 numbers: a bf16 forward is a slightly different, coarser function, and on three PGD-AT
-    models its robust accuracy differed from the same weights in float32 by +1.5, +0.5 and -6.8 points (README)."""
+    accuracies are float32 numbers: a bf16 forward is a slightly different, coarser function, whose robust accuracy
+    can differ from the same weights' in float32 by points."""
     cuda = torch.backends.cuda.matmul
     tf32 = cuda.allow_tf32, torch.backends.cudnn.allow_tf32
     cuda.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # TF32 has a 10-bit mantissa
@@ -142,9 +121,11 @@ def frozen(*models: nn.Module):
 # capacity limit and no token dropping: evaluation routing is deterministic and independent of the rest of the batch.
 # The router's input h is the block input pooled over space (or a token). Pooled post-ReLU features share one large
 # common direction mu, so W h + b = W mu + W (h - mu) + b is dominated by the same W mu for every image and one expert
-# takes (nearly) every image at initialisation (README "Routing"). router="centred" standardises h per feature first
-# (BatchNorm without affine parameters: batch statistics while training, running statistics at eval, so evaluation
-# routing stays per image); router="linear" is the papers' router on the raw h.
+# takes (nearly) every image at initialisation (the notebook shows it). router="centred" standardises h per feature
+# first (BatchNorm without affine parameters: batch statistics while training, running statistics at eval, so
+# evaluation routing stays per image); router="linear" is the papers' router on the raw h.
+
+ROUTERS = ("centred", "linear")
 
 class Routing(NamedTuple):  # what one MoE layer decided for its last batch (detached, for analysis)
     logits: torch.Tensor  # (N, E) router logits, float32
@@ -161,13 +142,6 @@ class AuxLoss(NamedTuple):
     balance: torch.Tensor  # Switch load-balancing loss: 1 when balanced, E when collapsed
     z: torch.Tensor  # ST-MoE router z-loss: mean(logsumexp(r)^2)
 
-def memory_order(x: torch.Tensor) -> tuple[Callable, Callable]:
-    """Maps to a channels_last (N, C, H, W) x's memory order (N, H, W, C) and back (else identities): row gathers and
-    adds there are 2-4x faster on CPU than on the strided 4-D view, and keep the layout."""
-    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return (lambda t: t.permute(0, 2, 3, 1) if cl and t.dim() == 4 else t), \
-        (lambda t: t.permute(0, 3, 1, 2) if cl and t.dim() == 4 else t)
-
 class MoE(nn.Module):
     """Sparse top-k mixture of experts around any expert modules. tokens=False: x is a feature map (B, C, H, W), the
     router sees its global average pool (per-image routing, as in the CNN-MoE papers); tokens=True: x is (B, T, D),
@@ -179,7 +153,7 @@ class MoE(nn.Module):
     forward (TRADES takes its clean forward's before the adversarial one). `counts` accumulates until reset."""
 
     def __init__(self, experts: list[nn.Module], dim: int, k: int = 1, tokens: bool = False, noisy: bool = False,
-                 router: str = "linear"):
+                 router: str = "centred"):
         super().__init__()
         E = len(experts)
         check(1 <= k <= E, f"top-k {k} not allowed with {E} experts; need at least one expert and 1 <= k <= {E}")
@@ -192,8 +166,7 @@ class MoE(nn.Module):
         self.noise = nn.Linear(dim, E) if noisy else None  # Shazeer's noisy top-k, training only; starts at zero
         if noisy:
             nn.init.zeros_(self.noise.weight), nn.init.zeros_(self.noise.bias)
-        # hooks set from outside: control (above); fraction and run_idle by data_parallel under torchrun (section 8)
-        self.control = self.fraction = self.run_idle = None
+        self.control = None  # set from outside for analysis (above)
         self.routing = self.router_logits = self.aux = None  # the last forward's records
         self.counts = torch.zeros(E, dtype=torch.long)  # rows sent to each expert since reset
 
@@ -216,16 +189,14 @@ class MoE(nn.Module):
         # of i. ST-MoE z-loss: mean(logsumexp(r)^2). (index_add: bincount on CUDA reads its input's max to the host)
         E = self.num_experts
         frac = probs.new_zeros(E).index_add_(0, ranking[:, 0], probs.new_ones(len(h))) / len(h)  # (E,)
-        frac = frac if self.fraction is None else self.fraction(frac)  # torchrun: the global batch's (data_parallel)
         self.aux = AuxLoss(E * (frac * probs.mean(0)).sum(), logits.logsumexp(-1).pow(2).mean())
         self.routing = Routing(logits.detach(), probs.detach(), indices.detach(), gates.detach(), ranking)
         self.router_logits = logits  # with gradient, for attacks on the routing itself
         return indices, gates, every
 
     def centred(self, h: torch.Tensor) -> torch.Tensor:
-        """h (N, D) standardised per feature (router="centred"), else h. A lone row in training has no batch variance:
-        it is routed with the running statistics, as evaluation would route it, and leaves them as they are (a
-        synchronised BatchNorm, which sees every process's rows, is called as it is)."""
+        """h (N, D) standardised per feature (router="centred"). A lone training row has no batch variance: the running
+        statistics route it, as at eval, and stay as they are (a SyncBatchNorm sees every rank's rows: called as is)."""
         c = self.centre
         if c is None:
             return h
@@ -249,19 +220,17 @@ class MoE(nn.Module):
         rows, slot_gates = order // K, gates.reshape(-1)[order]  # (N*K,) input row and gate of each sorted slot
         counts = flat.new_zeros(self.num_experts).index_add_(0, flat, torch.ones_like(flat)).tolist()  # the one sync
         self.counts += torch.tensor(counts)
-        to_mem, back = memory_order(x)  # rows are gathered and added in memory order (channels_last: NHWC)
-        xm, out, start = to_mem(x), None, 0
+        out, start = None, 0
         for e, c in enumerate(counts):
-            if c == 0 and self.run_idle is None:
+            if c == 0:
                 continue
             r = rows[start:start + c]
-            xe = back(xm.index_select(0, r))  # (c, ...) its rows only
-            y = self.experts[e](xe) if c else self.run_idle(self.experts[e], xe)
-            ym = to_mem(y * bcast(slot_gates[start:start + c], y))
-            out = ym.new_zeros((N,) + ym.shape[1:]) if out is None else out
-            out.index_add_(0, r, ym)
+            y = self.experts[e](x.index_select(0, r))  # (c, ...) its rows only
+            y = y * bcast(slot_gates[start:start + c], y)
+            out = y.new_zeros((N,) + y.shape[1:]) if out is None else out
+            out.index_add_(0, r, y)
             start += c
-        return back(out)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tokens:
@@ -366,6 +335,25 @@ def current_routes(model: nn.Module, x: torch.Tensor, fixed_gates: Optional[floa
 
 # ==== 2. Models: CIFAR ResNet-18, MoE-ResNet18, MoE-ViT ============================================================
 
+NORM_STATS = {  # per-channel mean/std of the Normalize layer inside each model
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # for imagefolder
+    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+    "random": ((0.5, 0.5, 0.5), (0.2887, 0.2887, 0.2887)),  # uniform [0, 1]: std 1/sqrt(12)
+}
+
+BLOCK_NAMES = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))  # ResNet-18's BasicBlocks
+DUAL_MIXES = ("logits", "normalized")
+
+def moe_block_set(spec: str) -> set:
+    """'all' or a comma list of ResNet-18 block names -> the set of names."""
+    wanted = set(BLOCK_NAMES) if spec == "all" else {b.strip() for b in spec.split(",") if b.strip()}
+    bad = sorted(wanted - set(BLOCK_NAMES))
+    check(not bad, f"unknown --moe-blocks {','.join(bad)}; allowed: all or a comma list of {', '.join(BLOCK_NAMES)}")
+    return wanted
+
 @dataclass
 class ModelConfig:
     arch: str = "moe-resnet18"  # one of ARCHS; resnet18 is moe-resnet18 with no MoE block
@@ -383,12 +371,6 @@ class ModelConfig:
     vit_dim: int = 192  # ViT embedding width before `width` scaling
     vit_depth: int = 6  # transformer blocks; MoE MLP in every other one (V-MoE)
     vit_heads: int = 3
-
-def model_config(cfg, num_classes: int, image_size: int) -> ModelConfig:
-    """A run's ModelConfig: the fields of the same name in its Config, the data's classes and size."""
-    shared = {f.name for f in dataclasses.fields(ModelConfig)} - {"num_classes", "image_size", "norm"}
-    return ModelConfig(num_classes=num_classes, image_size=image_size, norm=cfg.dataset if cfg.dataset in NORM_STATS
-                       else "imagenet", **{k: getattr(cfg, k) for k in shared if hasattr(cfg, k)})
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel, inside the model so attacks work in pixel units."""
@@ -415,7 +397,7 @@ class BasicBlock(nn.Module):
     identity skip the two differ only in whether the skip is scaled by the gate.)"""
 
     def __init__(self, inp: int, planes: int, stride: int, experts: int = 0, k: int = 1, expert_ratio: float = 1.0,
-                 noisy: bool = False, router: str = "linear"):
+                 noisy: bool = False, router: str = "centred"):
         super().__init__()
         mid = max(1, round(expert_ratio * planes))
         self.branch = (MoE([residual_branch(inp, mid, planes, stride) for _ in range(experts)], inp, k, noisy=noisy,
@@ -477,7 +459,7 @@ def mlp(dim: int, hidden: int) -> nn.Sequential:
 class ViTBlock(nn.Module):
     """Pre-LN transformer block; the MLP is an MoE of MLPs (per-token routing) when experts > 0."""
     def __init__(self, dim: int, heads: int, experts: int = 0, k: int = 1, noisy: bool = False,
-                 router: str = "linear"):
+                 router: str = "centred"):
         super().__init__()
         self.ln1, self.ln2, self.attn = nn.LayerNorm(dim), nn.LayerNorm(dim), Attention(dim, heads)
         self.mlp = (MoE([mlp(dim, 4 * dim) for _ in range(experts)], dim, k, tokens=True, noisy=noisy, router=router)
@@ -571,6 +553,8 @@ class DualModel(nn.Module):
 # respect to the input only (autograd.grad), so no parameter gradient is left behind; the loss is computed on float32
 # logits, in whatever precision the caller runs (a training step's autocast, or evaluation's float32).
 
+NORMS = ("linf", "l2")
+
 def per_example_norm(t: torch.Tensor, norm: str, keepdim: bool = True) -> torch.Tensor:
     """(B, ...) -> per-example L-inf or L2 norm in float32, (B, 1, ..., 1) or with keepdim=False (B,)."""
     n = t.flatten(1).float()
@@ -592,10 +576,6 @@ def rows_of(model: nn.Module, idx: torch.Tensor) -> nn.Module:
     that works on a subset of its batch goes through this, so per-example state follows the examples."""
     return model.for_rows(idx) if hasattr(model, "for_rows") else model
 
-def rows_rand(x: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """fill(torch.empty_like(x)): an attack's random numbers for the rows of x (data_shard swaps in shard_rand)."""
-    return fill(torch.empty_like(x))
-
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, alpha: Optional[float] = None,
         steps: int = 10, norm: str = "linf", random_start: bool = True, loss_fn: Callable = ce_per_example,
         on_iterate: Optional[Callable] = None) -> torch.Tensor:
@@ -605,10 +585,10 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255
     alpha = eps / 4 if alpha is None else alpha
     x, delta = x.detach(), torch.zeros_like(x)
     if random_start and eps > 0 and norm == "linf":  # uniform in the L-inf ball
-        delta = rows_rand(x, lambda t: t.uniform_(-eps, eps))
+        delta = torch.empty_like(x).uniform_(-eps, eps)
     elif random_start and eps > 0:  # L2: a random direction, a uniform radius
-        d = rows_rand(x, lambda t: t.normal_())
-        delta = d / per_example_norm(d, "l2") * eps * rows_rand(x[:, :1, :1, :1], lambda t: t.uniform_())
+        d = torch.randn_like(x)
+        delta = d / per_example_norm(d, "l2") * eps * torch.rand_like(x[:, :1, :1, :1])
     delta = (x + delta).clamp(0, 1) - x
     with eval_mode(model):  # BatchNorm frozen, routing deterministic; the caller's mode comes back
         for _ in range(steps):
@@ -1025,37 +1005,52 @@ def router_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: At
     return attack(score, x, y, loss_fn=lambda out, _: out[:, 0], judge=RoutesOf(model, x))
 
 # ==== 4. Training methods: standard, PGD-AT, TRADES, AdvMoE, RT-ER, JTDMoE =========================================
-def sgd(params, cfg: Config, lr: Optional[float] = None) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum; on CUDA the fused kernel (one launch for all parameters). (On CPU the default
-    multi-tensor path, so CPU runs repeat README's numbers exactly.)"""
+# Each method is a loss, loss_fn(model, x, y, mc) -> (loss, logits), or a step of its own (AdvMoE, JTDMoE) built on
+# loss_step; `mc` holds the few settings a step reads.
+
+@dataclass
+class MethodConfig:
+    eps: float = 8 / 255  # the training attack's radius (pixel units) and norm
+    alpha: Optional[float] = None  # its PGD step; None: eps / 4
+    norm: str = "linf"
+    train_steps: int = 10  # its PGD steps (Madry: 10)
+    beta: float = 6.0  # TRADES' KL weight (TRADES eq. 5); RT-ER's runner-up and JTDMoE's expert terms
+    balance_coef: float = 1e-2  # Switch balance loss weight
+    z_coef: float = 1e-3  # ST-MoE router z-loss weight
+    robust_loss: str = "at"  # AdvMoE's robust loss: PGD-AT's CE or TRADES
+    expert_attack: str = "pgd"  # RT-ER / JTDMoE expert paths: label PGD (the paper's code) or TRADES' KL attack
+    precision: str = "auto"  # the forwards' autocast (amp_dtype)
+
+def sgd(params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (Madry/Rice's recipe); on CUDA the fused kernel."""
     params = list(params)
     fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.SGD(params, lr=cfg.lr if lr is None else lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0, fused=fused or None)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0,
+                           fused=fused or None)
 
 def cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine decay from the base learning rate to 0 over `total_steps` optimiser steps."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total_steps) /
                                                                                  total_steps)))
 
-def aux(model: nn.Module, cfg: Config) -> torch.Tensor:
+def aux(model: nn.Module, cfg: MethodConfig) -> torch.Tensor:
     return moe_aux_loss(model, cfg.balance_coef, cfg.z_coef)
 
 def trades_kl(logits_adv: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
     """Per-example KL(p_clean || softmax(logits_adv)), float32. TRADES eq. 5's inner term."""
     return F.kl_div(F.log_softmax(logits_adv.float(), 1), p_clean, reduction="none").sum(1)
 
-def trades_attack(model: nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tensor:
+def trades_attack(model: nn.Module, x: torch.Tensor, cfg: MethodConfig) -> torch.Tensor:
     """TRADES' inner maximisation: PGD on KL(p(x) || p(x')), started at x + 0.001 N(0, I)."""
     with frozen(model):  # no weight gradients in an attack
         with torch.no_grad():
             p_clean = model(x).float().softmax(1)
-        x0 = (x + 0.001 * rows_rand(x, lambda t: t.normal_())).clamp(0, 1)
+        x0 = (x + 0.001 * torch.randn_like(x)).clamp(0, 1)
         xa = pgd(model, x0, p_clean, cfg.eps, cfg.alpha, cfg.train_steps, cfg.norm, random_start=False,
                  loss_fn=trades_kl)
     return project(xa - x, cfg.eps, cfg.norm).add(x).clamp(0, 1)
 
-def at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
+def at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MethodConfig):
     """PGD-AT (Madry et al. 2018): CE(F(x_adv), y) + MoE aux losses of that forward, x_adv = PGD-`train_steps`
     against the current model (last iterate). -> (loss, logits)"""
     with frozen(model):  # no weight gradients in the attack
@@ -1063,7 +1058,7 @@ def at_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
     logits = model(xa).float()
     return F.cross_entropy(logits, y) + aux(model, cfg), logits
 
-def trades_term(model: nn.Module, x: torch.Tensor, cfg: Config, xa: Optional[torch.Tensor] = None):
+def trades_term(model: nn.Module, x: torch.Tensor, cfg: MethodConfig, xa: Optional[torch.Tensor] = None):
     """(1/B) sum_n KL(p(x_n) || p(x'_n)), x' = xa, or TRADES' attack on `model` (whatever routes or experts are
     forced on it). -> (kl, clean logits, MoE aux losses of the clean forward)"""
     xa = trades_attack(model, x, cfg) if xa is None else xa
@@ -1071,12 +1066,12 @@ def trades_term(model: nn.Module, x: torch.Tensor, cfg: Config, xa: Optional[tor
     clean_aux = aux(model, cfg)
     return trades_kl(model(xa).float(), logits.softmax(1)).mean(), logits, clean_aux
 
-def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
+def trades_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MethodConfig):
     """TRADES (Zhang et al. 2019): CE(F(x), y) + beta KL(p(x) || p(x_adv)) + MoE aux losses. -> (loss, logits)"""
     kl, logits, clean_aux = trades_term(model, x, cfg)
     return F.cross_entropy(logits, y) + cfg.beta * kl + clean_aux, logits
 
-def expert_path_term(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config) -> torch.Tensor:
+def expert_path_term(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MethodConfig) -> torch.Tensor:
     """RT-ER / JTDMoE's KL term on one expert path (the routes or expert forced on `model`): (1/B) sum_n KL(f(x_n) ||
     f(x'_n)), x' = label PGD (cross-entropy, random start) against that path, as in the dual-model paper and its
     code; --expert-attack kl: TRADES' KL attack."""
@@ -1098,16 +1093,25 @@ def descend(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         p.grad = None
 
 def loss_step(model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable, x: torch.Tensor, y: torch.Tensor,
-              cfg: Config):
-    """One training step of `opt` on loss_fn(model, x, y, cfg) -> (loss, logits): the forwards (the attack included)
-    under the run's autocast, the backward outside it. -> (loss, logits)"""
+              cfg: MethodConfig):
+    """One training step of `opt` on loss_fn(model, x, y, cfg) -> (loss, logits): the parameters outside `opt` held
+    without gradient (AdvMoE's router step trains theta_R alone), the forwards (the attack included) under the run's
+    autocast, the backward outside it. -> (loss, logits)"""
     model.train()
-    with autocast_for(x.device, cfg.precision):
-        loss, logits = loss_fn(model, x, y, cfg)
+    mine = {id(p) for g in opt.param_groups for p in g["params"]}
+    held = [p for p in model.parameters() if p.requires_grad and id(p) not in mine]
+    try:
+        for p in held:
+            p.requires_grad_(False)
+        with autocast_for(x.device, cfg.precision):
+            loss, logits = loss_fn(model, x, y, cfg)
+    finally:
+        for p in held:
+            p.requires_grad_(True)
     descend(opt, loss)
     return loss, logits
 
-def standard_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
+def standard_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MethodConfig):
     """Empirical risk minimisation: CE(F(x), y) + MoE auxiliary losses. -> (loss, logits)"""
     logits = model(x).float()
     return F.cross_entropy(logits, y) + aux(model, cfg), logits
@@ -1117,7 +1121,7 @@ def router_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in moe_layers(model) for part in (m.router, m.noise) if part is not None for p in part.parameters()]
 
 def advmoe_step(model: nn.Module, router_opt: torch.optim.Optimizer, expert_opt: torch.optim.Optimizer,
-                x: torch.Tensor, y: torch.Tensor, cfg: Config):
+                x: torch.Tensor, y: torch.Tensor, cfg: MethodConfig, step: Callable = None):
     """AdvMoE (Zhang et al., ICCV 2023, Alg. 1): router-expert alternating adversarial training. theta_R = all
     routers (router_parameters), theta_E = everything else, each with its own optimiser. Per batch:
       1. router step: x_adv = PGD against the current model; update theta_R only on the robust loss;
@@ -1128,10 +1132,11 @@ def advmoe_step(model: nn.Module, router_opt: torch.optim.Optimizer, expert_opt:
     TRADES, so the classification loss never reaches it (that repository's issues report the mismatch, and NaN router
     scores that collapse routing onto expert 0). Here every MoE layer has its own router and both steps minimise the
     same robust loss, as the paper says. BatchNorm statistics update in both steps (buffers, not parameters).
+    step: how one optimiser step is taken (loss_step; the runner's data-parallel one under torchrun).
     -> (expert step's loss, its logits, router step's loss)"""
-    robust_loss = trades_loss if cfg.robust_loss == "trades" else at_loss
-    router_loss, _ = loss_step(model, router_opt, robust_loss, x, y, cfg)  # 1.
-    loss, logits = loss_step(model, expert_opt, robust_loss, x, y, cfg)  # 2. x_adv against the updated routers
+    robust_loss, step = trades_loss if cfg.robust_loss == "trades" else at_loss, step or loss_step
+    router_loss, _ = step(model, router_opt, robust_loss, x, y, cfg)  # 1.
+    loss, logits = step(model, expert_opt, robust_loss, x, y, cfg)  # 2. x_adv against the updated routers
     return loss, logits, router_loss
 
 def runner_up_routes(model: nn.Module, x: torch.Tensor) -> list[Route]:
@@ -1140,12 +1145,12 @@ def runner_up_routes(model: nn.Module, x: torch.Tensor) -> list[Route]:
     with forced_rank(model, 1):
         return current_routes(model, x, fixed_gates=1.0)
 
-def runner_up_term(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config) -> torch.Tensor:
+def runner_up_term(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MethodConfig) -> torch.Tensor:
     """(1/B) sum_n KL(f_j(n)(x_n) || f_j(n)(x'_n)) with the runner-up routes j(n) fixed from clean x."""
     with forced_routes(model, runner_up_routes(model, x)):  # the attack and the forwards run f_j(n) alone
         return expert_path_term(model, x, y, cfg)
 
-def rter_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
+def rter_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MethodConfig):
     """RT-ER (dual-model paper, Zhang, Xu, Hu, Wang 2025): PGD-AT of the whole MoE plus a TRADES term on the
     runner-up expert j(n), the one the router ranks second for example n:
         L = CE(F(x_adv), y) + (beta / B) sum_n KL(f_j(n)(x_n) || f_j(n)(x'_n)),  x'_n = PGD against f_j(n).
@@ -1155,37 +1160,30 @@ def rter_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config):
     ce, logits = at_loss(model, x, y, cfg)
     return ce + cfg.beta * runner_up_term(model, x, y, cfg), logits
 
-def jtdmoe_robust_step(dual: "DualModel", opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                       cfg: Config) -> torch.Tensor:
-    """JTDMoE step (a) on f_R alone (f_S untouched): CE(f_R(PGD(f_R, x)), y)
-    + (beta / B) sum_n sum_i KL(f_Ri(x_n) || f_Ri(PGD(f_Ri, x)_n)), every expert i made robust. -> loss"""
-    f_r = dual.robust
-    f_r.train()
-    with autocast_for(x.device, cfg.precision):
-        loss = at_loss(f_r, x, y, cfg)[0]
-        for i in range(moe_layers(f_r)[0].num_experts):
-            with forced_expert(f_r, i):
-                loss = loss + cfg.beta * expert_path_term(f_r, x, y, cfg)
-    descend(opt, loss)
-    return loss
-
-def jtdmoe_standard_step(dual: "DualModel", opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                         cfg: Config):
-    """JTDMoE step (b) on f_S (f_R frozen, in eval mode so its BatchNorm statistics stay put): CE(f_D(x), y) on clean
-    x, so f_S learns to complement a * f_R. -> (loss, f_D's logits)"""
-    dual.standard.train()
-    with frozen(dual.robust), autocast_for(x.device, cfg.precision):
-        logits = dual(x).float()
-        loss = F.cross_entropy(logits, y) + aux(dual.standard, cfg)
-    descend(opt, loss)
+def jtdmoe_robust_loss(f_r: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: MethodConfig):
+    """JTDMoE step (a)'s loss on f_R alone: CE(f_R(PGD(f_R, x)), y) + (beta / B) sum_n sum_i KL(f_Ri(x_n) ||
+    f_Ri(PGD(f_Ri, x)_n)), every expert i made robust. -> (loss, f_R's adversarial logits)"""
+    loss, logits = at_loss(f_r, x, y, cfg)
+    for i in range(moe_layers(f_r)[0].num_experts):
+        with forced_expert(f_r, i):
+            loss = loss + cfg.beta * expert_path_term(f_r, x, y, cfg)
     return loss, logits
 
+def jtdmoe_standard_loss(dual: "DualModel", x: torch.Tensor, y: torch.Tensor, cfg: MethodConfig):
+    """JTDMoE step (b)'s loss, f_R frozen (in eval mode, so its BatchNorm statistics stay put): CE(f_D(x), y) on
+    clean x, so f_S learns to complement a * f_R. -> (loss, f_D's logits)"""
+    with frozen(dual.robust):
+        logits = dual(x).float()
+    return F.cross_entropy(logits, y) + aux(dual.standard, cfg), logits
+
 def jtdmoe_step(dual: "DualModel", robust_opt: torch.optim.Optimizer, standard_opt: torch.optim.Optimizer,
-                x: torch.Tensor, y: torch.Tensor, cfg: Config):
+                x: torch.Tensor, y: torch.Tensor, cfg: MethodConfig, step: Callable = None):
     """JTDMoE (dual-model paper): joint training of f_S and f_R inside f_D = (1 - a) f_S + a f_R, a fixed; per batch
-    step (a) on f_R, then step (b) on f_S. -> (f_S step's loss, f_D's logits, f_R step's loss)"""
-    robust_loss = jtdmoe_robust_step(dual, robust_opt, x, y, cfg)
-    loss, logits = jtdmoe_standard_step(dual, standard_opt, x, y, cfg)
+    step (a) on f_R with its optimiser, then step (b) on f_S with its own. -> (f_S step's loss, f_D's logits, f_R
+    step's loss)"""
+    step = step or loss_step
+    robust_loss, _ = step(dual.robust, robust_opt, jtdmoe_robust_loss, x, y, cfg)
+    loss, logits = step(dual, standard_opt, jtdmoe_standard_loss, x, y, cfg)
     return loss, logits, robust_loss
 
 # ==== 5. Evaluating an MoE honestly ================================================================================
@@ -1203,11 +1201,28 @@ def jtdmoe_step(dual: "DualModel", robust_opt: torch.optim.Optimizer, standard_o
 # meets the same attacks as RA-E anew; with no routing decision left, nothing hides them.
 # Routing: expert usage, class x expert counts, and the fraction of routes that the suite's adversarial examples and
 # the routing attack flip (Puigcerver 2022 report the overlap of experts before and after an attack).
+EVAL_SUITES = ("full", "autoattack", "pgd")
 PROBE_FACTORS = (1, 2, 4, 8, 16)  # eps multiples of the probe; L-inf radii are capped at 1
 
-def suite_attacks(cfg: Config, suite: str, num_classes: int, moe: bool) -> list[tuple[str, Callable]]:
+@dataclass
+class EvalConfig:
+    """A test report's attacks: the suite and its budgets."""
+    suite: str = "full"  # pgd (quick looks), autoattack (AutoAttack's standard suite), full (with the MoE analyses)
+    eps: float = 8 / 255
+    alpha: Optional[float] = None  # PGD's step; None: eps / 4
+    norm: str = "linf"
+    steps: int = 20  # PGD steps
+    restarts: int = 1  # PGD restarts
+    apgd_steps: int = 100  # APGD-CE, APGD-T and FAB-T iterations (AutoAttack: 100)
+    apgd_targets: Optional[int] = None  # APGD-T's and FAB-T's target classes; None: 9, or classes - 1 if fewer
+    square_queries: int = 5000  # AutoAttack: 5000
+
+    def pgd(self) -> AttackConfig:
+        return AttackConfig(self.eps, self.alpha, self.steps, self.restarts, self.norm)
+
+def suite_attacks(cfg: EvalConfig, num_classes: int, moe: bool) -> list[tuple[str, Callable]]:
     """The suite's attacks in the order they run: [(name, attack(model, x, y) -> x_adv)]."""
-    a, e, n = AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm), cfg.eps, cfg.apgd_steps
+    a, e, n, suite = cfg.pgd(), cfg.eps, cfg.apgd_steps, cfg.suite
     if suite == "pgd":
         return [(a.describe(), a)]
     out = [(a.describe(), a)] if suite == "full" else []
@@ -1238,13 +1253,13 @@ def attack_cascade(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: 
         after[name] = robust.clone()
     return after, x_adv
 
-def masking_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config) -> dict:
+def masking_probe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig) -> dict:
     """PGD's robust accuracy at growing eps (PROBE_FACTORS x eps) on float images x: it should fall with eps and
     reach 0 at a large eps; where it does not, the gradient is not finding adversarial examples that exist (gradient
     masking, Athalye et al. 2018)."""
     radii = [min(f * cfg.eps, 1.0) if cfg.norm == "linf" else f * cfg.eps for f in PROBE_FACTORS]
     ok = predict(model, x) == y
-    attacks = [AttackConfig(r, None, cfg.eval_steps, 1, cfg.norm) for r in radii]
+    attacks = [AttackConfig(r, None, cfg.steps, 1, cfg.norm) for r in radii]
     accs = [(ok & (predict(model, a(model, x, y)) == y)).float().mean().item() for a in attacks]
     return {"n": len(x), "eps": radii, "robust_acc": accs}
 
@@ -1323,28 +1338,36 @@ def moe_counts(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, ok: torch.T
     return counts
 
 @float32_evaluation()
-def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device,
-                  batch_size: int = 256, suite: Optional[str] = None, analysis: bool = True) -> dict:
-    """The evaluation report of a model on uint8 images x (N, 3, H, W) and labels y (N,): SA, RA under the suite
-    (cfg.eval_suite unless given) with each attack's figure, and for the full suite with analysis=True the masking
-    probe, RA-E, RA-R, per-expert numbers and routing statistics. Runs in true float32 whatever the training
-    precision. Each batch's counts (the parts above) are added up; under torchrun each rank evaluates its share of
-    the images (its attacks draw their own random starts) and the ranks' counts are added up; rank 0 runs the probe."""
-    ranks, probe_x, probe_y = world()[1], x[:200], y[:200]
-    if ranks > 1:
-        check(len(x) >= ranks, f"{len(x)} test images cannot be shared by {ranks} processes")
-        a, b = shard_rows(len(x))
-        x, y = x[a:b], y[a:b]
-    suite, layers = suite or cfg.eval_suite, moe_layers(model)
+def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig, device: torch.device,
+                  batch_size: int = 256, analysis: bool = True, combine: Optional[Callable[[dict], dict]] = None,
+                  progress: Optional[Callable[[str], None]] = None) -> dict:
+    """The evaluation report of a model on images x (N, 3, H, W), uint8 or float in [0, 1], and labels y (N,): SA,
+    RA under cfg.suite with each attack's figure, and for the full suite with analysis=True the masking probe (on the
+    first 200 images), RA-E, RA-R, per-expert numbers and routing statistics. Runs in true float32 whatever the
+    training precision. Each batch's counts (the parts above) are added up, then passed through `combine` (the
+    runner's: every process's counts, when each evaluated its share). progress(line): each attack as it starts on
+    the first batch, then the batches done with an ETA, every 30 s."""
+    probe_x, probe_y, suite, layers = x[:200], y[:200], cfg.suite, moe_layers(model)
+    say, nb, t0, shown, b = progress or (lambda line: None), math.ceil(len(x) / batch_size), time.time(), time.time(), 0
+
+    def named(name: str, attack: Callable) -> Callable:
+        def run(m, xb, yb):
+            if b == 0:
+                say(f"  {name} on {len(xb)} images of test batch 1/{nb}")
+            return attack(m, xb, yb)
+        return run
     moe = suite == "full" and analysis and len(layers) > 0
-    attack = AttackConfig(cfg.eps, cfg.alpha, cfg.eval_steps, cfg.eval_restarts, cfg.norm)  # also the routing attack's
+    attack = cfg.pgd()  # also the routing attack's
     attacks, sums = None, {"images": 0}
     with frozen(model):  # no weight gradients in the attacks
-        for xb, yb in batches(x, y, batch_size, device):
+        for b, (xb, yb) in enumerate(batches(x, y, batch_size, device)):
+            if b and time.time() - shown > 30:
+                shown, left = time.time(), (time.time() - t0) / b * (nb - b)
+                say(f"  test batch {b + 1}/{nb} | evaluation ends in {left / 60:.1f} min")
             logits, ok, routes = clean_pass(model, xb, yb)
             if attacks is None:
                 num_classes = logits.shape[1]
-                attacks = suite_attacks(cfg, suite, num_classes, len(layers) > 0)
+                attacks = [(k, named(k, a)) for k, a in suite_attacks(cfg, num_classes, len(layers) > 0)]
                 fixed = [(k, a) for k, a in attacks if not k.startswith("soft-router")]  # with no routing decision left
             # each layer's rows of clean-correct images (per image, or per token: layers may differ in a dual model)
             rows = [ok.repeat_interleave(len(r.indices) // len(xb)) for r in routes]
@@ -1355,16 +1378,13 @@ def evaluate_full(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Confi
             add_up(sums, flip_counts("attack", routes, current_routes(model, xa) if layers else [], rows))
             if moe:
                 add_up(sums, moe_counts(model, xb, yb, ok, routes, rows, fixed, attack))
-    if ranks > 1:  # every rank's counts, added up
-        parts = [None] * ranks
-        dist.all_gather_object(parts, sums)
-        sums = functools.reduce(add_up, parts, {})
+    sums = combine(sums) if combine is not None else sums
     names, n = [a for a, _ in attacks], sums["images"]
     acc = lambda k: sums.get(k, 0) / max(1, n)
     res = {"clean_acc": acc("clean"), "robust_acc": acc("robust"), "attack": "cascade: " + " > ".join(names),
            "attacks": names, "robust_after": {k: acc(k) for k in names}}
     res["fooled_by"] = {k: round(b - acc(k), 6) for k, b in zip(names, [acc("clean")] + [acc(k) for k in names])}
-    if suite == "full" and analysis and is_main():
+    if suite == "full" and analysis:
         with frozen(model):
             res["probe"] = masking_probe(model, probe_x.to(device).float() / 255, probe_y.to(device), cfg)
     rate = lambda kind: [sums.get(("flips", kind, l), 0) / max(1, sums["rows", l]) for l in range(len(layers))]
@@ -1702,368 +1722,168 @@ def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
                median_route_radius=cert["route_radius"].median().item())
     return rep
 
-# ==== 7. Configuration: every setting, its flag, help and allowed values ===========================================
+# ==== 7. Configuration: one flat dataclass, each field a --flag ====================================================
 METHODS = ("standard", "at", "trades", "advmoe", "rt-er", "dual", "jtdmoe")
 DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder", "random")
 ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
-NORMS = ("linf", "l2")
-EVAL_SUITES = ("full", "autoattack", "pgd")
-PRECISIONS = ("auto", "fp32", "bf16")
-DUAL_MIXES = ("logits", "normalized")
-ROUTERS = ("centred", "linear")  # see MoE: the router's input standardised, or raw (the papers')
-DUAL = ("dual", "jtdmoe")
-BLOCK_NAMES = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))  # ResNet-18's BasicBlocks
+RUNS = {"t": "training", "d": "--method dual", "e": "--eval", "l": "--lipschitz", "b": "--benchmark", "m": "the demo",
+        "r": "--resume"}
 
-MODES = ("train", "dual", "eval", "lipschitz", "benchmark", "demo", "resume")  # the ways of running (see run_context)
-MOE_ARCHS = ("moe-resnet18", "moe-vit")
-READ_FROM_DISK = ("cifar10", "cifar100", "tinyimagenet", "imagefolder")  # the data sets that --data-dir locates
-SUITE_RUNS = ("train", "dual", "eval")  # the modes whose report runs an --eval-suite
-
-KIND_NAMES = {"float": "a number", "int": "a whole number", "str": "a string", "bool": "true or false"}
-
-def opt(default, help: str, choices=None, ge=None, gt=None, le=None, lt=None, group=None, where=None):
-    """A Config field: its default, its --flag's help and allowed values (choices, ge/gt/le/lt bounds), the --help
-    group it opens, and `where` it is read: {dimension: values} over the run's context (run_context: mode, method,
-    arch, suite, norm, dataset, member), or a list of such dicts of which one must hold; None: in every run."""
-    return field(default=default, metadata=dict(help=help, choices=choices, ge=ge, gt=gt, le=le, lt=lt, group=group,
-                                                where=where))
-
-def moe_block_set(spec: str) -> set:
-    """'all' or a comma list of ResNet-18 block names -> the set of names."""
-    wanted = set(BLOCK_NAMES) if spec == "all" else {b.strip() for b in spec.split(",") if b.strip()}
-    bad = sorted(wanted - set(BLOCK_NAMES))
-    check(not bad, f"unknown --moe-blocks {','.join(bad)}; allowed: all or a comma list of {', '.join(BLOCK_NAMES)}")
-    return wanted
+def opt(default, help: str, choices=None, ge=None, gt=None, le=None, lt=None, group=None, reads="t"):
+    """A Config field: default, help, allowed values (choices, bounds), the --help group it opens, and the runs that
+    read it (letters of RUNS): a flag given to a run that does not read it is refused."""
+    return field(default=default, metadata=dict(help=help, choices=choices, bounds=(ge, gt, le, lt), group=group,
+                                                reads=reads))
 
 @dataclass
 class Config:
-    """Everything a run needs: each field is one --flag (underscores become dashes). The parser (build_parser) and
-    `validate` read help and allowed values from here, refuse_unread where each is read; checkpoints store it."""
-
-    method: str = opt("at", "training method", METHODS, group="what to run", where=dict(mode=("train", "dual")))
-    dataset: str = opt("synthetic", "data set (random: noise in CIFAR-10's shape, for timing)", DATASETS, group="data",
-                       where=dict(mode=("train", "dual")))
-    data_dir: str = opt("data", "where data sets live (CIFAR is downloaded here)",
-                        where=dict(mode=("train", "dual", "eval", "lipschitz"), dataset=READ_FROM_DISK))
-    image_size: Optional[int] = opt(None, "tinyimagenet/imagefolder image side, 16..256 in steps of 8 (default 64/32)",
-                                    where=dict(mode=("train", "dual"),
-                                               dataset=("synthetic", "random", "tinyimagenet", "imagefolder")))
-    train_limit: Optional[int] = opt(None, "use only the first N training examples", ge=1, where=dict(mode=("train",)))
-    test_limit: Optional[int] = opt(None, "use only the first N test examples", ge=1, where=dict(mode=SUITE_RUNS))
-    val_size: Optional[int] = opt(None, "held-out validation examples (default 10%%, at most 1000)", ge=1,
-                                  where=dict(mode=("train",)))
-    augment: bool = opt(True, "no random crop + flip", where=dict(mode=("train",)))
-    arch: str = opt("moe-resnet18", "architecture; resnet18 is moe-resnet18 without MoE blocks", ARCHS, group="model",
-                    where=dict(mode=("train",)))
-    width: float = opt(1.0, "multiplier of every channel width (0.125 for CPU)", gt=0, le=8,
-                       where=dict(mode=("train", "benchmark")))
-    experts: int = opt(4, "experts E per MoE layer (Robust Experts: 4; AdvMoE: 2)", ge=1, le=64,
-                       where=dict(mode=("train",), arch=MOE_ARCHS))
-    top_k: int = opt(1, "experts K used per image/token (CNN-MoE papers: 1; V-MoE: 2)", ge=1,
-                     where=dict(mode=("train",), arch=MOE_ARCHS))
-    moe_blocks: str = opt("layer4.1", "ResNet blocks made MoE: 'all' or e.g. layer3.1,layer4.1 (Robust Experts: one)",
-                          where=dict(mode=("train", "benchmark"), arch=("moe-resnet18",)))
-    expert_ratio: float = opt(1.0, "expert inner width / block width (AdvMoE: 0.5)", gt=0, le=4,
-                              where=dict(mode=("train",), arch=("moe-resnet18",)))
-    noisy_gating: bool = opt(False, "Shazeer noisy top-k routing while training", where=dict(mode=("train",),
-                                                                                             arch=MOE_ARCHS))
-    router: str = opt("centred", "centred: the router's input standardised per feature (batch statistics in training, "
-                                 "running ones at eval), so no expert starts with every image; linear: the papers' "
-                                 "W h + b on the raw pooled features", ROUTERS,
-                      where=dict(mode=("train",), arch=MOE_ARCHS))
-    epochs: int = opt(10, "passes over the training split", ge=1, group="optimisation", where=dict(mode=("train",)))
-    batch_size: int = opt(128, "images per training step", ge=1, le=65536, where=dict(mode=("train", "benchmark")))
-    lr: float = opt(0.1, "SGD learning rate, cosine decay to 0 over all steps (Madry/Rice recipe, shortened)", ge=0,
-                    where=dict(mode=("train",)))
-    momentum: float = opt(0.9, "SGD (Nesterov) momentum", ge=0, lt=1, where=dict(mode=("train",)))
-    weight_decay: float = opt(5e-4, "SGD weight decay", ge=0, where=dict(mode=("train",)))
-    balance_coef: float = opt(1e-2, "Switch balance loss weight", ge=0, where=dict(mode=("train",), arch=MOE_ARCHS))
-    z_coef: float = opt(1e-3, "router z-loss weight (ST-MoE)", ge=0, where=dict(mode=("train",), arch=MOE_ARCHS))
-    beta: float = opt(6.0, "weight of the KL term: TRADES (also advmoe's), RT-ER's runner-up term, JTDMoE's expert "
-                           "terms", ge=0, where=dict(mode=("train",), method=("trades", "rt-er", "jtdmoe")))
-    seed: int = opt(0, "initial weights, data order, attacks' random starts", ge=0, le=2 ** 31 - 1,
-                    where=dict(mode=("train", "dual", "eval", "lipschitz")))
-    eps: Optional[float] = opt(None, "radius in pixel units; an L2 run must give one, e.g. 0.5 (default: 8/255)", ge=0,
-                               group="attack", where=dict(mode=("train", "dual", "eval", "lipschitz")))
-    alpha: Optional[float] = opt(None, "PGD step size, e.g. 2/255 (default eps/4)", gt=0,
-                                 where=[dict(mode=("train",)), dict(mode=SUITE_RUNS, suite=("full", "pgd"))])
-    norm: str = opt("linf", "threat model", NORMS, where=dict(mode=("train", "dual", "eval", "lipschitz")))
-    train_steps: int = opt(10, "PGD steps while training (Madry: 10)", ge=1,
-                           where=dict(mode=("train",), method=METHODS[1:]))
-    val_steps: int = opt(10, "PGD steps on the validation split each epoch", ge=1, where=dict(mode=("train",)))
-    eval_steps: int = opt(20, "PGD steps of the final test evaluation", ge=1,
-                          where=dict(mode=SUITE_RUNS, suite=("full", "pgd")))
-    eval_restarts: int = opt(1, "PGD restarts of the final test evaluation", ge=1,
-                             where=dict(mode=SUITE_RUNS, suite=("full", "pgd")))
-    eval_suite: str = opt("full", "autoattack: APGD-CE, APGD-T, FAB-T, Square; full: PGD, those and soft-router "
-                                  "PGD, plus masking probes, RA-E, RA-R, per-expert and routing statistics; pgd",
-                          EVAL_SUITES,
-                          where=dict(mode=SUITE_RUNS))
-    apgd_steps: int = opt(100, "APGD-CE, APGD-T and FAB-T iterations (AutoAttack: 100)", ge=1,
-                          where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
-    apgd_targets: Optional[int] = opt(None, "APGD-T and FAB-T target classes, at most classes - 1; needs 4 classes "
-                                            "(default: AutoAttack's 9, or classes - 1 if fewer)", ge=1,
-                                      where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
-    square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1,
-                              where=dict(mode=SUITE_RUNS, suite=("full", "autoattack")))
-    router_lr: Optional[float] = opt(None, "router learning rate (default --lr)", ge=0,
-                                     group="advmoe (router-expert alternating training)",
-                                     where=dict(mode=("train",), method=("advmoe",)))
-    router_schedule: str = opt("cosine", "router lr schedule", ("cosine", "constant"),
-                               where=dict(mode=("train",), method=("advmoe",)))
-    robust_loss: str = opt("at", "robust loss of both steps: PGD-AT or TRADES", ("at", "trades"),
-                           where=dict(mode=("train",), method=("advmoe",)))
-    dual_a: float = opt(0.5, "smoothing parameter a of f_D = (1-a) f_S + a f_R (fixed in jtdmoe)", ge=0, le=1,
-                        group="dual model and jtdmoe", where=dict(mode=("train", "dual"), method=DUAL))
-    dual_mix: str = opt("logits", "logits: f_D mixes logits (the paper); normalized: each member's logits scaled to "
-                                  "unit std first", DUAL_MIXES, where=dict(mode=("train", "dual"), method=DUAL))
-    dual_sweep: str = opt("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "values of a to evaluate",
-                          where=dict(mode=("dual",)))
-    standard_ckpt: Optional[str] = opt(None, "dual: f_S from this checkpoint (else trained)",
-                                       where=dict(mode=("dual",)))
-    robust_ckpt: Optional[str] = opt(None, "dual: f_R from this checkpoint (else trained)", where=dict(mode=("dual",)))
-    robust_method: str = opt("rt-er", "dual: how f_R is trained without --robust-ckpt",
-                             ("at", "trades", "advmoe", "rt-er"), where=dict(mode=("dual",), member=("robust",)))
-    expert_attack: str = opt("pgd", "rt-er/jtdmoe: x' of each expert path's KL term by label PGD (the paper and its "
-                                    "code) or TRADES' KL attack", ("pgd", "kl"),
-                             where=dict(mode=("train",), method=("rt-er", "jtdmoe")))
-    device: str = opt("auto", "auto: cuda when available", ("auto", "cpu", "cuda"), group="run")
-    precision: str = opt("auto", "training's precision, auto: bf16 + channels_last on CUDA, float32 on CPU (bf16: fast "
-                                 "CPUs); every reported number is float32", PRECISIONS,
-                         where=dict(mode=("train", "benchmark")))
-    compile: bool = opt(False, "torch.compile the dense parts and each expert (compile_model)",
-                        where=dict(mode=("train", "benchmark")))
-    sync_bn: bool = opt(False, "under torchrun: BatchNorm statistics over the global batch (every process's rows), so "
-                               "N processes train what one would (default: each process's own rows)",
-                        where=dict(mode=("train",)))
-    out: str = opt("runs/default", "output folder (default runs/<dataset>-<arch>-<method>)")
+    """Everything a run needs; each field is one --flag (underscores become dashes). Checkpoints store it."""
+    method: str = opt("at", "training method", METHODS, group="what to run", reads="td")
+    dataset: str = opt("synthetic", "data set (random: noise in CIFAR-10's shape)", DATASETS, group="data", reads="td")
+    data_dir: str = opt("data", "where data sets live (CIFAR is downloaded here)", reads="tdel")
+    image_size: Optional[int] = opt(None, "image side of tinyimagenet (64), imagefolder, synthetic (32)", reads="td")
+    train_limit: Optional[int] = opt(None, "use only the first N training examples", ge=1)
+    test_limit: Optional[int] = opt(None, "use only the first N test examples", ge=1, reads="tde")
+    val_size: Optional[int] = opt(None, "held-out validation examples (default 10%%, at most 1000)", ge=1)
+    augment: bool = opt(True, "no random crop + flip")
+    arch: str = opt("moe-resnet18", "architecture; resnet18 has no MoE block", ARCHS, group="model")
+    width: float = opt(1.0, "multiplier of every channel width (0.125 for CPU)", gt=0, le=8, reads="tb")
+    experts: int = opt(4, "experts E per MoE layer (Robust Experts: 4; AdvMoE: 2)", ge=1, le=64)
+    top_k: int = opt(1, "experts K per image/token (CNN-MoE papers: 1; V-MoE: 2)", ge=1)
+    moe_blocks: str = opt("layer4.1", "ResNet blocks made MoE: all, or e.g. layer3.1,layer4.1", reads="tb")
+    expert_ratio: float = opt(1.0, "expert inner width / block width (AdvMoE: 0.5)", gt=0, le=4)
+    noisy_gating: bool = opt(False, "Shazeer's noisy top-k routing while training")
+    router: str = opt("centred", "centred: the router's input standardised; linear: the papers' W h + b", ROUTERS)
+    epochs: int = opt(10, "passes over the training split", ge=1, group="optimisation")
+    batch_size: int = opt(128, "images per step (the global batch under torchrun)", ge=1, le=65536, reads="tb")
+    lr: float = opt(0.1, "SGD learning rate, cosine decay to 0 (Madry/Rice recipe, shortened)", ge=0)
+    momentum: float = opt(0.9, "SGD (Nesterov) momentum", ge=0, lt=1)
+    weight_decay: float = opt(5e-4, "SGD weight decay", ge=0)
+    balance_coef: float = opt(1e-2, "Switch balance loss weight", ge=0)
+    z_coef: float = opt(1e-3, "router z-loss weight (ST-MoE)", ge=0)
+    beta: float = opt(6.0, "KL weight: TRADES (and advmoe's), RT-ER's runner-up and JTDMoE's expert terms", ge=0)
+    seed: int = opt(0, "initial weights, data order, attacks' random starts", ge=0, le=2 ** 31 - 1, reads="tdel")
+    eps: Optional[float] = opt(None, "radius in pixel units: L-inf (default: 8/255), L2 (give one: 0.5)", ge=0,
+                               group="attack", reads="tdel")
+    alpha: Optional[float] = opt(None, "PGD step size, e.g. 2/255 (default eps/4)", gt=0, reads="tde")
+    norm: str = opt("linf", "threat model", NORMS, reads="tdel")
+    train_steps: int = opt(10, "PGD steps while training (Madry: 10)", ge=1)
+    val_steps: int = opt(10, "PGD steps on the validation split each epoch", ge=1)
+    eval_steps: int = opt(20, "PGD steps of the test evaluation", ge=1, reads="tde")
+    eval_restarts: int = opt(1, "PGD restarts of the test evaluation", ge=1, reads="tde")
+    eval_suite: str = opt("full", "pgd; autoattack: APGD-CE, APGD-T, FAB-T, Square; full: PGD, those, soft-router "
+                                  "PGD and the MoE analyses (section 5)", EVAL_SUITES, reads="tde")
+    apgd_steps: int = opt(100, "APGD-CE, APGD-T and FAB-T iterations (AutoAttack: 100)", ge=1, reads="tde")
+    apgd_targets: Optional[int] = opt(None, "APGD-T/FAB-T target classes (default 9, or classes-1)", ge=1, reads="tde")
+    square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1, reads="tde")
+    router_lr: Optional[float] = opt(None, "router learning rate (default --lr)", ge=0, group="advmoe")
+    router_schedule: str = opt("cosine", "router lr schedule", ("cosine", "constant"))
+    robust_loss: str = opt("at", "robust loss of both steps: PGD-AT or TRADES", ("at", "trades"))
+    dual_a: float = opt(0.5, "smoothing parameter a of f_D = (1-a) f_S + a f_R", ge=0, le=1, group="dual and jtdmoe",
+                        reads="td")
+    dual_mix: str = opt("logits", "mix logits (the paper) or each member's unit-std logits", DUAL_MIXES, reads="td")
+    dual_sweep: str = opt("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "values of a to evaluate", reads="d")
+    standard_ckpt: Optional[str] = opt(None, "f_S from this checkpoint (else trained)", reads="d")
+    robust_ckpt: Optional[str] = opt(None, "f_R from this checkpoint (else trained)", reads="d")
+    robust_method: str = opt("rt-er", "how f_R is trained without --robust-ckpt", METHODS[1:5], reads="d")
+    expert_attack: str = opt("pgd", "rt-er/jtdmoe expert paths: label PGD (the paper) or TRADES' KL attack",
+                             ("pgd", "kl"))
+    device: str = opt("auto", "auto: cuda when available", ("auto", "cpu", "cuda"), group="run", reads="tdelbmr")
+    precision: str = opt("auto", "training's; auto: bf16 on CUDA, float32 on CPU (reports: float32)", PRECISIONS,
+                         reads="tb")
+    compile: bool = opt(False, "torch.compile the dense parts and each expert (compile_model)", reads="tb")
+    sync_bn: bool = opt(False, "torchrun on CUDA: torch's SyncBatchNorm outside the experts")
+    out: str = opt("runs/default", "output folder (default runs/<dataset>-<arch>-<method>)", reads="tdelbmr")
 
     def __post_init__(self):
-        if self.eps is None and self.norm == "linf":  # the L-inf default; an L2 radius has no default (validate)
+        if self.eps is None and self.norm == "linf":  # the L-inf default; an L2 radius has no default
             self.eps = 8 / 255
 
     def sweep_values(self) -> list[float]:
-        bad = f"--dual-sweep {self.dual_sweep!r} must be a comma list of numbers in [0, 1]"
         try:
             values = [float(v) for v in self.dual_sweep.split(",") if v.strip()]
         except ValueError:
-            raise UserError(bad) from None
-        check(values and all(0 <= v <= 1 for v in values), bad)
+            values = []
+        check(values and all(0 <= v <= 1 for v in values), f"--dual-sweep {self.dual_sweep!r} must be a comma list "
+                                                           "of numbers in [0, 1]")
         return values
 
-    def validate(self) -> None:
-        """Check every setting before anything is read or written: each field against its own allowed values (inf
-        and nan pass no bound), then the settings that depend on each other."""
+    def validate(self) -> "Config":
+        """Every setting against its type and allowed values (inf and nan pass no bound), then those that depend on
+        each other. -> self"""
         for f in dataclasses.fields(self):
-            v, m, flag = getattr(self, f.name), f.metadata, "--" + f.name.replace("_", "-")
-            kind = f.type.removeprefix("Optional[").rstrip("]")
+            v, m, flag, kind = getattr(self, f.name), f.metadata, "--" + f.name.replace("_", "-"), f.type.strip("]")
+            kind = kind.removeprefix("Optional[")
             if v is None:
-                check(f.type.startswith("Optional") or f.name == "eps", f"{flag} needs a value ({kind})")
+                check(f.type.startswith("Optional"), f"{flag} needs a value ({kind})")
                 continue
             check(isinstance(v, {"float": (int, float), "int": int, "str": str, "bool": bool}[kind]) and
-                  (kind == "bool") == isinstance(v, bool), f"{flag} {v!r} is not {KIND_NAMES[kind]}")
-            if kind == "bool":
-                continue
+                  (kind == "bool") == isinstance(v, bool), f"{flag} {v!r} is not a {kind}")
             check(not isinstance(v, float) or math.isfinite(v), f"{flag} {v} is not a finite number")
             check(v in (m["choices"] or [v]), f"unknown {flag} {v!r}; allowed: {', '.join(m['choices'] or ())}")
-            for op, b, ok in ((">=", m["ge"], operator.ge), (">", m["gt"], operator.gt), ("<=", m["le"], operator.le),
-                              ("<", m["lt"], operator.lt)):
-                check(b is None or ok(v, b), f"{flag} {v} not allowed; need {flag[2:]} {op} {b}")
-        check(self.eps is not None, f"--norm {self.norm} needs an explicit --eps (an L2 radius, e.g. 0.5); the 8/255 "
-                                    "default is an L-inf radius")
-        check(self.norm != "linf" or self.eps <= 1, f"--eps {self.eps:g} not allowed under linf: images are in [0, 1], "
-                                                    "so eps <= 1 (e.g. 8/255)")
-        size = self.image_size
-        check(size is None or (16 <= size <= 256 and size % 8 == 0),  # 16: layer4 still sees 2x2 maps;
-              f"--image-size {size} not allowed; need a multiple of 8 from 16 to 256")  # 8: the ViT's 8x8 grid
+            for (sign, op), b in zip(((">=", operator.ge), (">", operator.gt), ("<=", operator.le), ("<", operator.lt)),
+                                     m["bounds"]):
+                check(b is None or op(v, b), f"{flag} {v} not allowed; need {flag[2:]} {sign} {b}")
+        check(self.eps is not None, f"--norm {self.norm} needs an explicit --eps (an L2 radius, e.g. 0.5)")
+        check(self.norm != "linf" or self.eps <= 1, f"--eps {self.eps:g} not allowed under linf: images are in [0, 1]")
+        size = self.image_size  # 16: layer4 still sees 2x2 maps; 8: the ViT's 8x8 grid
+        check(size is None or (16 <= size <= 256 and size % 8 == 0), f"--image-size {size} not allowed; need a "
+                                                                     "multiple of 8 from 16 to 256")
         check(self.top_k <= self.experts, f"--top-k {self.top_k} not allowed with --experts {self.experts}; need k<=E")
         self.sweep_values()
         robust = self.robust_method if self.method == "dual" else self.method
         check(robust not in ("advmoe", "rt-er", "jtdmoe") or self.arch != "resnet18",
               f"--method {self.method} needs an MoE (--arch moe-resnet18 or moe-vit), not resnet18")
-        check(robust != "rt-er" or self.experts >= 2,
-              f"--method rt-er needs a runner-up expert: --experts {self.experts} must be >= 2")
+        check(robust != "rt-er" or self.experts >= 2, f"--method rt-er needs a runner-up: --experts {self.experts} "
+                                                      "must be >= 2")
         check(bool(moe_block_set(self.moe_blocks)) or self.arch != "moe-resnet18",
               f"--moe-blocks {self.moe_blocks!r} makes no MoE layer; name blocks (layer4.1) or use --arch resnet18")
+        return self
 
-def run_context(cfg: Config, mode: str, saved: Optional[Config] = None) -> dict:
-    """Where a run stands, as sets of names, for each Config field's `where`: the mode; the methods whose steps run
-    (a dual run's trained members' too; advmoe --robust-loss trades runs TRADES' loss); the architecture, suite,
-    threat model and data set (eval and lipschitz: the checkpoint's `saved` config); the dual members trained here."""
-    if mode in ("eval", "lipschitz"):
-        return dict(mode={mode}, arch={saved.arch}, dataset={saved.dataset}, norm={cfg.norm},
-                    suite={cfg.eval_suite} if mode == "eval" else set())
-    if mode in ("benchmark", "demo", "resume"):
-        return dict(mode={mode}, arch=set(ARCHS) if mode == "benchmark" else set())
-    dual = cfg.method == "dual"
-    trained = [m for m, ckpt in (("standard", cfg.standard_ckpt), ("robust", cfg.robust_ckpt)) if ckpt is None] \
-        if dual else []
-    methods = {cfg.method} | {cfg.robust_method if m == "robust" else "standard" for m in trained}
-    methods |= {"trades"} if "advmoe" in methods and cfg.robust_loss == "trades" else set()
-    return dict(mode={"dual"} | ({"train"} if trained else set()) if dual else {"train"}, method=methods,
-                arch={cfg.arch}, suite={cfg.eval_suite}, norm={cfg.norm}, dataset={cfg.dataset}, member=set(trained))
+def method_config(cfg: Config) -> MethodConfig:
+    return MethodConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(MethodConfig)})
 
-CONTEXT_FLAGS = {"method": "--method", "arch": "--arch", "suite": "--eval-suite", "norm": "--norm",
-                 "dataset": "--dataset"}
-MODE_NAMES = {"train": "training", "dual": "--method dual", "eval": "--eval", "lipschitz": "--lipschitz",
-              "benchmark": "--benchmark", "demo": "the demo", "resume": "--resume"}
-MODE_WHERE = {"lipschitz_n": dict(mode=("lipschitz",)), "overwrite": dict(mode=("train", "dual")),  # not in Config
-              "resume": dict(mode=("dual",)), "against": dict(mode=("benchmark",))}
+def eval_config(cfg: Config) -> EvalConfig:
+    return EvalConfig(cfg.eval_suite, cfg.eps, cfg.alpha, cfg.norm, cfg.eval_steps, cfg.eval_restarts, cfg.apgd_steps,
+                      cfg.apgd_targets, cfg.square_queries)
 
-def field_where(name: str):
-    """A Config field's `where`, or that of a flag in MODE_WHERE."""
-    return MODE_WHERE[name] if name in MODE_WHERE else Config.__dataclass_fields__[name].metadata["where"]
+def record_config(cfg: Config, runs: str) -> dict:
+    """The settings a record states: those that the runs `runs` (letters of RUNS) read."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if set(runs) & set(f.metadata["reads"])}
 
-def unread_reason(where, ctx: dict) -> Optional[str]:
-    """None if a setting with this `where` is read in the run `ctx`, else why not (the first condition that fails)."""
-    alts = [where] if isinstance(where, dict) else where or [{}]
-    fails = [[(k, v) for k, v in alt.items() if not ctx.get(k, set()) & set(v)] for alt in alts]
-    if any(not f for f in fails):
-        return None
-    k, v = fails[0][0]
-    if k == "mode":
-        return f"it is read only by {' or '.join(MODE_NAMES[m] for m in v)}"
-    if k == "member":
-        return "it is read only when the dual model trains f_R (no --robust-ckpt)"
-    return f"it applies to {CONTEXT_FLAGS[k]} {', '.join(v)}, not {', '.join(sorted(ctx.get(k, ())))}"
-
-def refuse_unread(given: set, ctx: dict) -> None:
-    """Every setting given is read by this run, or the run is refused before anything happens (rule: no flag is
-    silently ignored). `given`: field names (and lipschitz_n / overwrite) the user set."""
-    for name in sorted(given):
-        why = unread_reason(field_where(name), ctx)
-        flag = "--" + ("no-augment" if name == "augment" else name.replace("_", "-"))
-        if why and ctx["mode"] == {"resume"}:
-            raise UserError(f"--resume continues the saved run with its own settings; drop {flag} (only --out and "
-                            "--device may change)")
-        check(why is None, f"{flag} is not read by this run: {why}; leave it out")
-
-# ==== 8. Setup: the device chosen in one place, data parallelism, files written atomically =========================
-def bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """An eval-mode BatchNorm's per-channel map y = x * s + t: s = w / sqrt(running_var + eps),
-    t = b - running_mean * s. -> (s, t), each (C,)"""
-    s = (bn.running_var + bn.eps).rsqrt()
-    return (s * bn.weight, bn.bias - bn.running_mean * s * bn.weight) if bn.affine else (s, -bn.running_mean * s)
-
-def folds(conv: nn.Module, bn: nn.Module, x: torch.Tensor) -> bool:
-    """Whether a Conv2d and the BatchNorm2d right after it (paired by Runtime.prepare) run as one convolution: both in
-    eval mode, x a float32 CPU feature map, no autocast. The BatchNorm then passes its input on (affine_eval)."""
-    return (not conv.training and not bn.training and x.is_cpu and x.dim() == 4 and x.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu"))
-
-def affine_eval(bn: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """An eval-mode BatchNorm on a float32 CPU feature map as the per-channel affine map it then is: y = x * s + t
-    (bn_scale_shift), or x itself where the convolution before it folded it in (`pair`, FoldingConv2d); None where
-    neither applies. Same function up to float rounding; its backward (every attack step's) is one multiply, where
-    PyTorch's CPU batch-norm backward is a reduction kernel (PGD-10 on the demo's model: 5-10% faster on CPU). Every
-    eval-mode BatchNorm of a prepared model on a CPU runs it, the --sync-bn SyncBatchNorm included."""
-    if bn.training or bn.running_mean is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 4:
-        return None
-    if hasattr(bn, "pair") and folds(bn.pair[0], bn, x):
-        return x
-    s, t = bn_scale_shift(bn)
-    return torch.addcmul(t.view(1, -1, 1, 1), x, s.view(1, -1, 1, 1))
-
-class AffineEvalBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d that runs in eval mode on a CPU as affine_eval; same parameters and buffers, training unchanged."""
-    def forward(self, x):
-        y = affine_eval(self, x)
-        return super().forward(x) if y is None else y
-
-class SubsamplingConv2d(nn.Conv2d):
-    """A Conv2d on a CPU (Runtime.prepare gives every one this class): where a strided 1x1 convolution (a ResNet
-    shortcut) can take a weight gradient, it runs as what it is, subsampling and then a 1x1 convolution: the same
-    sums. oneDNN's channels_last weight gradient of the strided one corrupts the heap at 3-8 input channels (torch
-    2.14, float32 and bf16: `--precision bf16` on a CPU crashed at width 0.125; README "Speed"). Passes without
-    weight gradients (the attacks, `frozen`) keep the strided kernel."""
-    def _conv_forward(self, x, w, b):
-        if w.requires_grad and self.kernel_size == (1, 1) and self.stride != (1, 1) and self.padding == (0, 0):
-            return F.conv2d(x[:, :, ::self.stride[0], ::self.stride[1]], w, b, 1, 0, self.dilation, self.groups)
-        return super()._conv_forward(x, w, b)
-
-class FoldingConv2d(SubsamplingConv2d):
-    """A Conv2d followed by a BatchNorm2d: in eval mode on a float32 CPU one convolution with the BatchNorm folded in,
-    W' = W * s (per output channel), b' = t (bn_scale_shift), and the BatchNorm passes its input on: an attack
-    step's forward and backward skip a pass over each feature map (README "Speed" has the measurement). Same
-    function up to float rounding; training is unchanged. `pair` holds the BatchNorm (in a tuple: not a submodule;
-    a BatchNorm swapped by class, as --sync-bn does, stays paired; one replaced by another module does not)."""
-    def forward(self, x):
-        bn = self.pair[0]
-        if not folds(self, bn, x):
-            return super().forward(x)
-        s, t = bn_scale_shift(bn)
-        w = self.weight * s.view(-1, 1, 1, 1)
-        # channels_last: oneDNN's NHWC kernels are 1.3-3x faster at few channels (the attacks' passes)
-        x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
-        return self._conv_forward(x, w, t if self.bias is None else t + self.bias * s)
-
-class FoldedBatchNorm(AffineEvalBatchNorm):
-    """The BatchNorm2d after a FoldingConv2d (its `pair`): where the convolution folded it in, the identity; else as
-    before (both decided by affine_eval)."""
-
+# ==== 8. Setup: the device chosen in one place, torchrun, files ===================================================
 @dataclass
 class Runtime:
     """Device, autocast dtype and memory format: chosen once here, used everywhere."""
     device: torch.device
-    amp_dtype: Optional[torch.dtype]  # bf16 on CUDA, None (float32) on CPU unless --precision bf16
-    channels_last: bool  # NHWC activations: faster convolutions on tensor cores and in oneDNN. Not the whole
-    # model in float32 on CPU: BatchNorm's channels_last training kernel normalises less exactly (3e-6 to 4e-5
-    # from float64, NCHW 4e-7) and a training step ran no faster (README "Speed"); eval-mode passes, whose
-    # BatchNorm is folded, run channels_last there per folded convolution (FoldingConv2d)
+    amp_dtype: Optional[torch.dtype]  # bf16 autocast on CUDA, None (float32) on CPU unless --precision bf16
+    channels_last: bool  # NHWC activations on CUDA (tensor cores); a CPU runs NCHW in every precision
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        if self.device.type == "cuda":  # autotune convolutions per shape, except in an MoE (a module with experts),
-            # where every step brings new per-expert batch sizes, each a synchronising tuning
-            torch.backends.cudnn.benchmark = not any(hasattr(m, "experts") for m in model.modules())
-        else:  # CPU: every Conv2d a SubsamplingConv2d; eval-mode BatchNorm as an affine map or folded into the
-            # convolution before it (the attacks')
-            for m in model.modules():
-                if type(m) in (nn.BatchNorm2d, nn.Conv2d):
-                    m.__class__ = AffineEvalBatchNorm if type(m) is nn.BatchNorm2d else SubsamplingConv2d
-            for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-                for conv, bn in zip(seq, seq[1:]):
-                    if type(conv) is SubsamplingConv2d and type(bn) is AffineEvalBatchNorm:
-                        conv.__class__, bn.__class__ = FoldingConv2d, FoldedBatchNorm
-                        conv.pair, bn.pair = (bn,), (conv,)
+        if self.device.type == "cuda":  # autotune convolutions per shape, except where every step brings new shapes
+            torch.backends.cudnn.benchmark = not moe_layers(model)  # (the sparse dispatch's per-expert batches)
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
 def make_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
-    """`auto` picks CUDA when present. bf16 autocast and channels_last on CUDA (float32 leftovers on TF32 tensor
-    cores); on CPU float32 in the default layout, or bf16 + channels_last."""
+    """auto: CUDA when present, with bf16 autocast, channels_last and TF32; a CPU in float32 (or bf16)."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    check(device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA GPU; "
-                                                         "use --device cpu or auto")
-    dev, dtype = torch.device(device), amp_dtype(device, precision)
+    check(device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but torch sees no CUDA GPU")
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return Runtime(dev, dtype, dev.type == "cuda" or dtype is not None)
+    return Runtime(dev, amp_dtype(dev, precision), dev.type == "cuda")
 
 def seed_everything(seed: int) -> None:
-    """Seeds torch (CPU and CUDA) and numpy. Called at the start of every epoch with a seed derived from (run seed,
-    epoch), so a resumed run repeats the uninterrupted one."""
     torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2 ** 32)
 
-# ---- Data parallelism (torchrun): N processes ("ranks"), each with its share of every global batch ----------------
-# `torchrun --nproc_per_node=N moe_robust.py ...` starts N copies with RANK, WORLD_SIZE and LOCAL_RANK set; without
-# it everything below is a no-op and a run is exactly the single-process one. What a rank does differently:
-#  - it trains on rows [start, stop) of each global batch (Shard, set by data_shard around each step); every rank
-#    draws the batch's order, augmentation and the attacks' random starts for the whole global batch and keeps its
-#    rows (shard_rand), so N ranks draw what one process would;
-#  - before each optimiser step, one all-reduce makes every gradient the global batch's (sync_gradients), and the
-#    balance loss uses the global batch's routing fractions (global_fraction);
-#  - BatchNorm statistics are per rank, or the global batch's with --sync-bn (SyncBatchNorm);
-#  - only rank 0 validates, writes files and logs; the final evaluation is split across ranks and added up.
-# None of it is in the pieces people copy: data_parallel sets it from outside, through the optimisers' step hooks,
-# the MoE layers' two hook slots and rows_rand (section 3), as forced_routes sets an MoE's `control`.
-class Shard(NamedTuple):
-    start: int  # this rank's rows [start, stop) of a global batch of `total` rows
-    stop: int
-    total: int
-
-SHARD: Optional[Shard] = None  # set by data_shard around each training step under torchrun
-
+# torchrun --nproc_per_node=N starts N processes (ranks); each trains on its rows of every global batch and torch's
+# DistributedDataParallel averages the gradients. DDP's unit is one forward and one backward, while a robust step
+# makes many forwards (attacks, clean and adversarial passes, expert paths), so DDP wraps a whole step's loss
+# (StepLoss); find_unused_parameters, since an expert idle on a rank takes no part in its backward. BatchNorm
+# statistics and the balance loss are per rank, as Switch computes them. Rank 0 validates, writes and logs; the test
+# evaluation is split over the ranks.
 def world() -> tuple[int, int]:
     """(this process's rank, number of processes): (0, 1) without torchrun."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
@@ -2072,22 +1892,18 @@ def is_main() -> bool:
     return world()[0] == 0
 
 def start_distributed(device: str) -> None:
-    """Under torchrun (WORLD_SIZE > 1): join the process group, NCCL on GPUs (one per process: cuda:LOCAL_RANK) or
-    gloo on CPUs. Called once by main before anything else."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return
-    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    """Under torchrun: join the process group, NCCL on GPUs (one each) or gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    """t reduced over every rank (sum by default), on t's device; t itself in one process. (NCCL reduces CUDA
-    tensors only, so host tensors travel through the GPU there.)"""
+    """t reduced over the ranks, a sum by default (NCCL reduces CUDA tensors only)."""
     if world()[1] == 1:
         return t
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    r = t.detach().to(dev).clone()
+    r = t.detach().to("cuda" if dist.get_backend() == "nccl" else "cpu").clone()
     dist.all_reduce(r, op or dist.ReduceOp.SUM)
     return r.to(t.device)
 
@@ -2095,176 +1911,61 @@ def barrier() -> None:
     if world()[1] > 1:
         dist.barrier()
 
-@contextlib.contextmanager
-def main_first():
-    """Rank 0 runs the block first (a download happens once), then the others."""
-    if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
-
 def shard_rows(n: int) -> tuple[int, int]:
-    """This rank's rows [start, stop) of n rows: N near-equal contiguous parts."""
     rank, size = world()
     return rank * n // size, (rank + 1) * n // size
 
-def shard_rand(x: torch.Tensor, fill: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """rows_rand under torchrun: when x is this rank's share of the global batch (SHARD), the random numbers are
-    drawn for the whole global batch and this rank's rows kept: N ranks draw exactly what one process would, and
-    their generators stay in step."""
-    s = SHARD
-    if s is None or len(x) != s.stop - s.start:
-        return fill(torch.empty_like(x))
-    return fill(x.new_empty((s.total,) + x.shape[1:]))[s.start:s.stop]
+class StepLoss(nn.Module):
+    """One optimiser step's loss as one forward, for DDP: loss_fn(model, x, y, mc) -> (loss, logits)."""
+    def __init__(self, model: nn.Module, loss_fn: Callable, mc: MethodConfig):
+        super().__init__()
+        self.model, self.loss_fn, self.mc = model, loss_fn, mc
 
-@contextlib.contextmanager
-def data_shard(total: int):
-    """Around one training step under torchrun: this rank's rows of a global batch of `total` (SHARD), and the
-    attacks' random draws made for the global batch (rows_rand -> shard_rand). -> the Shard"""
-    global SHARD, rows_rand
-    plain, SHARD, rows_rand = rows_rand, Shard(*shard_rows(total), total), shard_rand
-    try:
-        yield SHARD
-    finally:
-        SHARD, rows_rand = None, plain
+    def forward(self, x, y):
+        return self.loss_fn(self.model, x, y, self.mc)
 
-def share() -> float:
-    """This rank's share of the current global batch (1 outside a data-parallel step)."""
-    return 1.0 if SHARD is None else (SHARD.stop - SHARD.start) / SHARD.total
+def data_parallel_step(runtime: Runtime) -> Callable:
+    """A `step` for the methods, loss_step's signature, that computes each loss inside DDP: a wrapper per model, loss
+    and optimiser, made at first use inside loss_step, so that it holds the parameters that step trains only."""
+    wrapped = {}
 
-def global_fraction(frac: torch.Tensor) -> torch.Tensor:
-    """The MoE layers' `fraction` hook: f_i of the balance loss (Switch eq. 4) over the global batch's rows. Each
-    rank's term E sum_i f_i P_i,r, weighted by its share as sync_gradients weighs the ranks, then adds up to the
-    global batch's balance loss and gradient: the loss means the same at any N. (Switch and GShard compute it per
-    device instead, which at N = 1 is the same.)"""
-    return frac if SHARD is None else all_reduce(frac * share())
+    def step(model, opt, loss_fn, x, y, mc):
+        def in_ddp(m, xb, yb, c):
+            if (key := (id(model), id(opt), loss_fn)) not in wrapped:
+                wrapped[key] = nn.parallel.DistributedDataParallel(StepLoss(model, loss_fn, mc), [
+                    runtime.device.index] if runtime.device.type == "cuda" else None, find_unused_parameters=True)
+            return wrapped[key](xb, yb)
+        return loss_step(model, opt, in_ddp, x, y, mc)
+    return step
 
-def sync_gradients(params: list[nn.Parameter], weight: float) -> None:
-    """Data parallelism's one collective per optimiser step (data_parallel hooks it before each step): each gradient
-    becomes sum over ranks of weight_r * grad_r, weight_r = this rank's rows / the global batch's rows, which is the
-    gradient of the global batch's mean loss whatever the shares. An expert idle on this rank sends zeros; a
-    parameter that no rank used (an expert without rows anywhere) keeps no gradient, as in one process, where SGD
-    then leaves it alone. One flat buffer, one all-reduce. torch's DistributedDataParallel would overlap it with the
-    backward, but it needs find_unused_parameters (a graph walk per step) for idle experts and hooks every backward
-    through the model, the attacks' input-gradient ones included; an adversarial step makes ~11 forward-backward
-    passes per optimiser step, so the overlap would buy little here."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    used = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
-    flat = all_reduce(torch.cat([g.reshape(-1).float() * weight for g in grads] + [used]))
-    anywhere = flat[-len(params):].tolist()  # one read-back per optimiser step, under torchrun only
-    for p, g, u in zip(params, flat[:-len(params)].split([g.numel() for g in grads]), anywhere):
-        p.grad = g.view_as(p).to(p.dtype) if u > 0 else None
-
-class AllReduceSum(torch.autograd.Function):
-    """Sum over ranks, differentiable. Every rank's loss depends on the sum, so its gradient is the sum over ranks of
-    their gradients, each weighted by its rank's share w_s; divided by this rank's w_r, which sync_gradients
-    multiplies back. (Equal shares: the plain sum.)"""
-    @staticmethod
-    def forward(ctx, t):
-        return all_reduce(t)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_reduce(g * share()) / share()
-
-def run_idle_expert(expert: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """An expert on zero rows with its parameters detached: it takes part in every BatchNorm collective, forward and
-    backward, like the ranks where it has rows, and gets no gradient here (a parameter no rank used keeps none)."""
-    return torch.func.functional_call(expert, {n: p.detach() for n, p in expert.named_parameters()}, (x,))
-
-class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """--sync-bn: BatchNorm whose training statistics are the global batch's, per channel over every rank's rows
-    (two differentiable all-reduces: the sum, then the squared deviations), so N ranks train what one process
-    would (to float rounding: on a CPU in float64, as BatchNorm's own CPU kernel effectively is; in float32 a
-    channel that barely varies turns the rounding of its mean into visible differences); eval uses the running
-    statistics. An expert's BatchNorm then takes the statistics of all rows routed to it on any rank, so every rank
-    must run every expert, idle ones on zero rows (MoE.run_idle). torch.nn.SyncBatchNorm does the same with fused
-    kernels, on CUDA only; this one runs on gloo too."""
-
-    def _check_input_dim(self, x):
-        check(x.dim() >= 2, f"SyncBatchNorm needs (N, C, ...) input, got {tuple(x.shape)}")
-
-    def forward(self, x):
-        if not (self.training and world()[1] > 1):  # eval: as one process computes it (Runtime.prepare, on a CPU)
-            y = affine_eval(self, x)
-            return super().forward(x) if y is None else y
-        dims, shape = [0] + list(range(2, x.dim())), [1, -1] + [1] * (x.dim() - 2)
-        h = x.double() if x.is_cpu else x.float()  # as precise as BatchNorm's own kernel there (CPU: float64)
-        local = torch.cat([h.sum(dims), h.new_tensor([h.numel() / h.shape[1]])])  # (C + 1,): sums, row count
-        total = AllReduceSum.apply(local)
-        count = total[-1].detach()
-        mean = total[:-1] / count.clamp(min=1)
-        var = AllReduceSum.apply((h - mean.view(shape)).pow(2).sum(dims)) / count.clamp(min=1)
-        out = (h - mean.view(shape)) * (var + self.eps).rsqrt().view(shape)
-        if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
-        if self.track_running_stats:  # nothing routed anywhere: the statistics stay as they are
-            with torch.no_grad():
-                m, seen = self.momentum, count > 1
-                unbiased = var.detach() * count / (count - 1).clamp(min=1)
-                self.running_mean.copy_(torch.where(seen, (1 - m) * self.running_mean + m * mean.detach(),
-                                                    self.running_mean))
-                self.running_var.copy_(torch.where(seen, (1 - m) * self.running_var + m * unbiased,
-                                                   self.running_var))
-                self.num_batches_tracked += (count > 0).long()  # as in one process, which skips such an expert
-        return out.to(x.dtype)
-
-def data_parallel(model: nn.Module, opts: list, sync_bn: bool) -> None:
-    """Under torchrun, make a method's model and optimisers data-parallel: each optimiser syncs its gradients before
-    it steps, each MoE layer takes its routing fractions over the global batch, and with sync_bn every BatchNorm
-    becomes a SyncBatchNorm (same parameters and buffers: checkpoints do not change) and every MoE layer runs its
-    idle experts on zero rows."""
-    if world()[1] == 1:
-        return
-    for o in opts:
-        o.register_step_pre_hook(lambda o, args, kwargs: sync_gradients(
-            [p for g in o.param_groups for p in g["params"]], share()) if SHARD is not None else None)
-    for m in model.modules():
-        if hasattr(m, "fraction"):
-            m.fraction, m.run_idle = global_fraction, run_idle_expert if sync_bn else None
-        if sync_bn and type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, AffineEvalBatchNorm, FoldedBatchNorm):
-            m.__class__ = SyncBatchNorm
-
-def average_buffers(model: nn.Module) -> None:
-    """Per-rank BatchNorm: every float buffer (running statistics) set to its mean over the ranks, so that every
-    rank evaluates, and rank 0 saves, the same model. (With --sync-bn they are equal already.)"""
-    size = world()[1]
-    for b in model.buffers() if size > 1 else ():
-        if b.is_floating_point():
-            b.copy_(all_reduce(b) / size)
+def sync_batchnorm(m: nn.Module) -> nn.Module:
+    """--sync-bn: torch's SyncBatchNorm for every BatchNorm outside the MoE layers (an expert idle on one rank would
+    leave the others waiting in its collective)."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return nn.SyncBatchNorm.convert_sync_batchnorm(m)
+    for name, child in m.named_children():
+        setattr(m, name, child if is_moe(child) else sync_batchnorm(child))
+    return m
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file, and an interrupted
-    write leaves no temporary file (a SIGKILL can: see remove_stale_temps). Under torchrun only rank 0 writes."""
-    if not is_main():
-        return
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Write to a temporary file beside `path`, then rename: a crash never leaves half a file. Rank 0 alone writes."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp{os.getpid()}")
     try:
-        write(str(tmp))
-        os.replace(tmp, path)
+        if is_main():
+            write(str(tmp))
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
-def remove_stale_temps(folder: Path) -> None:
-    """Remove the temporary files of writes that a killed process never finished."""
-    for p in Path(folder).glob(".*.tmp*"):
-        p.unlink(missing_ok=True)
-
-def strict_json(obj):
-    """obj with every non-finite float replaced by None: JSON has no NaN or Infinity."""
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
+def strict_json(obj):  # JSON has no NaN or Infinity: None instead
+    if isinstance(obj, (dict, list, tuple)):
+        return {k: strict_json(v) for k, v in obj.items()} if isinstance(obj, dict) else [strict_json(v) for v in obj]
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(strict_json(obj), indent=1, allow_nan=False)))
 
 def read_json(path: Path) -> dict:
-    """A JSON object from `path`; a clear error if it is not one (nothing is overwritten)."""
     try:
         obj = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -2272,19 +1973,14 @@ def read_json(path: Path) -> dict:
     check(isinstance(obj, dict), f"{path} does not hold a JSON object; move it away or choose another --out")
     return obj
 
-def check_writable(folder: str, flag: str = "--out") -> Path:
-    """Prove that `folder` is, or can be created as, a writable folder, without writing anything."""
+def check_targets(folder: str, files: tuple = (), flag: str = "--out") -> Path:
+    """Prove, without writing, that `folder` is or can be made a writable folder where no file a run will write is
+    blocked by a folder of that name."""
     p = Path(folder)
     check(not p.is_file(), f"{flag} {folder} is a file; give a folder")
     base = next(a for a in (p, *p.parents) if a.exists())
-    why = "read-only" if base.is_dir() else "not a folder"
-    check(base.is_dir() and os.access(base, os.W_OK | os.X_OK), f"{flag} {folder} is not a writable folder ({base} is "
-                                                                 f"{why})")
-    return p
-
-def check_targets(folder: str, files: tuple, flag: str = "--out") -> Path:
-    """check_writable, and no file a run will write in `folder` is blocked by a folder of that name."""
-    p = check_writable(folder, flag)
+    check(base.is_dir() and os.access(base, os.W_OK | os.X_OK),
+          f"{flag} {folder} is not a writable folder ({base} is {'read-only' if base.is_dir() else 'not a folder'})")
     for f in files:
         check(not (p / f).is_dir(), f"{flag} {folder}: {p / f} is a folder where a file must go; move it away")
     return p
@@ -2292,13 +1988,15 @@ def check_targets(folder: str, files: tuple, flag: str = "--out") -> Path:
 LOCKS: dict = {}  # folder -> this process's open lock file on it
 
 def lock_folder(folder: Path, flag: str = "--out") -> None:
-    """Create `folder` and hold it for this process (an advisory lock on folder/.lock, gone when the process is): a
-    second run into a folder in use is refused, so it neither clobbers files nor loses a record. Released when the
-    run that took it returns (holds_folders); rank 0 alone writes, so it alone locks."""
-    if not is_main() or str(Path(folder).resolve()) in LOCKS:
+    """Create `folder` and hold it (an advisory lock on folder/.lock, gone with the process): a second run into a
+    folder in use is refused, so it neither clobbers files nor loses a record. holds_folders releases it."""
+    if not is_main() or (key := str(Path(folder).resolve())) in LOCKS:
         return
-    writable_folder(str(folder), flag)
-    f = open(Path(folder) / ".lock", "a+")
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        f = open(Path(folder) / ".lock", "a+")
+    except OSError as e:
+        raise UserError(f"{flag} {folder} is not a writable folder ({e.strerror or type(e).__name__})") from None
     try:
         import fcntl  # POSIX; elsewhere no lock is taken
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2306,15 +2004,14 @@ def lock_folder(folder: Path, flag: str = "--out") -> None:
         pass
     except OSError:
         f.seek(0)
-        holder = f.read().strip() or "?"
-        f.close()
+        holder, _ = f.read().strip() or "?", f.close()
         raise UserError(f"{flag} {folder} is in use by another run (process {holder}); wait for it to end or choose "
                         "another folder") from None
     f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
-    LOCKS[str(Path(folder).resolve())] = f
+    LOCKS[key] = f
 
 def holds_folders(fn: Callable) -> Callable:
-    """Decorator: the folders `fn` locks (lock_folder) are released when it returns or raises."""
+    """Decorator: the folders `fn` locks are released when it returns or raises."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
         before = set(LOCKS)
@@ -2325,46 +2022,17 @@ def holds_folders(fn: Callable) -> Callable:
                 LOCKS.pop(k).close()
     return run
 
-def writable_folder(folder: str, flag: str = "--out") -> Path:
-    """Create `folder` (checked by check_writable) and prove it is writable: the first write of a run."""
-    p = check_writable(folder, flag)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write-test{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{flag} {folder} is not a writable folder ({e.strerror or type(e).__name__})") from None
-    return p
-
-def read_records(path: Path) -> list:
-    """The entries of a record file (eval.json, lipschitz.json: {"records": [...]}), read before the work so that a
-    broken file stops the run early, and again by add_record. Records only grow."""
-    if not Path(path).exists():
-        return []
-    obj = read_json(path)
-    entries = obj.get("records", [obj])  # a file of one entry, as earlier versions wrote it
-    check(isinstance(entries, list), f"{path} is not a record file (its 'records' is not a list); move it away")
-    return entries
-
-def add_record(path: Path, entry: dict) -> int:
-    """Append `entry` to the record file (its folder locked by this run). -> the number of records now"""
-    entries = read_records(path) + [entry]
-    write_json(path, {"records": entries})
-    return len(entries)
-
+def add_record(path: Path, entry: Optional[dict] = None) -> int:
+    """Append `entry` to the record file (eval.json, lipschitz.json: {"records": [...]}; records only grow), its
+    folder held by this run; without an entry, check the file only. -> the number of records"""
+    entries = read_json(path).get("records") if Path(path).exists() else []
+    check(isinstance(entries, list), f"{path} is not a record file (no 'records' list); move it away")
+    if entry is not None:
+        write_json(path, {"records": entries + [entry]})
+    return len(entries) + (entry is not None)
 # ==== 9. Data: uint8 tensors in memory, float [0, 1] batches on the device =========================================
 # Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,). Batches are cast to float in
 # [0, 1] on the device and augmented there (random crop with zero padding + horizontal flip, the CIFAR recipe).
-NORM_STATS = {  # per-channel mean/std of the Normalize layer inside each model
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # for imagefolder
-    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-    "random": ((0.5, 0.5, 0.5), (0.2887, 0.2887, 0.2887)),  # uniform [0, 1]: std 1/sqrt(12)
-}
-
 @dataclass
 class Dataset:
     train_x: torch.Tensor  # (N, 3, H, W) uint8
@@ -2445,102 +2113,75 @@ def load_cifar(name: str, data_dir: str) -> Dataset:
         try:
             with open(folder / fn, "rb") as f:
                 d = CifarUnpickler(f, encoding="latin1").load()
-        except Exception as e:
-            raise bad(f"cannot read it: {e if isinstance(e, pickle.UnpicklingError) else type(e).__name__}") from None
-        if not isinstance(d, dict) or "data" not in d or not ({"labels", "fine_labels"} & set(d)):
-            raise bad("expected a dict with 'data' and 'labels'")
-        try:
-            x, y = np.asarray(d["data"]), np.asarray(d.get("labels", d.get("fine_labels")))
-        except (TypeError, ValueError, OverflowError):
-            raise bad("data or labels are not numbers") from None
-        if x.dtype != np.uint8:  # a cast would turn floats in [0, 1] into black images
-            raise bad(f"pixels are {x.dtype}; expected uint8 values 0..255")
-        if y.dtype.kind not in "iu":
-            raise bad(f"labels are {y.dtype}; expected whole numbers")
-        y = y.astype(np.int64)
+            x, y = np.asarray(d["data"]), np.asarray(d["labels" if "labels" in d else "fine_labels"])
+        except Exception as e:  # the restricted unpickler's refusal, or not CIFAR's dict of data and labels
+            raise bad(e if isinstance(e, pickle.UnpicklingError) else f"expected a dict with 'data' and 'labels', "
+                      f"{type(e).__name__}") from None
+        if x.dtype != np.uint8 or y.dtype.kind not in "iu":  # a cast would turn floats in [0, 1] into black images
+            raise bad(f"pixels are {x.dtype}, labels {y.dtype}; expected uint8 values 0..255 and whole numbers")
         if x.ndim != 2 or x.shape[1] != 3 * 32 * 32 or y.shape != (len(x),):
             raise bad(f"data {tuple(x.shape)}, labels {tuple(y.shape)}; expected (N, 3072) and (N,)")
-        if len(y) and (y.min() < 0 or y.max() >= classes):
-            raise bad(f"label {int(y.max() if y.max() >= classes else y.min())} outside 0..{classes - 1}")
-        return torch.from_numpy(x.reshape(-1, 3, 32, 32)), torch.from_numpy(y)
+        return torch.from_numpy(x.reshape(-1, 3, 32, 32)), torch.from_numpy(y.astype(np.int64))
     parts = ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]) if name == "cifar10" else (["train"], ["test"])
     (tx, ty), (vx, vy) = [map(torch.cat, zip(*map(read, files))) for files in parts]
     return Dataset(tx, ty, vx, vy, classes, name)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+def read_images(paths: list, size: int, what: str) -> torch.Tensor:
+    """Images as RGB, the shorter side resized to `size`, centre-cropped (torchvision): (N, 3, size, size) uint8."""
+    from torchvision import datasets, transforms as T  # image folders only
+    load = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
+    try:
+        return torch.stack([load(datasets.folder.pil_loader(p)) for p in paths])
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"{what}: cannot read an image ({str(e).splitlines()[0][:200]})") from None
 
-def read_images(paths: list[Path], size: int) -> torch.Tensor:
-    """Images as RGB, shorter side resized to `size`, centre-cropped: (N, 3, size, size) uint8."""
-    from PIL import Image  # Pillow comes with torchvision
-    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    for i, p in enumerate(paths):
-        try:
-            with Image.open(p) as im:
-                s = size / min(im.size)
-                im = im.convert("RGB").resize(tuple(max(size, round(v * s)) for v in im.size), Image.BILINEAR)
-                left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-                out[i] = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-        except Exception as e:
-            raise UserError(f"cannot read image {p} ({type(e).__name__}: {e})") from None
-    return out
-
-def class_images(folder: Path, classes: list[str], what: str, need_all: bool) -> tuple[list[Path], list[int]]:
-    """The images of folder/<class>/ (or folder/<class>/images/, TinyImageNet's layout), with class indices."""
-    paths, labels, kinds = [], [], ", ".join(IMAGE_EXTENSIONS)
-    for c in sorted(p.name for p in folder.iterdir() if p.is_dir()):
-        check(c in classes, f"{what}: class {c!r} in {folder}/ is not in train/")
-        sub = folder / c / "images" if (folder / c / "images").is_dir() else folder / c
-        imgs = sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        check(len(imgs) > 0 or not need_all, f"{what}: class folder {sub}/ has no images ({kinds}); remove it or "
-                                              "add images")
-        paths, labels = paths + imgs, labels + [classes.index(c)] * len(imgs)
-    check(len(paths) > 0, f"{what}: no images ({kinds}) under {folder}/")
-    return paths, labels
+def read_folder(root: Path, size: int, what: str, classes: Optional[list] = None, allow_empty: bool = False):
+    """The images of root/<class>/ (any depth: torchvision's ImageFolder), labelled by the names in `classes`
+    (default: root's own). -> (x, y, classes)"""
+    from torchvision import datasets
+    try:
+        ds = datasets.ImageFolder(str(root), allow_empty=allow_empty)
+    except (OSError, ValueError) as e:  # no class folder, a class without images
+        raise UserError(f"{what}: {root}/: {str(e).splitlines()[0][:200]}") from None
+    classes = classes or ds.classes
+    check(ds.samples and set(ds.classes) <= set(classes), f"{what}: no images under {root}/, or a class not in train/")
+    return read_images([p for p, _ in ds.samples], size, what), torch.tensor([classes.index(ds.classes[t]) for _, t in
+                                                                               ds.samples]), classes
 
 def load_tinyimagenet(data_dir: str, size: int = 64) -> Dataset:
-    """TinyImageNet-200 from its raw layout: train/<wnid>/images/*.JPEG, and val/images/*.JPEG with
-    val/val_annotations.txt (file, wnid, box). Val is the test set."""
-    root = Path(data_dir)
-    if not (root / "train").is_dir() and (root / "tiny-imagenet-200").is_dir():
-        root = root / "tiny-imagenet-200"
-    ann = root / "val" / "val_annotations.txt"
-    check((root / "train").is_dir() and ann.is_file(),
-          f"tinyimagenet not found in {data_dir}/: expected train/<wnid>/images/ and val/val_annotations.txt "
-          "(unzip tiny-imagenet-200.zip from http://cs231n.stanford.edu/tiny-imagenet-200.zip there)")
-    wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    """TinyImageNet-200 as unzipped: train/<wnid>/images/*.JPEG, and val/images/*.JPEG named with their class in
+    val/val_annotations.txt (the test set)."""
+    root = next((r for r in (Path(data_dir), Path(data_dir) / "tiny-imagenet-200") if (r / "train").is_dir()), None)
+    ann = root / "val" / "val_annotations.txt" if root else None
+    check(root and ann.is_file(), f"tinyimagenet not found in {data_dir}/: expected train/<wnid>/images/ and "
+          "val/val_annotations.txt (unzip http://cs231n.stanford.edu/tiny-imagenet-200.zip there)")
+    tx, ty, wnids = read_folder(root / "train", size, "tinyimagenet", allow_empty=True)
     check(len(wnids) >= 2, f"tinyimagenet: {root / 'train'}/ has {len(wnids)} class folders; need at least 2")
-    paths, labels = class_images(root / "train", wnids, "tinyimagenet", need_all=False)
     val = [line.split()[:2] for line in ann.read_text().splitlines() if len(line.split()) >= 2]
-    for _, w in val:
-        check(w in wnids, f"tinyimagenet: {ann} names class {w!r} that train/ lacks")
-    check(len(val) > 0, f"tinyimagenet: no images found under {root}/")
-    vx = read_images([root / "val" / "images" / f for f, _ in val], size)
-    return Dataset(read_images(paths, size), torch.tensor(labels), vx, torch.tensor([wnids.index(w) for _, w in val]),
-                   len(wnids), "tinyimagenet")
+    check(val and all(w in wnids for _, w in val), f"tinyimagenet: {ann} is empty or names a class train/ lacks")
+    vx = read_images([root / "val" / "images" / f for f, _ in val], size, "tinyimagenet")
+    return Dataset(tx, ty, vx, torch.tensor([wnids.index(w) for _, w in val]), len(wnids), "tinyimagenet")
 
 def load_imagefolder(data_dir: str, size: int = 32) -> Dataset:
-    """Any `data_dir` with train/ and test/ (or val/) holding one sub-folder per class; images of any size are
-    resized (shorter side) and centre-cropped to `size`."""
-    root, train_dir = Path(data_dir), Path(data_dir) / "train"
+    """Any `data_dir` with train/ and test/ (or val/) holding one sub-folder per class."""
+    root = Path(data_dir)
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    check(train_dir.is_dir() and test_dir is not None,
+    check((root / "train").is_dir() and test_dir is not None,
           f"imagefolder: {data_dir}/ must hold train/ and test/ (or val/) with one sub-folder per class")
-    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
-    check(len(classes) >= 2, f"imagefolder: {train_dir}/ has {len(classes)} class folders; need at least 2")
-    (tp, tl), (vp, vl) = (class_images(d, classes, "imagefolder", d is train_dir) for d in (train_dir, test_dir))
-    return Dataset(read_images(tp, size), torch.tensor(tl), read_images(vp, size), torch.tensor(vl), len(classes),
+    tx, ty, classes = read_folder(root / "train", size, "imagefolder")
+    check(len(classes) >= 2, f"imagefolder: {root / 'train'}/ has {len(classes)} class folders; need at least 2")
+    return Dataset(tx, ty, *read_folder(test_dir, size, "imagefolder", classes, allow_empty=True)[:2], len(classes),
                    "imagefolder")
 
 def load_dataset(name: str, data_dir: str = "data", image_size: Optional[int] = None, seed: int = 0,
                  train_limit: Optional[int] = None, test_limit: Optional[int] = None) -> Dataset:
-    """Load by name; `train_limit`/`test_limit` keep only the first N examples."""
+    """Load by name (generated data: drawn with `seed`); `train_limit`/`test_limit` keep only the first N examples."""
     check(name in DATASETS, f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     if name in ("synthetic", "random"):  # generated in memory: keep the request to what fits
         for flag, v in (("--train-limit", train_limit), ("--test-limit", test_limit)):
             check(v is None or v <= 100_000, f"{flag} {v} too large for generated data ({name}); allowed: 1..100000")
         make, n = (make_synthetic, (6000, 1000)) if name == "synthetic" else (make_random, (50000, 10000))
-        data = make(train_limit or n[0], test_limit or n[1], seed=0, size=image_size or 32)
+        data = make(train_limit or n[0], test_limit or n[1], seed=seed, size=image_size or 32)
     else:
         cifar = name in ("cifar10", "cifar100")
         check(cifar or Path(data_dir).is_dir(), f"--data-dir {data_dir!r} does not exist or is not a directory "
@@ -2558,16 +2199,13 @@ def check_dataset(d: Dataset) -> Dataset:
     what = f"data set {d.name}"
     check(isinstance(d.num_classes, int) and d.num_classes >= 2, f"{what}: {d.num_classes} classes; need at least 2")
     for split, x, y in (("train", d.train_x, d.train_y), ("test", d.test_x, d.test_y)):
-        check(torch.is_tensor(x) and x.dtype == torch.uint8, f"{what}: {split} images are "
-              f"{getattr(x, 'dtype', type(x).__name__)}; expected uint8 pixel values 0..255")
-        check(x.dim() == 4 and x.shape[1] == 3 and x.shape[2] == x.shape[3] == d.train_x.shape[-1],
-              f"{what}: {split} images have shape {tuple(x.shape)}; expected (N, 3, S, S) with the train split's S")
+        check(torch.is_tensor(x) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[1] == 3 and len(x) > 0 and
+              x.shape[2] == x.shape[3] == d.train_x.shape[-1], f"{what}: {split} images are {getattr(x, 'dtype', x)} "
+              f"{tuple(getattr(x, 'shape', ()))}; expected uint8 pixels (N > 0, 3, S, S), one S for both splits")
         check(torch.is_tensor(y) and y.dtype == torch.int64 and y.shape == (len(x),),
               f"{what}: {split} labels must be int64 of shape ({len(x)},)")
-        check(len(x) > 0, f"{what}: the {split} split is empty")
-        check(int(y.min()) >= 0 and int(y.max()) < d.num_classes,
-              f"{what}: {split} label {int(y.max() if y.max() >= d.num_classes else y.min())} outside "
-              f"0..{d.num_classes - 1}")
+        bad = y[(y < 0) | (y >= d.num_classes)]
+        check(len(bad) == 0, f"{what}: {split} label {int(bad[0]) if len(bad) else 0} outside 0..{d.num_classes - 1}")
     return d
 
 def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, seed: int):
@@ -2577,8 +2215,7 @@ def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, seed: int):
     return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
 
 def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Random crop (zero padding `pad`) + horizontal flip of a float batch (B, C, H, W), on its device, with the
-    global torch RNG (seeded per epoch)."""
+    """Random crop (zero padding `pad`) + horizontal flip of a float batch (B, C, H, W) on its device."""
     B, C, H, W = x.shape
     dy, dx = (torch.randint(0, 2 * pad + 1, (B,), device=x.device) for _ in range(2))
     rows = torch.arange(H, device=x.device)[None] + dy[:, None]  # (B, H)
@@ -2589,115 +2226,118 @@ def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
             shuffle: bool = False, train_augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (float images in [0,1], labels) on `device`; shuffling uses the global RNG. Training keeps the whole
-    uint8 set on the device (150 MB for CIFAR-10), so a batch is a gather, a cast and the augmentation there: no
-    host work, no copy, no sync per step."""
+    """Images, uint8 pixels or floats in [0, 1], -> (float images in [0, 1], labels) on `device`, with the global RNG
+    (seeded per epoch). Training keeps the whole uint8 set on the device: a batch is a gather, a cast and the
+    augmentation there."""
+    check(x.dtype == torch.uint8 or (x.is_floating_point() and (len(x) == 0 or 0 <= x.min() <= x.max() <= 1)),
+          f"images must be uint8 pixels or floats in [0, 1]; got {x.dtype}" + (f" from {x.min():.3g} to {x.max():.3g}"
+                                                                              if x.is_floating_point() else ""))
     order = torch.randperm(len(x), device=x.device) if shuffle else torch.arange(len(x), device=x.device)
     for i in range(0, len(x), batch_size):
         idx = order[i:i + batch_size]
-        xb = x[idx].to(device, non_blocking=True).float().div_(255)
+        xb = x[idx].to(device, non_blocking=True).float()
+        xb = xb.div_(255) if x.dtype == torch.uint8 else xb
         xb = augment(xb, pad=max(1, xb.shape[-1] // 8)) if train_augment else xb
         yield xb, y[idx].to(device, non_blocking=True)
-
 # ==== 10. The training loop: checkpoints, validation, resume, the dual model =======================================
 CHECKPOINT_VERSION = 1
 RUN_FILES = ("last.pt", "best.pt", "metrics.json")  # a folder holding any of these holds a run
+RECORD_FILES = ("eval.json", "lipschitz.json")  # what --eval and --lipschitz add to a run's folder
+EXPLODED = 100.0  # a loss or weight this many times the run's first (at least 1) stops training like a non-finite one
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, then rename: an interruption never leaves a broken file."""
     atomic_write(path, lambda p: torch.save(state, p))
 
-def check_checkpoint_file(path: str) -> Path:
-    p = Path(path)
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by this file, every part checked: a one-line error for anything else."""
+    p, bad = Path(path), lambda why: UserError(f"checkpoint {path!r} {why}")
     check(not p.is_dir(), f"checkpoint {path!r} is a folder; give a checkpoint file such as {p / 'best.pt'}")
     check(p.is_file(), f"checkpoint {path!r} does not exist")
-    return p
-
-def load_checkpoint(path: str) -> dict:
-    p = check_checkpoint_file(path)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"checkpoint {path!r} is corrupt or not a moe-robust checkpoint ({type(e).__name__})") from None
-    check(isinstance(state, dict) and state.get("version") == CHECKPOINT_VERSION and "config" in state,
-          f"checkpoint {path!r} is not a moe-robust checkpoint (version {CHECKPOINT_VERSION})")
+        raise bad(f"is corrupt or not a moe-robust checkpoint ({type(e).__name__})") from None
+    if not (isinstance(state, dict) and state.get("version") == CHECKPOINT_VERSION and "config" in state):
+        raise bad(f"is not a moe-robust checkpoint (version {CHECKPOINT_VERSION})")
     missing = [k for k in ("num_classes", "image_size", "epoch") if k not in state]
-    missing += [] if "model" in state or "method" in state else ["model"]
-    check(not missing, f"checkpoint {path!r} is incomplete (no {', '.join(missing)}); not written by moe_robust.py")
-    check(isinstance(state["config"], dict), f"checkpoint {path!r} is incomplete (its config is not a dict)")
+    if missing or not isinstance(state["config"], dict):
+        raise bad(f"is incomplete (no {', '.join(missing) or 'config dict'}); not written by moe_robust.py")
     try:
         config_from_dict(state["config"]).validate()
     except UserError as e:
-        raise UserError(f"checkpoint {path!r} holds an invalid config ({e})") from None
+        raise bad(f"holds an invalid config ({e})") from None
     for k in ("num_classes", "image_size", "epoch"):
         check(type(state[k]) is int and state[k] >= 0, f"checkpoint {path!r} has a bad {k} {state[k]!r}")
-    weights = state["model"] if "model" in state else state["method"].get("model") \
-        if isinstance(state["method"], dict) else None
-    check(isinstance(weights, dict), f"checkpoint {path!r} is incomplete (no model weights)")
-    bad = [k for k, t in weights.items() if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
-    check(not bad, f"checkpoint {path!r} has non-finite weights ({(bad or [''])[0]}): the run that wrote it "
-                   "diverged; use an earlier checkpoint")
+    weights = state.get("model", state["method"].get("model") if isinstance(state.get("method"), dict) else None)
+    if not isinstance(weights, dict):
+        raise bad("is incomplete (no model weights)")
+    nan = [k for k, t in weights.items() if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
+    check(not nan, f"checkpoint {path!r} has non-finite weights ({nan[:1]}): the run that wrote it diverged")
     return state
 
-def check_fits(state: dict, saved: Config, data: "Dataset", what: str) -> None:
-    """A checkpoint's model meets the data it is evaluated on: its classes, image size and normalisation (the data
-    set it was trained on)."""
+def check_fits(state: dict, saved: Config, data: Dataset, what: str) -> None:
+    """A checkpoint's model meets the data it is evaluated on: its classes, image size and normalisation."""
     check(saved.dataset == data.name, f"{what} was trained on {saved.dataset}, not on the {data.name} data it would be "
                                       "evaluated on (each data set has its own normalisation)")
-    check(state["num_classes"] == data.num_classes, f"{what} has {state['num_classes']} classes; the {data.name} data "
-                                                    f"has {data.num_classes}")
-    check(state["image_size"] == data.image_size, f"{what} takes {state['image_size']}x{state['image_size']} images; "
-                                                  f"the {data.name} data has {data.image_size}x{data.image_size}")
+    check((state["num_classes"], state["image_size"]) == (data.num_classes, data.image_size),
+          f"{what} takes {state['num_classes']} classes of {state['image_size']} px images; the {data.name} data has "
+          f"{data.num_classes} classes of {data.image_size} px")
 
 def config_from_dict(d: dict) -> Config:
     """A saved config; fields it predates take the value that reproduces it (the papers' router)."""
     known = {f.name for f in dataclasses.fields(Config)}
     return Config(**{"router": "linear", **{k: v for k, v in d.items() if k in known}})
 
+def model_config(cfg: Config, num_classes: int, image_size: int) -> ModelConfig:
+    """A run's ModelConfig: the fields of the same name in its Config, the data's classes and size."""
+    shared = {f.name for f in dataclasses.fields(ModelConfig)} - {"num_classes", "image_size", "norm"}
+    return ModelConfig(num_classes=num_classes, image_size=image_size, norm=cfg.dataset if cfg.dataset in NORM_STATS
+                       else "imagenet", **{k: getattr(cfg, k) for k in shared if hasattr(cfg, k)})
+
 def build_run_model(cfg: Config, num_classes: int, image_size: int) -> nn.Module:
     """The model a run trains and evaluates: one network, or for jtdmoe a DualModel of two."""
     mc = model_config(cfg, num_classes, image_size)
-    if cfg.method == "jtdmoe":
-        return DualModel(build_model(mc), build_model(mc), cfg.dual_a, cfg.dual_mix)
-    return build_model(mc)
+    return DualModel(build_model(mc), build_model(mc), cfg.dual_a, cfg.dual_mix) if cfg.method == "jtdmoe" \
+        else build_model(mc)
+
+def data_record(cfg: Config, data: Dataset, **sizes) -> dict:
+    """Which data a record's numbers come from."""
+    disk = data.name not in ("synthetic", "random")
+    return {"dataset": data.name, "data_dir": cfg.data_dir if disk else None, **sizes}
 
 def log(msg: str) -> None:
     if is_main():  # under torchrun rank 0 speaks for all
         print(msg, flush=True)
 
-def check_resume(resume: bool, overwrite: bool) -> None:
-    check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
-
 class Trainer:
-    """What the training loop holds for one method: the model, its optimisers and cosine schedules. `step` trains on
-    one batch with the method's step function (section 4) and returns 0-dim tensors to log, left on the device (the
-    loop reads them once per epoch, so a step never waits for the GPU). Optimisers: one over every parameter; advmoe
-    [experts, routers] (--router-lr; the routers' schedule per --router-schedule); jtdmoe [f_R, f_S]."""
+    """A method's model, optimisers and cosine schedules; `step` trains on one batch with the method's step (section
+    4) and returns 0-dim tensors to log, left on the device. Optimisers: one over every parameter; advmoe [experts,
+    routers] (--router-lr, --router-schedule); jtdmoe [f_R, f_S]. `take`: how one optimiser step is taken (loss_step,
+    or under torchrun data_parallel_step's)."""
 
-    def __init__(self, model: nn.Module, cfg: Config, total_steps: int):
-        self.model, self.cfg = model, cfg
+    def __init__(self, model: nn.Module, cfg: Config, total_steps: int, take: Callable = loss_step):
+        self.model, self.cfg, self.mc, self.take = model, cfg, method_config(cfg), take
+        new = lambda params, lr=None: sgd(params, cfg.lr if lr is None else lr, cfg.momentum, cfg.weight_decay)
         if cfg.method == "advmoe":
             router = router_parameters(model)
             check(len(router) > 0, "advmoe needs MoE layers (--arch moe-resnet18 or moe-vit)")
-            ids = {id(p) for p in router}
-            self.opts = [sgd([p for p in model.parameters() if id(p) not in ids], cfg),
-                         sgd(router, cfg, cfg.router_lr)]  # router_lr None: --lr
-        elif cfg.method == "jtdmoe":
-            self.opts = [sgd(model.robust.parameters(), cfg), sgd(model.standard.parameters(), cfg)]
+            self.opts = [new([p for p in model.parameters() if all(p is not q for q in router)]),
+                         new(router, cfg.router_lr)]
         else:
-            self.opts = [sgd(model.parameters(), cfg)]
-        scheduled = self.opts[:1] if cfg.method == "advmoe" and cfg.router_schedule != "cosine" else self.opts
-        self.scheds = [cosine(o, total_steps) for o in scheduled]
+            self.opts = [new(model.robust.parameters()), new(model.standard.parameters())] \
+                if cfg.method == "jtdmoe" else [new(model.parameters())]
+        fixed = cfg.method == "advmoe" and cfg.router_schedule != "cosine"
+        self.scheds = [cosine(o, total_steps) for o in (self.opts[:1] if fixed else self.opts)]
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> dict:
-        model, cfg, opts, extra = self.model, self.cfg, self.opts, {}
-        if cfg.method == "advmoe":
-            loss, logits, extra["router_loss"] = advmoe_step(model, opts[1], opts[0], x, y, cfg)
-        elif cfg.method == "jtdmoe":
-            loss, logits, extra["robust_loss"] = jtdmoe_step(model, opts[0], opts[1], x, y, cfg)
-        else:  # looked up at call time, so a test can stand in for a loss
-            loss_fn = {"standard": standard_loss, "at": at_loss, "trades": trades_loss, "rt-er": rter_loss}
-            loss, logits = loss_step(model, opts[0], loss_fn[cfg.method], x, y, cfg)
+        model, mc, opts, extra, method = self.model, self.mc, self.opts, {}, self.cfg.method
+        if method == "advmoe":
+            loss, logits, extra["router_loss"] = advmoe_step(model, opts[1], opts[0], x, y, mc, self.take)
+        elif method == "jtdmoe":
+            loss, logits, extra["robust_loss"] = jtdmoe_step(model, opts[0], opts[1], x, y, mc, self.take)
+        else:
+            loss_fn = {"standard": standard_loss, "at": at_loss, "trades": trades_loss, "rt-er": rter_loss}[method]
+            loss, logits = self.take(model, opts[0], loss_fn, x, y, mc)
         for s in self.scheds:
             s.step()
         return {"loss": loss.detach(), **{k: v.detach() for k, v in extra.items()},
@@ -2708,8 +2348,7 @@ class Trainer:
                 "scheds": [s.state_dict() for s in self.scheds]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a checkpoint, whichever device wrote it: each optimiser keeps the kernel choice (fused / foreach)
-        made for this device, not the one saved with its state."""
+        """Restore a checkpoint from any device: each optimiser keeps this device's kernel choice (fused/foreach)."""
         self.model.load_state_dict(state["model"])
         for o, st in zip(self.opts, state["opts"]):
             here = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in o.param_groups]
@@ -2718,8 +2357,6 @@ class Trainer:
                 g.update(h)
         for s, st in zip(self.scheds, state["scheds"]):
             s.load_state_dict(st)
-
-EXPLODED = 100.0  # a loss or weight this many times the run's first (at least 1) stops training like a non-finite one
 
 def diverged(cfg: Config, epoch: int, where: str, what: str) -> UserError:
     kept = f"epoch {epoch} is kept in {Path(cfg.out) / 'last.pt'}" if epoch > 0 else "nothing was saved"
@@ -2737,227 +2374,194 @@ def check_intact(model: nn.Module, vx: torch.Tensor, vy: torch.Tensor, cfg: Conf
     for name, v, start in (("largest weight", w, start_weight), ("clean validation loss", loss, start_loss)):
         if not math.isfinite(v) or v > EXPLODED * max(start, 1.0):
             raise diverged(cfg, epoch, "after its last step", f"the {name} is {v:.3g} (the run started at {start:.3g})")
-def train_epoch(method: "Trainer", x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device,
-                epoch: int, start_loss: Optional[float] = None) -> dict:
-    """One pass over (x, y) with method.step. Logs are summed on the device and read back once. Divergence stops the
-    run before anything of this epoch is saved (the last good checkpoint stays): a non-finite loss or weight, or a
-    loss EXPLODED times the run's first step loss (`start_loss`; None: this epoch's first step is the run's first).
-    -> {"train_loss": mean, ..., "images": n, "seconds": training time, "start_loss": the reference}"""
-    t0, sums, n = time.time(), {}, 0
-    first_bad = torch.tensor(-1, device=device)  # first step with a non-finite or exploded loss, found on the device
+
+def train_epoch(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, cfg: Config, device: torch.device, epoch: int,
+                start_loss: Optional[float]) -> dict:
+    """One pass over (x, y); every rank draws the global batch's order and augmentation and trains on its rows. Logs
+    are summed on the device and read once; progress every 30 s. A non-finite loss, or one EXPLODED times the run's
+    first (start_loss; None: this is the run's first epoch) stops the run before anything of this epoch is saved."""
+    t0, shown, sums, n, first, steps = time.time(), time.time(), {}, 0, None, math.ceil(len(x) / cfg.batch_size)
+    bad = torch.tensor(1 << 40, device=device)  # the first step with a non-finite or exploded loss, and that loss
     bad_loss = torch.tensor(0.0, device=device)
-    limit = torch.tensor(math.inf if start_loss is None else EXPLODED * max(start_loss, 1.0), device=device)
-    for step, (xb, yb) in enumerate(batches(x, y, cfg.batch_size, device, shuffle=True, train_augment=cfg.augment)):
-        total = len(xb)
-        if world()[1] > 1:  # torchrun: every rank drew and augmented the global batch; it trains on its rows
-            with data_shard(total) as s:
-                xb, yb = xb[s.start:s.stop], yb[s.start:s.stop]
-                logs = method.step(xb, yb)
-        else:
-            logs = method.step(xb, yb)
-        if step == 0 and start_loss is None:
-            first = logs["loss"].float()
-            first = all_reduce(first * len(xb)) / total if world()[1] > 1 else first  # the global batch's
-            limit = EXPLODED * first.clamp(min=1.0)
+    for i, (xb, yb) in enumerate(batches(x, y, cfg.batch_size, device, shuffle=True, train_augment=cfg.augment)):
+        a, b = shard_rows(len(xb))
+        logs = trainer.step(xb[a:b], yb[a:b])
+        if start_loss is None and i == 0:
+            first = all_reduce(logs["loss"].float() * (b - a)) / len(xb)
+        limit = EXPLODED * (first.clamp(min=1.0) if start_loss is None else max(start_loss, 1.0))
+        wrong = ~torch.isfinite(torch.stack([v.float() for v in logs.values()])).all() | (logs["loss"] > limit)
+        bad_loss = torch.where(wrong & (bad == 1 << 40), logs["loss"].float(), bad_loss)
+        bad = torch.where(wrong & (bad == 1 << 40), i + 1, bad)
         for k, v in logs.items():  # summed on the device: no host sync per step
-            sums[k] = sums.get(k, 0.0) + v.double() * len(xb)
-        bad = ~torch.isfinite(torch.stack([v.float() for v in logs.values()])).all() | (logs["loss"].float() > limit)
-        new = bad & (first_bad < 0)
-        first_bad, bad_loss = torch.where(new, step + 1, first_bad), torch.where(new, logs["loss"].float(), bad_loss)
+            sums[k] = sums.get(k, 0.0) + v.double() * (b - a)
         n += len(xb)
-    if world()[1] > 1:  # every rank's sums and the first bad step of any rank
-        sums = dict(zip(sums, all_reduce(torch.stack(list(sums.values()))))) if sums else sums
-        n = int(all_reduce(torch.tensor(n)))
-        first_bad = -all_reduce(-torch.where(first_bad < 0, 2 ** 40, first_bad), dist.ReduceOp.MAX)
-        first_bad = torch.where(first_bad == 2 ** 40, -1, first_bad)
-        bad_loss = all_reduce(bad_loss, dist.ReduceOp.MAX)
-    sums, bad_step = {k: v.item() for k, v in sums.items()}, first_bad.item()  # the epoch's one read-back
+        hours = (time.time() - t0) * steps * cfg.epochs / 3600  # the run, estimated from its first step
+        if i == 0 and epoch == 0 and device.type == "cpu" and hours > 1:
+            log(f"note: on this CPU the run takes about {hours:.1f} h ({cfg.epochs} epochs of {steps} steps); a GPU, "
+                "--width 0.125, --train-limit or fewer --epochs make it shorter")
+        if time.time() - shown > 30 and i + 1 < steps:
+            shown, rate = time.time(), n / (time.time() - t0)
+            log(f"  epoch {epoch + 1} step {i + 1}/{steps} | {rate:.1f} img/s | epoch ends in "
+                f"{(len(x) - n) / rate / 60:.1f} min")
+    sums, bad = dict(zip(sums, all_reduce(torch.stack(list(sums.values()))))), int(all_reduce(bad, dist.ReduceOp.MIN))
     start_loss = first.item() if start_loss is None else start_loss
-    if bad_step > 0:
-        loss = bad_loss.item()
-        raise diverged(cfg, epoch, f"step {bad_step}/{math.ceil(len(x) / cfg.batch_size)}",
-                       f"the loss exploded to {loss:.3g} (the run started at {start_loss:.3g})" if math.isfinite(loss)
-                       else "a value is not finite")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return {**{f"train_{k}": v / n for k, v in sums.items()}, "images": n, "seconds": time.time() - t0,
+    if bad < 1 << 40:  # the first bad step of any rank
+        loss = all_reduce(bad_loss, dist.ReduceOp.MAX).item()
+        raise diverged(cfg, epoch, f"step {bad}/{steps}", f"the loss exploded to {loss:.3g} (the run started at "
+                       f"{start_loss:.3g})" if math.isfinite(loss) else "a value is not finite")
+    return {**{f"train_{k}": v.item() / n for k, v in sums.items()}, "images": n, "seconds": time.time() - t0,
             "start_loss": start_loss}
 
-RECORD_FILES = ("eval.json", "lipschitz.json")  # what --eval and --lipschitz add to a run's folder
-
-def record_config(cfg: Config, ctx: dict) -> dict:
-    """The settings a run read (each field whose `where` holds in ctx): what a record states as its configuration."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-            if unread_reason(f.metadata["where"], ctx) is None}
-
-def data_record(cfg: Config, data: Dataset, **sizes) -> dict:
-    """Which data a record's numbers come from."""
-    return {"dataset": data.name, "data_dir": cfg.data_dir if data.name in READ_FROM_DISK else None,
-            "num_classes": data.num_classes, "image_size": data.image_size, **sizes}
-
-def check_run_data(cfg: Config, data: Dataset) -> None:
-    """Settings whose meaning depends on the data: APGD-T's targets, an L2 radius."""
-    if cfg.eval_suite != "pgd" and cfg.apgd_targets is not None:  # APGD-T's DLR loss needs 4 classes
-        check(4 <= data.num_classes and cfg.apgd_targets <= data.num_classes - 1,
-              f"--apgd-targets {cfg.apgd_targets} not allowed: {data.name} has {data.num_classes} classes; APGD-T "
-              f"runs on 4 or more, with at most classes - 1 targets")
-    diameter = math.sqrt(3) * data.image_size  # the L2 distance between a black and a white image
-    check(cfg.norm != "l2" or cfg.eps <= diameter, f"--eps {cfg.eps:g} not allowed under l2: no two {data.image_size}x"
-                                                   f"{data.image_size} images are further apart than {diameter:.1f}")
-
 def run_data(cfg: Config, data: Optional[Dataset] = None) -> Dataset:
-    """The run's data, loaded (or the one given, checked), and the settings that depend on it checked."""
-    with main_first():
-        data = check_dataset(data) if data is not None else load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size,
-                                                                         cfg.seed, cfg.train_limit, cfg.test_limit)
-    check_run_data(cfg, data)
+    """The run's data, loaded (rank 0 first: a download happens once) or checked, and the settings that depend on it
+    checked."""
+    barrier() if not is_main() else None
+    data = check_dataset(data) if data is not None else load_dataset(
+        cfg.dataset, cfg.data_dir, cfg.image_size, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
+    barrier() if is_main() else None
+    check(cfg.apgd_targets is None or cfg.eval_suite == "pgd" or 4 <= data.num_classes > cfg.apgd_targets,
+          f"--apgd-targets {cfg.apgd_targets} not allowed: {data.name} has {data.num_classes} classes; APGD-T needs "
+          "4 or more, with at most classes - 1 targets")
+    diameter = math.sqrt(3) * data.image_size  # the L2 distance between a black and a white image
+    check(cfg.norm != "l2" or cfg.eps <= diameter, f"--eps {cfg.eps:g} not allowed under l2: no two images are "
+                                                   f"further apart than {diameter:.1f}")
     return data
 
 def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> Optional[dict]:
     """What --out holds agrees with resume/overwrite; for resume, its last.pt (checked). Reads, never writes."""
     out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
+    check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
     check_targets(cfg.out, RUN_FILES + RECORD_FILES)
-    if resume:
-        check(last.is_file(), f"nothing to resume: {last} does not exist (an interrupted first epoch saves nothing)")
-        state = load_checkpoint(str(last))
-        check("method" in state and "history" in state, f"{last} is not a training checkpoint (no optimiser state)")
-        hist, best, number = state["history"], state.get("best"), (int, float)
-        check(isinstance(hist, list) and len(hist) == state["epoch"] + 1
-              and all(isinstance(r, dict) and r.get("epoch") == i + 1 for i, r in enumerate(hist))
-              and isinstance(best, dict) and type(best.get("epoch")) is int and isinstance(best.get("score"), number)
-              and all(v is None or isinstance(v, number) for v in (state.get("start_loss"), state.get("start_weight"))),
-              f"{last} has a damaged or edited history (epochs, best epoch, start loss); it cannot be resumed")
-        return state
-    found = [f for f in RUN_FILES if (out / f).exists()]
-    check(overwrite or not found, f"--out {cfg.out} already holds a run ({', '.join(found)}); pass --resume to "
-                                  "continue it, --overwrite to start afresh, or choose another --out")
-    return None
+    if not resume:
+        found = [f for f in RUN_FILES if (out / f).exists()]
+        check(overwrite or not found, f"--out {cfg.out} already holds a run ({', '.join(found)}); pass --resume to "
+                                      "continue it, --overwrite to start afresh, or choose another --out")
+        return None
+    check(last.is_file(), f"nothing to resume: {last} does not exist (an interrupted first epoch saves nothing)")
+    state, number = load_checkpoint(str(last)), (int, float)
+    hist, best = state.get("history"), state.get("best")
+    check("method" in state and isinstance(hist, list) and len(hist) == state["epoch"] + 1
+          and all(isinstance(r, dict) and r.get("epoch") == i + 1 for i, r in enumerate(hist))
+          and isinstance(best, dict) and type(best.get("epoch")) is int and isinstance(best.get("score"), number)
+          and all(v is None or isinstance(v, number) for v in (state.get("start_loss"), state.get("start_weight"))),
+          f"{last} is not a training checkpoint with an intact history (epochs, best epoch, start); cannot resume it")
+    return state
 
 def start_writing(out: Path, overwrite: bool, files: tuple) -> None:
-    """The first write of a run, after every check: create --out, clear dead temporary files and, with --overwrite,
-    remove the earlier run's files (named in the log)."""
+    """The first write of a run, after every check: hold --out, clear dead temporary files and, with --overwrite,
+    remove the earlier run's files."""
     barrier()  # under torchrun every rank has checked its inputs; then rank 0 alone writes
-    if not is_main():
-        return
-    lock_folder(out)
-    remove_stale_temps(out)
-    gone = [f for f in files if (out / f).exists()] if overwrite else []
-    for f in gone:
-        (out / f).unlink()
-    if gone:
-        log(f"--overwrite: removed {', '.join(gone)} of the earlier run in {out}")
+    if is_main():
+        lock_folder(out)
+        for p in [*out.glob(".*.tmp*"), *[out / f for f in files if overwrite and (out / f).exists()]]:
+            p.unlink()
 
 @holds_folders
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
-    """Train with `cfg.method`, validate each epoch, keep the best checkpoint, test it. Files in cfg.out: last.pt
-    (everything, every epoch), best.pt (best validation epoch), metrics.json (the settings read, the data, per-epoch
-    history, final test report). resume=True continues from last.pt and repeats, on CPU, what the uninterrupted run
-    would have done: every epoch reseeds the RNG from (seed, epoch). Every input (settings, folder, checkpoint, data,
-    split) is checked before the first write. Method 'dual' is run by run_dual (below)."""
-    check_resume(resume, overwrite)
+    """Train with cfg.method, validate each epoch, keep the best checkpoint (validation robust accuracy; clean for
+    standard), test it. In cfg.out: last.pt (everything, every epoch), best.pt, metrics.json (settings, data,
+    history, the test report). resume=True continues from last.pt and repeats, in one process, what the
+    uninterrupted run would have done. Nothing is written before every input is checked."""
     check(cfg.method != "dual", "method 'dual' trains nothing itself: call run_dual")
-    out, previous = Path(cfg.out), {}
-    state = check_run_folder(cfg, resume, overwrite)
+    out, previous, state = Path(cfg.out), {}, check_run_folder(cfg, resume, overwrite)
     if state is not None:
         cfg = dataclasses.replace(config_from_dict(state["config"]), out=cfg.out, device=cfg.device)
         previous = read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}
         if state["epoch"] + 1 >= cfg.epochs and "test" in previous:
-            remove_stale_temps(out)
+            for p in out.glob(".*.tmp*"):  # what a killed write left
+                p.unlink()
             log(f"{out} is finished and tested (epoch {state['epoch'] + 1}/{cfg.epochs}); nothing to do")
             return previous
-    cfg.validate()
-    runtime = make_runtime(cfg.device, cfg.precision)
+    rt, ranks = make_runtime(cfg.validate().device, cfg.precision), world()[1]
+    check(not cfg.sync_bn or (ranks > 1 and rt.device.type == "cuda"), "--sync-bn shares BatchNorm statistics between "
+          "torchrun's processes on CUDA (torch's SyncBatchNorm); on a CPU or in one process leave it out")
     data = run_data(cfg, data)
     n_val = cfg.val_size or min(1000, max(1, len(data.train_x) // 10))
-    check(n_val < len(data.train_x), f"--val-size {n_val} leaves no training data ({len(data.train_x)} examples)"
-          if cfg.val_size else f"{len(data.train_x)} training example(s) (--train-limit {cfg.train_limit}) leave none "
-          f"after the {n_val} held out for validation; need at least 2")
-    tx, ty, vx, vy = (t.to(runtime.device) for t in split_validation(data.train_x, data.train_y, n_val, cfg.seed))
-    ranks, last = world()[1], len(tx) % cfg.batch_size
-    check(cfg.batch_size % ranks == 0, f"--batch-size {cfg.batch_size} is the global batch and does not split into "
-                                       f"{ranks} processes; give a multiple of {ranks}")
-    check(last == 0 or last >= ranks, f"the last batch of an epoch has {last} examples, fewer than the {ranks} "
-                                      "processes; change --batch-size or --train-limit")
+    check(n_val < len(data.train_x), f"--val-size {n_val} leaves no training data of {len(data.train_x)} examples "
+                                     f"(--train-limit {cfg.train_limit}); need at least one more")
+    tx, ty, vx, vy = (t.to(rt.device) for t in split_validation(data.train_x, data.train_y, n_val, cfg.seed))
+    last = len(tx) % cfg.batch_size
+    check(cfg.batch_size >= ranks and (last == 0 or last >= ranks), f"a batch of {last or cfg.batch_size} examples "
+          f"cannot be shared by {ranks} processes; change --batch-size or --train-limit")
     seed_everything(cfg.seed)  # the initial weights
     shape = (data.num_classes, data.image_size)
-    model = runtime.prepare(build_run_model(cfg, *shape))
-    method = Trainer(model, cfg, cfg.epochs * math.ceil(len(tx) / cfg.batch_size))
-    data_parallel(model, method.opts, cfg.sync_bn)  # under torchrun; nothing in one process
+    model = rt.prepare(build_run_model(cfg, *shape))
+    model = sync_batchnorm(model) if cfg.sync_bn else model
+    trainer = Trainer(model, cfg, cfg.epochs * math.ceil(len(tx) / cfg.batch_size),
+                      data_parallel_step(rt) if ranks > 1 else loss_step)
     history, best, start, start_loss, start_weight = [], {"epoch": -1, "score": -1.0}, 0, None, largest_weight(model)
     if state is not None:
-        check(state["num_classes"] == data.num_classes and state["image_size"] == data.image_size,
-              f"{out / 'last.pt'} was trained on data of another shape than {cfg.dataset} in {cfg.data_dir} now has")
         try:
-            method.load_state_dict(state["method"])
+            trainer.load_state_dict(state["method"])
         except Exception as e:
-            raise UserError(f"{out / 'last.pt'} does not fit its own config ({type(e).__name__})") from None
+            raise UserError(f"{out / 'last.pt'} does not fit its own config or data ({type(e).__name__})") from None
         history, best, start, start_loss = state["history"], state["best"], state["epoch"] + 1, state.get("start_loss")
         start_weight = state.get("start_weight") or largest_weight(model)
     start_writing(out, overwrite, RUN_FILES + RECORD_FILES)  # every input is checked: from here on the run writes
-    if state is not None:
-        log(f"resumed {out / 'last.pt'} at epoch {start}/{cfg.epochs}"
-            + ": all epochs done, testing" * (start >= cfg.epochs))
     if cfg.compile:
-        compile_model(method.model)
+        compile_model(model)
     selection, params = "val_clean_acc" if cfg.method == "standard" else "val_robust_acc", count_params(model)
-    metrics = {**previous, "config": record_config(cfg, run_context(cfg, "train")),
+    metrics = {**previous, "config": record_config(cfg, "t"), "selection": selection, "params": params,
                "data": data_record(cfg, data, train=len(tx), val=n_val, test=len(data.test_x)),
-               "model": dataclasses.asdict(model_config(cfg, *shape)), "params": params, "selection": selection,
-               "history": history, "best_epoch": best["epoch"]}
+               "model": dataclasses.asdict(model_config(cfg, *shape)), "history": history, "best_epoch": best["epoch"]}
     log(f"{cfg.method} | {cfg.arch} on {cfg.dataset} ({len(tx)} train / {n_val} val / {len(data.test_x)} test) | "
-        f"{params['total'] / 1e6:.2f}M params ({params['active'] / 1e6:.2f}M active) | {runtime.device}")
-    saved = {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg), "num_classes": data.num_classes,
-             "image_size": data.image_size}
+        f"{params['total'] / 1e6:.2f}M params ({params['active'] / 1e6:.2f}M active) | {rt.device} | writes {out}"
+        + (f" | resumed at epoch {start + 1}" if state is not None else ""))
+    saved = {"version": CHECKPOINT_VERSION, "config": dataclasses.asdict(cfg), "num_classes": shape[0],
+             "image_size": shape[1]}
+    t_run = time.time()
     for epoch in range(start, cfg.epochs):
         seed_everything(cfg.seed * 100003 + epoch)
         reset_routing_stats(model)
-        t0, row = time.time(), train_epoch(method, tx, ty, cfg, runtime.device, epoch, start_loss)
+        t0, row = time.time(), train_epoch(trainer, tx, ty, cfg, rt.device, epoch, start_loss)
         n, seconds, start_loss = row.pop("images"), row.pop("seconds"), row.pop("start_loss")
-        for m in moe_layers(model):  # torchrun: rows routed on every rank; one model on every rank
+        for m in moe_layers(model):  # rows routed on every rank
             m.counts = all_reduce(m.counts)
-        average_buffers(model)
-        check_intact(model, vx, vy, cfg, runtime.device, epoch, start_loss, start_weight)
-        if not is_main():  # rank 0 validates, saves and logs; the others go on to the next epoch
+        check_intact(model, vx, vy, cfg, rt.device, epoch, start_loss, start_weight)
+        routing, collapsed = routing_health(model, expert_counts(model), f"the rows of epoch {epoch + 1}")
+        left = (time.time() - t_run) / (epoch + 1 - start) * (cfg.epochs - epoch - 1) / 60
+        if not is_main():  # rank 0 validates (in float32, like every report), saves and logs
             continue
-        routing, collapsed = routing_health(model, expert_counts(model), f"the rows of epoch {epoch + 1} (attacks "
-                                            "included)")
-        reset_routing_stats(model)  # expert usage on the clean validation split, in float32 like every report
-        with float32_evaluation():
-            for xb, _ in batches(vx, vy, 256, runtime.device):
-                predict(model, xb)
-        usage = expert_counts(model)
-        val = evaluate(model, vx, vy, AttackConfig(cfg.eps, cfg.alpha, cfg.val_steps, 1, cfg.norm), runtime.device)
+        val = evaluate(model, vx, vy, AttackConfig(cfg.eps, cfg.alpha, cfg.val_steps, 1, cfg.norm), rt.device)
         row = {"epoch": epoch + 1, **row, "val_clean_acc": val["clean_acc"], "val_robust_acc": val["robust_acc"],
-               "lr": method.opts[0].param_groups[0]["lr"], "time_s": round(time.time() - t0, 2),
-               "images_per_s": round(n / seconds, 1), "expert_usage": usage, "routing": routing}
+               "lr": trainer.opts[0].param_groups[0]["lr"], "time_s": round(time.time() - t0, 2),
+               "images_per_s": round(n / seconds, 1), "routing": routing}
         history.append(row)
         if row[selection] > best["score"]:
             best = {"epoch": epoch + 1, "score": row[selection]}
             save_checkpoint(out / "best.pt", {**saved, "epoch": epoch, "model": model.state_dict()})
-        save_checkpoint(out / "last.pt", {**saved, "epoch": epoch, "method": method.state_dict(), "history": history,
-                                          "best": best, "start_loss": start_loss,
-                                          "start_weight": start_weight})
-        metrics["best_epoch"] = best["epoch"]
-        write_json(out / "metrics.json", metrics)
+        save_checkpoint(out / "last.pt", {**saved, "epoch": epoch, "method": trainer.state_dict(), "history": history,
+                                          "best": best, "start_loss": start_loss, "start_weight": start_weight})
+        write_json(out / "metrics.json", {**metrics, "best_epoch": best["epoch"]})
         worst = max(routing, key=lambda r: r["max_share"], default=None)  # every layer's figures: metrics.json
-        share = (f" | routing: max share {worst['max_share']:.2f} ({worst['layer']}), min entropy "
-                 f"{min(r['entropy'] for r in routing):.2f}") if worst else ""
-        log(f"epoch {epoch + 1:3d}/{cfg.epochs} | loss {row['train_loss']:.3f} acc {row['train_acc']:.3f} | val "
-            f"clean {row['val_clean_acc']:.3f} robust {row['val_robust_acc']:.3f} | {row['time_s']:.1f}s "
-            f"{row['images_per_s']:.0f} img/s{share}")
-        for w in collapsed:
-            log(f"WARNING: {w}")
+        log(f"epoch {epoch + 1:3d}/{cfg.epochs} | loss {row['train_loss']:.3f} acc {row['train_acc']:.3f} | val clean "
+            f"{row['val_clean_acc']:.3f} robust {row['val_robust_acc']:.3f} | {row['time_s']:.1f}s {n / seconds:.0f} "
+            "img/s" + (f" | routing: max share {worst['max_share']:.2f} ({worst['layer']}), min entropy "
+                       f"{min(r['entropy'] for r in routing):.2f}" if worst else "")
+            + (f" | run ends in {left:.1f} min" if left else "") + "".join(f"\nWARNING: {w}" for w in collapsed))
     barrier()  # rank 0 has written best.pt
-    best_state = load_checkpoint(str(out / "best.pt"))  # the final test: best validation epoch, the full evaluation
+    best_state = load_checkpoint(str(out / "best.pt"))  # the final test: the best validation epoch
     model.load_state_dict(best_state["model"])
-    metrics["test"] = {**evaluate_full(model, data.test_x, data.test_y, cfg, runtime.device),
-                       "epoch": best_state["epoch"] + 1}
+    metrics.update(best_epoch=best_state["epoch"] + 1, test={**test_report(model, data, cfg, rt.device),
+                                                             "epoch": best_state["epoch"] + 1})
     write_json(out / "metrics.json", metrics)
-    log(format_report(metrics["test"], f"test (best val epoch {metrics['test']['epoch']})"))
+    log(format_report(metrics["test"], f"test (best val epoch {metrics['best_epoch']})") + f"\n-> {out}")
     return metrics
 
+def test_report(model: nn.Module, data: Dataset, cfg: Config, device: torch.device, analysis: bool = True) -> dict:
+    """evaluate_full on the test set; under torchrun each rank takes its slice and the counts are added up."""
+    a, b, ranks = *shard_rows(len(data.test_x)), world()[1]
+    check(a < b, f"{len(data.test_x)} test images cannot be shared by {ranks} processes")
+
+    def gather(sums: dict) -> dict:  # every rank's counts, added up
+        parts = [None] * ranks
+        dist.all_gather_object(parts, sums)
+        return functools.reduce(add_up, parts, {})
+    return evaluate_full(model, data.test_x[a:b], data.test_y[a:b], eval_config(cfg), device, analysis=analysis,
+                         combine=gather if ranks > 1 else None, progress=log)
+
 def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module, Config, dict]:
-    """Rebuild the evaluated model of a checkpoint (best.pt or last.pt): (model, config, state)."""
+    """The evaluated model of a checkpoint (best.pt or last.pt), in eval mode: (model, config, state)."""
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"])
     model = build_run_model(cfg, state["num_classes"], state["image_size"])
@@ -2965,179 +2569,99 @@ def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module,
         model.load_state_dict(state["model"] if "model" in state else state["method"]["model"])
     except Exception as e:
         raise UserError(f"checkpoint {path!r} does not fit its own config ({type(e).__name__})") from None
-    return (runtime or make_runtime("auto")).prepare(model), cfg, state
-
-DUAL_ROLES = ("standard", "robust")
+    return (runtime or make_runtime("auto")).prepare(model).eval(), cfg, state
 
 @holds_folders
 def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
     """--method dual: f_S and f_R from --standard-ckpt / --robust-ckpt, or trained here into OUT/standard (standard
-    training) and OUT/robust (--robust-method, RT-ER by default); then f_D = (1 - a) f_S + a f_R is evaluated for
-    every a of --dual-sweep (SA, and RA as the minimum over the suite's attacks) and fully at a = --dual-a. Both
-    members, their folders and the data are checked before anything is trained or written. metrics.json states the
-    dual settings read, each member's checkpoint and saved config, and the data."""
-    check_resume(resume, overwrite)
-    cfg.validate()
-    out = Path(cfg.out)
+    training) and OUT/robust (--robust-method); then f_D = (1 - a) f_S + a f_R is evaluated for every a of
+    --dual-sweep (SA, RA) and fully at a = --dual-a. Members, folders and data are checked before anything is
+    trained or written; metrics.json names each member's checkpoint and saved config."""
+    out = Path(cfg.validate().out)
     check_targets(cfg.out, ("metrics.json",) + RECORD_FILES)
-    training = [f for f in ("last.pt", "best.pt") if (out / f).exists()]
-    check(not training, f"--out {cfg.out} holds a training run ({', '.join(training)}), not a dual run; "
-                        "choose another --out")
-    if (out / "metrics.json").exists():
-        check(overwrite or resume, f"--out {cfg.out} already holds a dual run; pass --overwrite to redo it, "
-                                   "--resume to finish it, or choose another --out")
-        check(overwrite or "dual_sweep" in read_json(out / "metrics.json"),
-              f"--out {cfg.out} holds a training run's metrics.json, not a dual run; choose another --out")
-    runtime = make_runtime(cfg.device, cfg.precision)
-    data = run_data(cfg, data)
-    plan, sizes = {}, set()  # role -> a checkpoint to load, or the Config to train it with; the members' E
-    for role, ckpt in zip(DUAL_ROLES, (cfg.standard_ckpt, cfg.robust_ckpt)):
+    check(not (out / "last.pt").exists(), f"--out {cfg.out} holds a training run, not a dual run; choose another")
+    check(not (out / "metrics.json").exists() or overwrite or resume,
+          f"--out {cfg.out} already holds a dual run; pass --overwrite to redo it, --resume to finish it")
+    rt, data, plan, sizes = make_runtime(cfg.device, cfg.precision), run_data(cfg, data), {}, set()
+    for role, ckpt in (("standard", cfg.standard_ckpt), ("robust", cfg.robust_ckpt)):
         if ckpt is not None:
             state = load_checkpoint(ckpt)
             saved = config_from_dict(state["config"])
             check_fits(state, saved, data, f"--{role}-ckpt {ckpt}")
-            plan[role], sizes = ckpt, sizes | ({saved.experts} if saved.arch != "resnet18" else set())
-            continue
-        sizes |= {cfg.experts} if cfg.arch != "resnet18" else set()
-        sub = dataclasses.replace(cfg, method="standard" if role == "standard" else cfg.robust_method,
-                                  out=str(out / role))
-        sub.validate()
-        again = resume and (out / role / "last.pt").exists()
-        saved = check_run_folder(sub, again, overwrite)
-        if saved is not None:  # a resumed member keeps its settings: the flags given must say the same
-            kept, ctx = config_from_dict(saved["config"]), run_context(sub, "train")
-            differ = [f"--{k.replace('_', '-')} {v!r} (saved: {getattr(kept, k)!r})" for k, v in
-                      record_config(sub, ctx).items() if k not in ("out", "device") and getattr(kept, k) != v]
-            check(not differ, f"f_{role[0].upper()} in {sub.out} was trained with other settings: {'; '.join(differ)}; "
-                              "give the flags of the run you resume")
-        plan[role] = sub
-    check(len(sizes) <= 1 or cfg.eval_suite != "full", f"f_S and f_R have MoE layers of "
-          f"{' and '.join(map(str, sorted(sizes)))} experts: the full suite's per-expert figures force expert i in "
-          "every layer; use members with the same --experts or --eval-suite autoattack")
-    members = {}
+        else:
+            saved = dataclasses.replace(cfg, method="standard" if role == "standard" else cfg.robust_method,
+                                        out=str(out / role)).validate()
+            again = resume and Path(saved.out, "last.pt").exists()
+            kept, mine = check_run_folder(saved, again, overwrite), dataclasses.asdict(saved)
+            check(not kept or all(kept["config"].get(k) == v for k, v in mine.items() if k not in ("out", "device")),
+                  f"f_{role[0].upper()} in {saved.out} was trained with other settings; give the flags it was run with")
+        plan[role], sizes = ckpt or (saved, again), sizes | ({saved.experts} if saved.arch != "resnet18" else set())
+    check(len(sizes) <= 1 or cfg.eval_suite != "full", f"f_S and f_R have MoE layers of {sorted(sizes)} experts: the "
+          "full suite's per-expert figures force expert i in every layer; use one --experts or --eval-suite autoattack")
     start_writing(out, overwrite, ("metrics.json",) + RECORD_FILES)
+    members = {}
     for role, how in plan.items():
-        if isinstance(how, Config):
-            log(f"\n== dual model: training f_{role[0].upper()} ({how.method}) into {how.out} ==")
-            train(how, resume=resume and (Path(how.out) / "last.pt").exists(), overwrite=overwrite, data=data)
-        path = how if isinstance(how, str) else str(Path(how.out) / "best.pt")
-        model, saved, state = load_model(path, runtime)
-        check_fits(state, saved, data, f"f_{role[0].upper()} ({path})")
-        members[role] = (model, {"checkpoint": path, "trained_here": not isinstance(how, str),
-                                 "epoch": state["epoch"] + 1,
-                                 "config": record_config(saved, run_context(saved, "train"))})
+        if not isinstance(how, str):
+            log(f"\n== dual model: training f_{role[0].upper()} ({how[0].method}) into {how[0].out} ==")
+            train(how[0], resume=how[1], overwrite=overwrite, data=data)
+        path = how if isinstance(how, str) else str(Path(how[0].out) / "best.pt")
+        model, saved, state = load_model(path, rt)
+        members[role] = (model, {"checkpoint": path, "trained_here": not isinstance(how, str), "epoch": state["epoch"]
+                                 + 1, "config": record_config(saved, "t")})
     seed_everything(cfg.seed)  # the attacks' random starts
-    models = [members[r][0] for r in DUAL_ROLES]
-    report = lambda a, **kw: evaluate_full(DualModel(*models, a, cfg.dual_mix), data.test_x, data.test_y, cfg,
-                                           runtime.device, **kw)
-    metrics = {"config": record_config(cfg, run_context(cfg, "dual")),
-               "data": data_record(cfg, data, test=len(data.test_x)),
-               "members": {r: members[r][1] for r in DUAL_ROLES}, "dual_sweep": []}
-    log("\n== dual model sweep over a (f_D = (1 - a) f_S + a f_R) ==")
+    f_d = lambda a: DualModel(members["standard"][0], members["robust"][0], a, cfg.dual_mix)
+    metrics = {"config": record_config(cfg, "d"), "data": data_record(cfg, data, test=len(data.test_x)),
+               "members": {r: m[1] for r, m in members.items()}, "dual_sweep": []}
+    log(f"\n== dual model sweep over a (f_D = (1 - a) f_S + a f_R) -> {out / 'metrics.json'} ==")
     for a in cfg.sweep_values():
-        r = report(a, analysis=False)
+        r = test_report(f_d(a), data, cfg, rt.device, analysis=False)
         metrics["dual_sweep"].append({"a": a, **{k: r[k] for k in ("clean_acc", "robust_acc", "robust_after")}})
         log(f"a={a:4.2f}  SA {r['clean_acc']:.3f}  RA {r['robust_acc']:.3f}")
-    metrics["test"] = {**report(cfg.dual_a), "a": cfg.dual_a}
+    metrics["test"] = {**test_report(f_d(cfg.dual_a), data, cfg, rt.device), "a": cfg.dual_a}
     write_json(out / "metrics.json", metrics)
     log(format_report(metrics["test"], f"dual model at a={cfg.dual_a}"))
     return metrics
 
 # ==== 11. Benchmark, demo and command line =========================================================================
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall-clock seconds of one call of fn, waiting for the device before and after."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t
-
-def benchmark_moe(device: str = "auto", batch: int = 256, channels: int = 64, size: int = 8,
-                  experts: tuple = (1, 2, 4, 8, 16), repeats: int = 10, precision: str = "auto") -> dict:
-    """The MoE layer's cost versus E at k = 1: forward + backward time per example of an MoE of conv residual
-    branches on (B, C, 8, 8) maps, sparse top-1 against all E experts (soft routing), best of `repeats`. Sparse
-    dispatch keeps top-1 flat in E; all-experts grows linearly. -> {"E=4 top-1": us/example, "E=4 all": ...}"""
-    rt = make_runtime(device, precision)
-    x = torch.rand(batch, channels, size, size, device=rt.device)
-    x, results = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x, {}
-    for E in experts:
-        torch.manual_seed(0)
-        layer = rt.prepare(MoE([residual_branch(channels, channels, channels, 1) for _ in range(E)], channels, k=1))
-        for name, ctx in ((f"E={E} top-1", contextlib.nullcontext), (f"E={E} all", lambda: soft_routing(layer))):
-            def fwd_bwd():
-                with autocast_for(rt.device, precision), ctx():
-                    out = layer(x)
-                out.float().square().mean().backward()
-            fwd_bwd()  # warm-up
-            results[name] = round(min(timed(fwd_bwd, rt.device) for _ in range(repeats)) / batch * 1e6, 2)
-            layer.zero_grad(set_to_none=True)
-        log(f"MoE layer E={E:2d}: top-1 {results[f'E={E} top-1']:8.1f} us/example | "
-            f"all experts {results[f'E={E} all']:8.1f}")
-    return results
-
-BENCH_ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
-BENCH_MODELS = {a: dict(arch=a, experts=4, top_k=1) for a in BENCH_ARCHS}  # name -> settings
-BENCH_MODELS["advmoe-layout"] = dict(arch="moe-resnet18", moe_blocks="all", experts=2, expert_ratio=0.5, top_k=1)
-
-def benchmark_training(cfg: Config, iters: Optional[int] = None, warmup: Optional[int] = None,
-                       models: tuple = BENCH_ARCHS) -> dict:
-    """Images per second of a training step, standard and PGD-10 AT, for ResNet-18, MoE-ResNet18 and MoE-ViT (E = 4,
-    k = 1), and with models=tuple(BENCH_MODELS) also AdvMoE's layout (every block an MoE of two half-width experts),
-    at cfg's width, batch size, device, precision and --compile, on random CIFAR-10-shaped uint8 data on the
-    device fed through the real loop (batches + augment + Trainer.step).
-    -> {model: {"standard": img/s, "at": img/s, "at_step_s": seconds, ...}}"""
-    rt = make_runtime(cfg.device, cfg.precision)
-    cuda = rt.device.type == "cuda"
-    iters = iters or (20 if cuda else 2)
-    warmup = warmup or ((10 if cfg.compile else 3) if cuda else (3 if cfg.compile else 1))  # compiling happens here
-    B, n, gen = cfg.batch_size, cfg.batch_size * (iters + warmup), torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen).to(rt.device)
-    y = torch.randint(0, 10, (n,), generator=gen).to(rt.device)
-    results = {name: {} for name in models}
-    for arch, method in [(a, m) for a in models for m in ("standard", "at")]:
-        c = dataclasses.replace(cfg, method=method, train_steps=10, **BENCH_MODELS[arch])
-        seed_everything(0)
-        model = rt.prepare(build_model(model_config(c, 10, 32)))
-        step = Trainer(compile_model(model) if cfg.compile else model, c, total_steps=10 ** 6).step
-        data = batches(x, y, B, rt.device, shuffle=True, train_augment=True)
-        for _ in range(warmup):
-            step(*next(data))
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        seconds = sum(timed(lambda: step(*next(data)), rt.device) for _ in range(iters))
-        r = results[arch]
-        r[method], r[f"{method}_step_s"] = round(B * iters / seconds, 1), round(seconds / iters, 4)
-        if cuda:
-            r[f"{method}_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
-        log(f"{arch:13s} {method:8s} {r[method]:9.1f} img/s  ({seconds / iters * 1e3:.1f} ms/step, batch {B})")
-    return results
+BENCH_MODELS = {"resnet18": dict(arch="resnet18"), "moe-resnet18": dict(arch="moe-resnet18", experts=4, top_k=1),
+                "moe-vit": dict(arch="moe-vit", experts=4, top_k=1),
+                "advmoe-layout": dict(arch="moe-resnet18", moe_blocks="all", experts=2, expert_ratio=0.5, top_k=1)}
 
 @holds_folders
-def benchmark(cfg: Config, out: str = "runs/benchmark") -> dict:
-    """`--benchmark`: training throughput and the MoE layer's cost versus E on this device; printed and written to
-    OUT/benchmark.json (named in the log when it replaces an earlier one)."""
-    dest = check_targets(out, ("benchmark.json",)) / "benchmark.json"
-    rt = make_runtime(cfg.device, cfg.precision)
+def benchmark(cfg: Config, out: str = "runs/benchmark", iters: Optional[int] = None) -> dict:
+    """--benchmark: images/s of a standard and a PGD-10 AT step of each BENCH_MODELS network at --width,
+    --batch-size, --precision and --compile on this device, through the real loop (batches, Trainer.step) on random
+    CIFAR-10-shaped data; printed and written to OUT/benchmark.json."""
+    dest, rt = check_targets(out, ("benchmark.json",)) / "benchmark.json", make_runtime(cfg.device, cfg.precision)
     lock_folder(dest.parent)
     cuda = rt.device.type == "cuda"
-    name = torch.cuda.get_device_name(rt.device) if cuda else f"CPU, {torch.get_num_threads()} threads"
-    res = {"device": name, "torch": torch.__version__, "precision": str(rt.amp_dtype or torch.float32),
-           "channels_last": rt.channels_last, "compile": cfg.compile, "width": cfg.width, "batch_size": cfg.batch_size}
-    log("benchmark: " + " | ".join(f"{k} {v}" for k, v in res.items()))
-    res["train_images_per_s"] = steps = benchmark_training(cfg, models=tuple(BENCH_MODELS))
-    res["moe_over_dense"] = ratio = {m: round(steps["moe-resnet18"][m] / steps["resnet18"][m], 3)
-                                     for m in ("standard", "at")}
-    res["advmoe_layout_step_over_dense"] = layout = {  # step time, so below 1 is faster than dense
-        m: round(steps["advmoe-layout"][f"{m}_step_s"] / steps["resnet18"][f"{m}_step_s"], 3) for m in ("standard", "at")}
-    log(f"MoE-ResNet18 / ResNet-18 throughput: standard {ratio['standard']:.2f}, PGD-10 AT {ratio['at']:.2f}; "
-        f"AdvMoE layout / ResNet-18 step time: standard {layout['standard']:.2f}, PGD-10 AT {layout['at']:.2f}")
-    res["moe_layer_us_per_example"] = benchmark_moe(cfg.device, precision=cfg.precision)
-    res["moe_layer_shape"] = "batch 256, 64 channels, 8x8 maps, forward + backward"
-    replaced = " (replaces the earlier benchmark there)" * dest.exists()
+    iters, warmup = iters or (20 if cuda else 2), 10 if cuda else 1
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    res = {"device": torch.cuda.get_device_name(rt.device) if cuda else f"CPU, {torch.get_num_threads()} threads",
+           "torch": torch.__version__, "precision": str(rt.amp_dtype or torch.float32), "compile": cfg.compile,
+           "width": cfg.width, "batch_size": cfg.batch_size}
+    log("benchmark: " + " | ".join(f"{k} {v}" for k, v in res.items()) + f" -> {dest}")
+    B, g = cfg.batch_size, torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (B * (iters + warmup), 3, 32, 32), dtype=torch.uint8, generator=g).to(rt.device)
+    y, ips = torch.randint(0, 10, (len(x),), generator=g).to(rt.device), {}
+    for name, method in [(n, m) for n in BENCH_MODELS for m in ("standard", "at")]:
+        c = dataclasses.replace(cfg, method=method, train_steps=10, **BENCH_MODELS[name])
+        seed_everything(0)
+        model = rt.prepare(build_model(model_config(c, 10, 32)))
+        step = Trainer(compile_model(model) if cfg.compile else model, c, 10 ** 6).step
+        for i, (xb, yb) in enumerate(batches(x, y, B, rt.device, shuffle=True, train_augment=True)):
+            if i == warmup:
+                sync()
+                t = time.perf_counter()
+            step(xb, yb)
+        sync()
+        ips.setdefault(name, {})[method] = r = round(B * iters / (time.perf_counter() - t), 1)
+        log(f"{name:13s} {method:8s} {r:9.1f} img/s  ({B / r * 1e3:.1f} ms/step)")
+    res.update(train_images_per_s=ips, over_dense={n: {m: round(v[m] / ips["resnet18"][m], 3) for m in v}
+                                                    for n, v in ips.items()})
+    log("throughput / dense ResNet-18: " + "; ".join(f"{n} {v['standard']:.2f} standard, {v['at']:.2f} PGD-10 AT"
+                                                     for n, v in res["over_dense"].items() if n != "resnet18"))
     write_json(dest, res)
-    log(f"-> {dest}{replaced}")
     return res
 
 def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
@@ -3145,17 +2669,12 @@ def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
     common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4, batch_size=64,
                   lr=0.05, train_limit=2400, test_limit=500, train_steps=5, val_steps=5, eval_steps=10,
                   eval_suite="pgd", device=device)
-    runs = {m: Config(method=m, out=f"{out}/{m}", **common) for m in ("standard", "at")}
+    runs = {m: Config(method=m, out=f"{out}/{m}", **common).validate() for m in ("standard", "at")}
     for cfg in runs.values():  # the demo replaces an earlier demo, never another run
-        cfg.validate()
-        check_writable(cfg.out)
-        here, ctx = Path(cfg.out), run_context(cfg, "train")
-        ours = {k: v for k, v in record_config(cfg, ctx).items() if k not in ("out", "device")}
-        found = [record_config(config_from_dict(load_checkpoint(str(here / f))["config"]), ctx)
-                 for f in ("last.pt", "best.pt") if (here / f).is_file()]
-        found += [read_json(here / "metrics.json").get("config", {})] if (here / "metrics.json").exists() else []
-        check(all({k: c.get(k) for k in ours} == ours for c in found),
-              f"{cfg.out} holds a run that is not the demo's; give the demo another --out")
+        found = [read_json(Path(cfg.out) / "metrics.json")] if (Path(cfg.out) / "metrics.json").exists() else []
+        check(all(f.get("config", {}).get(k) == v for f in found for k, v in record_config(cfg, "t").items()
+                  if k not in ("out", "device")), f"{cfg.out} holds a run that is not the demo's; give another --out")
+        check_run_folder(cfg, False, True)
     results = {}
     for method, cfg in runs.items():
         log(f"\n== demo: {method} ==")
@@ -3171,12 +2690,10 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 class _Help(argparse.HelpFormatter):
-    """--help shows a default only where there is one worth showing, and only once."""
-    def _get_help_string(self, action):
+    def _get_help_string(self, action):  # a default only where there is one worth showing
         h = action.help or ""
-        if "default" in h or any(action.default is v for v in (None, True, False, argparse.SUPPRESS)):
-            return h
-        return h + " (default: %(default)s)"
+        return h if "default" in h or action.default in (None, True, False, argparse.SUPPRESS) else h + \
+            " (default: %(default)s)"
 
 def _eps(s: str) -> float:
     """'8/255' or '0.031' -> float."""
@@ -3190,189 +2707,143 @@ def _eps(s: str) -> float:
     return v
 
 def build_parser() -> argparse.ArgumentParser:
-    """One --flag per Config field (help, type, default and choices from the field), grouped as the fields are,
-    plus the flags that choose what to run."""
-    p = _Parser(prog="moe_robust.py", formatter_class=_Help, allow_abbrev=False,
-                description="Robust sparse Mixture-of-Experts training. With no arguments: a one-minute CPU demo "
-                            "(standard vs PGD-AT on the built-in synthetic data).")
-    groups, types = {}, {"int": int, "float": float, "str": str}
+    """One --flag per Config field (help, type, default and choices from it), grouped as the fields are, plus the
+    flags that choose what to run."""
+    p = _Parser(prog="moe_robust.py", allow_abbrev=False, formatter_class=_Help,
+                description="Robust sparse Mixture-of-Experts training. With no arguments: a one-minute CPU demo.")
+    g, types = None, {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(Config):
         m, flag = f.metadata, "--" + f.name.replace("_", "-")
-        if m["group"]:
-            g = groups[m["group"]] = p.add_argument_group(m["group"])
+        g = p.add_argument_group(m["group"]) if m["group"] else g
+        h = m["help"] + " [read by " + ", ".join(RUNS[r] for r in m["reads"] if r in "tdelb") + "]"
         if f.type == "bool":  # a switch: --flag turns it on, --no-flag turns a default True off
-            g.add_argument(f"--no-{flag[2:]}" if f.default else flag, dest=f.name, help=m["help"],
+            g.add_argument(f"--no-{flag[2:]}" if f.default else flag, dest=f.name, help=h,
                            action="store_false" if f.default else "store_true")
-            continue
-        kind = _eps if f.name in ("eps", "alpha") else types[f.type.removeprefix("Optional[").rstrip("]")]
-        default = None if f.name == "out" else f.default
-        g.add_argument(flag, type=kind, default=default, choices=m["choices"], help=m["help"])
-    g = groups["what to run"]
-    g.add_argument("--eval", metavar="CKPT", help="only evaluate this checkpoint (best.pt or last.pt) on the test set")
-    g.add_argument("--benchmark", action="store_true", help="images/s of standard and PGD-10 AT steps (ResNet-18, "
-                   "MoE-ResNet18, MoE-ViT at --width, --batch-size) and the MoE layer's cost versus E; writes "
-                   "OUT/benchmark.json")
+        else:
+            kind = _eps if f.name in ("eps", "alpha") else types[f.type.strip("]").removeprefix("Optional[")]
+            g.add_argument(flag, type=kind, default=None if f.name == "out" else f.default, choices=m["choices"],
+                           help=h)
+    g = p.add_argument_group("other runs")
+    g.add_argument("--eval", metavar="CKPT", help="evaluate this checkpoint on the test set; adds to OUT/eval.json")
     g.add_argument("--lipschitz", metavar="CKPT", help="Lipschitz estimates, bounds, certified accuracy of a CKPT")
-    g.add_argument("--lipschitz-n", type=int, default=64, metavar="N", help="test examples the --lipschitz report uses")
+    g.add_argument("--lipschitz-n", type=int, default=64, metavar="N", help="test examples --lipschitz uses")
+    g.add_argument("--benchmark", action="store_true", help="training images/s of each BENCH_MODELS network")
     g.add_argument("--demo", action="store_true", help="run the demo (what no arguments does)")
-    g = groups["run"]
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last.pt with its saved settings (only --device may change)")
-    g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
     return p
 
-def checkpoint_and_data(path: str, overrides: Config, test_limit: Optional[int], out: Optional[str],
-                        data_dir: Optional[str], record: str):
-    """A checkpoint's model on the CLI's device, the first `test_limit` test examples of its data set (from
-    `data_dir`, else the checkpoint's), checked against each other, and the record file the report is added to (its
-    folder proven writable, its entries read, before the work: --out, else the checkpoint's folder).
-    -> (runtime, model, saved config, Dataset, record path, data record)"""
-    rt = make_runtime(overrides.device, overrides.precision)
-    model, saved, state = load_model(path, rt)
-    saved.data_dir = data_dir or saved.data_dir
-    with main_first():
-        data = load_dataset(saved.dataset, saved.data_dir, saved.image_size, saved.seed, None, test_limit)
-    check_fits(state, saved, data, f"checkpoint {path}")
-    check_run_data(overrides, data)
-    flag = "--out" if out else "the checkpoint's folder"
-    dest = check_targets(out or str(Path(path).parent), (record,), flag) / record
-    read_records(dest)  # a broken record file stops us before the work
-    lock_folder(dest.parent, flag)  # every input is checked: the folder is ours until the record is written
-    seed_everything(overrides.seed)  # attacks' random starts and power iterations repeat run to run
-    head = {"checkpoint": path, "checkpoint_epoch": state["epoch"] + 1,
-            "model_config": record_config(saved, run_context(saved, "train")),
-            "data": data_record(saved, data, test=len(data.test_x))}
-    return rt, model, saved, data, dest, head
-
-@holds_folders
-def evaluate_checkpoint(path: str, overrides: Config, out: Optional[str], data_dir: Optional[str] = None) -> dict:
-    """Test-set report of a saved checkpoint, with the attack and suite settings given on the CLI, added to
-    OUT/eval.json (OUT: the checkpoint's folder by default); earlier evaluations there are kept."""
-    rt, model, saved, data, dest, head = checkpoint_and_data(path, overrides, overrides.test_limit, out, data_dir,
-                                                             "eval.json")
-    ctx = run_context(overrides, "eval", saved)
-    result = {**head, "settings": record_config(overrides, ctx),
-              "test": evaluate_full(model, data.test_x, data.test_y, overrides, rt.device)}
-    n = add_record(dest, result)
-    log(format_report(result["test"], path) + f"\n-> {dest} (evaluation {n})")
-    return result
-
-@holds_folders
-def lipschitz_checkpoint(path: str, overrides: Config, n: int, out: Optional[str],
-                         data_dir: Optional[str] = None) -> dict:
-    """lipschitz_report on the first n test examples of a checkpoint's data set, added to OUT/lipschitz.json (OUT:
-    the checkpoint's folder by default); earlier reports there are kept."""
-    rt, model, saved, data, dest, head = checkpoint_and_data(path, overrides, n, out, data_dir, "lipschitz.json")
-    x, y = data.test_x.to(rt.device).float() / 255, data.test_y.to(rt.device)
-    rep = lipschitz_report(model, x, y, overrides.eps, overrides.norm)
-    add_record(dest, {**head, "settings": record_config(overrides, run_context(overrides, "lipschitz", saved)),
-                               **rep})
-    keys = ("local_linf", "local_l2", "jacobian_l2", "global_linf", "global_l2", "route_stable_linf", "route_stable_l2",
-            "certified_acc", "median_route_radius")
-    log(f"{path}: " + " | ".join(f"{k} {rep[k]:.4g}" for k in keys if k in rep)
-        + f" | expert spread {', '.join(f'{v:.3f}' for v in rep.get('expert_spread', []))} -> {dest}")
-    return {**rep, "checkpoint": path}
-
-def check_flags(args: argparse.Namespace, argv: list[str], cfg: Config) -> tuple[str, set]:
-    """One way of running at a time, and no setting that it would not read (refuse_unread, from each field's
-    `where`). The settings given are found by a second parse without defaults. -> (the mode, the names given)"""
+def refuse_unread(argv: list[str], run: str) -> None:
+    """Every flag given is read by this run (a letter of RUNS), or the run is refused before anything happens; a dual
+    run reads the training flags for the members it trains. The flags given: a second parse without defaults."""
     parser = build_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS
-    given = set(vars(parser.parse_args(argv)))
-    modes = [m for m in ("eval", "lipschitz", "benchmark", "demo") if m in given]
-    check(len(modes) <= 1, f"{' and '.join('--' + m for m in modes)} cannot be combined; give one")
-    check_resume("resume" in given, "overwrite" in given)
-    resume = "resume" in given and cfg.method != "dual"  # a dual run is resumed with its flags given again
-    mode = modes[0] if modes else "resume" if resume else "dual" if cfg.method == "dual" else "train"
-    saved = config_from_dict(load_checkpoint(args.eval or args.lipschitz)["config"]) if mode in ("eval", "lipschitz") \
-        else None
-    refuse_unread(given - set(modes) - ({"resume"} if mode == "resume" else set()), run_context(cfg, mode, saved))
-    return mode, given
+    reads = {f.name: f.metadata["reads"] for f in dataclasses.fields(Config)}
+    reads.update(lipschitz_n="l", overwrite="tdr", resume="tdr")
+    for name in sorted(set(vars(parser.parse_args(argv))) - {"eval", "lipschitz", "benchmark", "demo"}):
+        flag = "--" + ("no-augment" if name == "augment" else name.replace("_", "-"))
+        check(run in reads[name] or (run == "d" and "t" in reads[name]), f"--resume continues the saved run with its "
+              f"own settings; drop {flag} (only --out and --device may change)" if run == "r" else
+              f"{flag} is not read by {RUNS[run]}; leave it out")
+
+@holds_folders
+def evaluate_checkpoint(path: str, cfg: Config, out: Optional[str], data_dir: Optional[str] = None,
+                        lipschitz_n: int = 0) -> dict:
+    """--eval: the test report of a checkpoint under the attacks given, added to OUT/eval.json; --lipschitz
+    (lipschitz_n > 0): lipschitz_report on its first n test examples, added to OUT/lipschitz.json. OUT: the
+    checkpoint's folder by default; earlier records there are kept."""
+    rt, flag = make_runtime(cfg.device, cfg.precision), "--out" if out else "the checkpoint's folder"
+    model, saved, state = load_model(path, rt)
+    data = load_dataset(saved.dataset, data_dir or saved.data_dir, saved.image_size,
+                        test_limit=lipschitz_n or cfg.test_limit)
+    check_fits(state, saved, data, f"checkpoint {path}")
+    run_data(dataclasses.replace(cfg, eval_suite="pgd") if lipschitz_n else cfg, data)
+    dest = check_targets(out or str(Path(path).parent), RECORD_FILES, flag) / RECORD_FILES[lipschitz_n > 0]
+    add_record(dest)  # a broken record file stops us before the work
+    lock_folder(dest.parent, flag)  # every input is checked: the folder is ours until the record is written
+    seed_everything(cfg.seed)  # attacks' random starts and power iterations repeat run to run
+    rec = {"checkpoint": path, "checkpoint_epoch": state["epoch"] + 1, "model_config": record_config(saved, "t"),
+           "data": data_record(dataclasses.replace(saved, data_dir=data_dir or saved.data_dir), data,
+                               test=len(data.test_x)),
+           "settings": record_config(cfg, "l" if lipschitz_n else "e")}
+    if lipschitz_n:
+        rec.update(lipschitz_report(model, data.test_x.to(rt.device).float() / 255, data.test_y.to(rt.device),
+                                    cfg.eps, cfg.norm))
+        text = f"{path}: " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if isinstance(v, float) and k != "eps")
+    else:
+        rec["test"] = test_report(model, data, cfg, rt.device)
+        text = format_report(rec["test"], path)
+    log(text + f"\n-> {dest} (record {add_record(dest, rec)})")
+    return rec
 
 def _interrupt(signum, frame):  # SIGTERM (how schedulers stop jobs) goes the way of Ctrl-C
     raise KeyboardInterrupt(signum)
 
-def interrupted_note(args: argparse.Namespace, cfg: Optional[Config]) -> str:
-    """What an interruption left behind, naming the real folder."""
-    if cfg is None or args.eval or args.lipschitz or args.benchmark or args.demo:
-        return "interrupted; nothing was written"
-    out = Path(cfg.out)
-    lasts = [out / "last.pt"] + [out / r / "last.pt" for r in ("standard", "robust") if cfg.method == "dual"]
-    if any(p.is_file() for p in lasts):
-        return f"interrupted; every finished epoch is saved in {out}: continue with --resume --out {out}"
-    return f"interrupted before the first epoch finished; nothing to resume in {out}"
-
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cfg = None
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a bad flag already reported in one line
         return int(e.code or 0)
-    in_main_thread = threading.current_thread() is threading.main_thread()  # (signal handlers need it)
-    old_term = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    old_term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
+        else None
+    cfg, runs = None, [m for m in ("eval", "lipschitz", "benchmark", "demo") if getattr(args, m)]
     try:
         start_distributed(args.device)  # under torchrun: join the other processes
-        cfg = config_from_dict(vars(args))
-        cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
-        cfg.validate()
+        check(len(runs) <= 1, f"{' and '.join('--' + m for m in runs)} cannot be combined; give one")
         for flag in ("out", "data_dir", "eval", "lipschitz", "standard_ckpt", "robust_ckpt"):
             v = getattr(args, flag)
             check(v is None or v.strip() != "", f"--{flag.replace('_', '-')} {v!r} is empty; give a path")
-        check(not cfg.sync_bn or world()[1] > 1, "--sync-bn shares BatchNorm statistics between torchrun's processes "
-                                                 "and does nothing in one; leave it out or start with torchrun")
+        cfg = config_from_dict(vars(args))
+        cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
+        cfg.validate()
         check(args.lipschitz_n >= 1, f"--lipschitz-n {args.lipschitz_n} must be >= 1")
         for ckpt in (args.eval, args.lipschitz, cfg.standard_ckpt, cfg.robust_ckpt):  # inputs before outputs
-            if ckpt is not None:
-                check_checkpoint_file(ckpt)
-        mode, given = check_flags(args, argv, cfg)
-        data_dir = args.data_dir if "data_dir" in given else None
-        if mode in ("train", "dual", "eval", "lipschitz") and cfg.norm == "linf" and cfg.eps > 32 / 255:
+            load_checkpoint(ckpt) if ckpt is not None else None
+        run = {"eval": "e", "lipschitz": "l", "benchmark": "b", "demo": "m"}[runs[0]] if runs else \
+            "m" if not argv else "d" if cfg.method == "dual" else "r" if args.resume else "t"
+        refuse_unread(argv, run)
+        check(world()[1] == 1 or run not in "mb", "the demo and --benchmark run in one process; start without torchrun")
+        if cfg.norm == "linf" and cfg.eps > 32 / 255:
             log(f"note: --eps {cfg.eps * 255:g}/255 is far beyond the usual L-inf radii (2/255 to 16/255)")
-        alone = "the demo" if not argv or args.demo else "--benchmark" if args.benchmark else None
-        check(world()[1] == 1 or alone is None, f"{alone} runs in one process; start it without torchrun")
-        if not argv or args.demo:
+        if run == "m":
             run_demo(args.out or "runs/demo", args.device)
-        elif args.benchmark:
+        elif run == "b":
             benchmark(cfg, args.out or "runs/benchmark")
-        elif args.eval:
-            evaluate_checkpoint(args.eval, cfg, args.out, data_dir)
-        elif args.lipschitz:
-            lipschitz_checkpoint(args.lipschitz, cfg, args.lipschitz_n, args.out, data_dir)
+        elif run in "el":
+            evaluate_checkpoint(args.eval or args.lipschitz, cfg, args.out, args.data_dir if "--data-dir" in argv
+                                else None, args.lipschitz_n if run == "l" else 0)
         else:
             (run_dual if cfg.method == "dual" else train)(cfg, resume=args.resume, overwrite=args.overwrite)
-        barrier()  # torchrun: every rank done before any tears the process group down (one leaving early can
-        # make gloo abort a peer that is still shutting down)
+        barrier()  # torchrun: every rank done before any tears the process group down
     except UserError as e:  # every rank meets the same checks: rank 0 reports
-        if is_main():
-            sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {e}\n") if is_main() else None
         return 2
     except (MemoryError, RuntimeError) as e:  # CUDA's OutOfMemoryError and the CPU allocator's are RuntimeErrors
-        oom = isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) or ("alloc" in str(e) and "memory" in str(e))
-        if not oom:
+        if not isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) and not ("alloc" in str(e) and
+                                                                                 "memory" in str(e)):
             raise
         rank = f"process {world()[0]}: " if world()[1] > 1 else ""
-        sys.stderr.write(f"error: {rank}out of memory ({type(e).__name__}); lower --batch-size, --width, --experts "
-                         "or the image size\n")
+        sys.stderr.write(f"error: {rank}out of memory ({type(e).__name__}); lower --batch-size, --width, --experts or "
+                         "the image size\n")
         return 2
     except KeyboardInterrupt as e:
         sig = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-        if is_main():
-            sys.stderr.write(f"{signal.Signals(sig).name}: {interrupted_note(args, cfg)}\n")
+        saved = cfg and not runs and any((Path(cfg.out) / r / "last.pt").is_file() for r in ("", "standard", "robust"))
+        note = "nothing was written" if runs or not cfg else f"every finished epoch is saved in {cfg.out}: continue " \
+            f"with --resume --out {cfg.out}" if saved else f"before the first epoch finished; nothing to resume in " \
+            f"{cfg.out}"
+        sys.stderr.write(f"{signal.Signals(sig).name}: interrupted; {note}\n") if is_main() else None
         return 128 + int(sig)
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        signal.signal(signal.SIGTERM, old_term) if old_term is not None else None
+        dist.destroy_process_group() if dist.is_available() and dist.is_initialized() else None
     return 0
 
 if __name__ == "__main__":
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: every file is written and the process group is gone;
-        # leave without the interpreter's teardown, in which a finished rank was seen to abort ("terminate called
-        # without an active exception", 2 runs in 64 on a 2-core CPU: a torch.distributed thread still joinable)
-        sys.stdout.flush(), sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: leave without the interpreter's teardown, in which a
+        sys.stdout.flush(), sys.stderr.flush()  # finished rank can abort (a torch.distributed thread still joinable)
         os._exit(code)
     sys.exit(code)
