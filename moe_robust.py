@@ -9,7 +9,7 @@ Reading order: the ideas first, each usable on its own: 0 conventions, 1 the MoE
 4 training methods, 5 evaluation, 6 Lipschitz bounds and certificates. Then the runner: 7 configuration, 8 setup
 (device, torchrun, files), 9 data, 10 the training loop, 11 benchmark and command line.
 
-Run: `python moe_robust.py` (the demo, about a minute on 2 CPU cores: standard training vs PGD-AT of a small
+Run: `python moe_robust.py` (the demo, about two minutes on 2 CPU cores: standard training vs PGD-AT of a small
 MoE-ResNet18 on generated data); `python moe_robust.py --method advmoe --dataset cifar10` (for a GPU).
 Claim: PGD-AT makes the demo's MoE robust where standard training leaves it at 0 (README "The demo").
 
@@ -2395,8 +2395,8 @@ def train_epoch(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, cfg: Config,
         for k, v in logs.items():  # summed on the device: no host sync per step
             sums[k] = sums.get(k, 0.0) + v.double() * (b - a)
         n += len(xb)
-        hours = (time.time() - t0) * steps * cfg.epochs / 3600  # the run, estimated from its first step
-        if i == 0 and epoch == 0 and device.type == "cpu" and hours > 1:
+        hours = (time.time() - t0) * steps * cfg.epochs / 3600 if i == 0 else 0  # the run, from its first step
+        if epoch == 0 and device.type == "cpu" and hours > 1:
             log(f"note: on this CPU the run takes about {hours:.1f} h ({cfg.epochs} epochs of {steps} steps); a GPU, "
                 "--width 0.125, --train-limit or fewer --epochs make it shorter")
         if time.time() - shown > 30 and i + 1 < steps:
@@ -2665,7 +2665,7 @@ def benchmark(cfg: Config, out: str = "runs/benchmark", iters: Optional[int] = N
     return res
 
 def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
-    """Standard training vs PGD-AT of a small MoE-ResNet18 on `synthetic`, about a minute on 2 CPU cores."""
+    """Standard training vs PGD-AT of a small MoE-ResNet18 on `synthetic`, about two minutes on 2 CPU cores."""
     common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4, batch_size=64,
                   lr=0.05, train_limit=2400, test_limit=500, train_steps=5, val_steps=5, eval_steps=10,
                   eval_suite="pgd", device=device)
@@ -2710,7 +2710,7 @@ def build_parser() -> argparse.ArgumentParser:
     """One --flag per Config field (help, type, default and choices from it), grouped as the fields are, plus the
     flags that choose what to run."""
     p = _Parser(prog="moe_robust.py", allow_abbrev=False, formatter_class=_Help,
-                description="Robust sparse Mixture-of-Experts training. With no arguments: a one-minute CPU demo.")
+                description="Robust sparse Mixture-of-Experts training. With no arguments: a two-minute CPU demo.")
     g, types = None, {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(Config):
         m, flag = f.metadata, "--" + f.name.replace("_", "-")
