@@ -97,19 +97,11 @@ def eval_mode(*models: nn.Module):
         for m, w in zip(models, was):
             m.train(w)
 
-@contextlib.contextmanager
 def frozen(*models: nn.Module):
-    """eval_mode, and every parameter without gradient (both restored on exit): how the training attacks and the
-    evaluation hold a model. Its backward then takes input gradients only."""
-    params = [p for m in models for p in m.parameters() if p.requires_grad]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        with eval_mode(*models):
-            yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+    """How the attacks and the evaluation hold a model: eval_mode. The weights keep requires_grad, so that autocast
+    reuses its weight casts across an attack's iterations (it caches those of leaf weights that require grad); the
+    attacks take input gradients only (autograd.grad), so no weight gradient is computed or left behind."""
+    return eval_mode(*models)
 
 # ==== 1. The sparse top-k MoE layer ================================================================================
 # Letters used in shape comments: B batch, T tokens per image, N rows routed (N = B per image, N = B*T per token),
@@ -132,7 +124,13 @@ class Routing(NamedTuple):  # what one MoE layer decided for its last batch (det
     probs: torch.Tensor  # (N, E) softmax of the logits
     indices: torch.Tensor  # (N, K') experts used per row, best first (K' = K, 1 when forced, E when soft)
     gates: torch.Tensor  # (N, K') their gate weights
-    ranking: torch.Tensor  # (N, E) all experts by router probability, best first
+
+    @property
+    def ranking(self) -> torch.Tensor:  # (N, E) every expert by probability, best first
+        return rank_experts(self.probs)
+
+def rank_experts(probs: torch.Tensor) -> torch.Tensor:  # (N, E) -> (N, E), ties to the lower index
+    return probs.detach().argsort(dim=-1, descending=True, stable=True)
 
 class Route(NamedTuple):  # a route to force on one MoE layer: which experts each row uses, with which gates
     indices: torch.Tensor  # (N, K') long
@@ -145,12 +143,14 @@ class AuxLoss(NamedTuple):
 class MoE(nn.Module):
     """Sparse top-k mixture of experts around any expert modules. tokens=False: x is a feature map (B, C, H, W), the
     router sees its global average pool (per-image routing, as in the CNN-MoE papers); tokens=True: x is (B, T, D),
-    every token routed on its own (V-MoE). Each expert runs only on its own rows. `control` (None in training), an
-    analysis hook, replaces the top-k choice: (probs, ranking) -> (indices, gates, every); soft_routing and
-    forced_routes/rank/expert set it for a `with` block.
-    Records: each forward replaces `aux` (balance and z-losses, with gradient), `routing` (detached) and
-    `router_logits`, so they describe the last forward only: take `aux` (moe_aux_loss) before the model's next
-    forward (TRADES takes its clean forward's before the adversarial one). `counts` accumulates until reset."""
+    every token routed on its own (V-MoE). Training runs each expert on its own rows (`sparse`): its BatchNorm
+    statistics come from them. In eval mode BatchNorm is an affine map, so `static` runs every expert on every row
+    and keeps the chosen outputs: the same function, with static shapes and nothing read back to the host (what an
+    attack's many passes want). `control` (None in training), an analysis hook, replaces the top-k choice:
+    probs -> (indices, gates); soft_routing and forced_routes/rank/expert set it for a `with` block.
+    Records: each forward replaces `routing` (detached) and `router_logits` (with gradient), and a training forward
+    `aux` (balance and z-losses, with gradient): they describe the last forward only, so take `aux` (moe_aux_loss)
+    before the model's next training forward. `counts` (on the device) adds up training rows until reset."""
 
     def __init__(self, experts: list[nn.Module], dim: int, k: int = 1, tokens: bool = False, noisy: bool = False,
                  router: str = "centred"):
@@ -166,33 +166,38 @@ class MoE(nn.Module):
         self.noise = nn.Linear(dim, E) if noisy else None  # Shazeer's noisy top-k, training only; starts at zero
         if noisy:
             nn.init.zeros_(self.noise.weight), nn.init.zeros_(self.noise.bias)
-        self.control = None  # set from outside for analysis (above)
-        self.routing = self.router_logits = self.aux = None  # the last forward's records
-        self.counts = torch.zeros(E, dtype=torch.long)  # rows sent to each expert since reset
+        self.control = self.routing = self.router_logits = self.aux = None
+        self.keep_logits, self.cache = False, (None, None)  # router_logits kept on request; eval_weights' cache
+        self.register_buffer("counts", torch.zeros(E, dtype=torch.long), persistent=False)
 
-    def route(self, h: torch.Tensor):
-        """h: (N, D) -> indices (N, K'), gates (N, K'), every; records routing and aux losses. every: when a control
-        fixes every row's experts (soft: all E, forced_expert: [i]), those in slot order (no grouping); else None."""
+    def __getstate__(self):  # a copy (deepcopy, pickle) takes the weights, not the last forward's graph
+        return {**self.__dict__, "aux": None, "router_logits": None, "cache": (None, None)}
+
+    def route(self, h: torch.Tensor, folded: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: (N, D) -> indices (N, K'), gates (N, K'); records the routing and, in training, the aux losses.
+        folded: the eval-mode router as one affine map (eval_weights)."""
         with torch.autocast(h.device.type, enabled=False):  # the router in float32 (Switch 2021, sec. 2.4): under
-            h = self.centred(h.float())  # bf16 near-equal logits would tie
-            logits = self.router(h)  # (N, E)
-            if self.noise is not None and self.training:
-                logits = logits + torch.randn_like(logits) * F.softplus(self.noise(h))
+            if folded is not None:  # bf16 near-equal logits would tie
+                logits = F.linear(h.float(), *folded)  # (N, E)
+            else:
+                h = self.centred(h.float())
+                logits = self.router(h)
+                if self.noise is not None and self.training:
+                    logits = logits + torch.randn_like(logits) * F.softplus(self.noise(h))
         probs = logits.softmax(-1)  # (N, E)
-        ranking = probs.detach().argsort(dim=-1, descending=True, stable=True)  # (N, E), ties to the lower index
         if self.control is not None:
-            indices, gates, every = self.control(probs, ranking)
+            indices, gates = self.control(probs)
         else:
             top, indices = probs.topk(self.k, dim=-1)  # (N, K)
-            gates, every = (top if self.k == 1 else top / top.sum(-1, keepdim=True)), None
-        # Switch eq. 4: E * sum_i f_i P_i, f_i the fraction whose top-1 is i (no gradient), P_i the mean probability
-        # of i. ST-MoE z-loss: mean(logsumexp(r)^2). (index_add: bincount on CUDA reads its input's max to the host)
-        E = self.num_experts
-        frac = probs.new_zeros(E).index_add_(0, ranking[:, 0], probs.new_ones(len(h))) / len(h)  # (E,)
-        self.aux = AuxLoss(E * (frac * probs.mean(0)).sum(), logits.logsumexp(-1).pow(2).mean())
-        self.routing = Routing(logits.detach(), probs.detach(), indices.detach(), gates.detach(), ranking)
-        self.router_logits = logits  # with gradient, for attacks on the routing itself
-        return indices, gates, every
+            gates = top if self.k == 1 else top / top.sum(-1, keepdim=True)
+        if self.training:  # Switch eq. 4: E * sum_i f_i P_i, f_i the fraction whose top-1 is i (no gradient), P_i
+            E = self.num_experts  # the mean probability of i. ST-MoE z-loss: mean(logsumexp(r)^2)
+            frac = probs.new_zeros(E).index_add_(0, probs.detach().argmax(-1), probs.new_ones(len(h))) / len(h)
+        self.aux = AuxLoss(E * (frac * probs.mean(0)).sum(), logits.logsumexp(-1).pow(2).mean()) if self.training \
+            else None
+        self.routing = Routing(logits.detach(), probs.detach(), indices.detach(), gates.detach())
+        self.router_logits = logits if self.keep_logits else None  # with gradient, for attacks on the routing
+        return indices, gates
 
     def centred(self, h: torch.Tensor) -> torch.Tensor:
         """h (N, D) standardised per feature (router="centred"). A lone training row has no batch variance: the running
@@ -204,39 +209,96 @@ class MoE(nn.Module):
             return F.batch_norm(h, c.running_mean, c.running_var, eps=c.eps)
         return c(h)
 
-    def dispatch(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor,
-                 every: Optional[list[int]] = None) -> torch.Tensor:
-        """x: (N, ...) -> sum_k gates[n, k] * expert_{indices[n, k]}(x[n]). Rows are grouped by expert (a stable sort)
-        and each expert runs once, on its own rows; its row count is read to the host: the one sync per MoE layer and
-        forward (a fixed-capacity dispatch pads or drops rows instead). With `every` nothing is grouped or read."""
+    def sparse(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """x: (N, ...) -> sum_k gates[n, k] * expert_{indices[n, k]}(x[n]), each expert run once on its own rows
+        (grouped by a stable sort). Its row count is read to the host: one sync per layer and forward."""
         N, K = indices.shape
-        bcast = lambda g, y: g.to(y.dtype).view(-1, *([1] * (y.dim() - 1)))  # (N,) -> (N, 1, ...)
-        if every is not None:
-            self.counts[every] += N
-            ys = [y * bcast(gates[:, k], y) for k, y in enumerate(self.experts[e](x) for e in every)]
-            return sum(ys[1:], ys[0])
         flat = indices.reshape(-1)  # (N*K,) expert of each (row, slot)
         order = flat.argsort(stable=True)  # slots grouped by expert
         rows, slot_gates = order // K, gates.reshape(-1)[order]  # (N*K,) input row and gate of each sorted slot
-        counts = flat.new_zeros(self.num_experts).index_add_(0, flat, torch.ones_like(flat)).tolist()  # the one sync
-        self.counts += torch.tensor(counts)
+        counts = flat.new_zeros(self.num_experts).index_add_(0, flat, torch.ones_like(flat))
+        self.counts += counts
         out, start = None, 0
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
+        for e, c in enumerate(counts.tolist()):  # the one sync
             r = rows[start:start + c]
-            y = self.experts[e](x.index_select(0, r))  # (c, ...) its rows only
-            y = y * bcast(slot_gates[start:start + c], y)
-            out = y.new_zeros((N,) + y.shape[1:]) if out is None else out
-            out.index_add_(0, r, y)
+            if c:
+                y = self.experts[e](x.index_select(0, r))  # (c, ...) its rows only
+                y = y * slot_gates[start:start + c].to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+                out = y.new_zeros((N,) + y.shape[1:]) if out is None else out
+                out.index_add_(0, r, y)
             start += c
         return out
 
+    def eval_weights(self, amp: Optional[torch.dtype]) -> tuple:
+        """Eval mode: (the centred router as one affine map, W / sigma and b - W mu / sigma; the fused experts,
+        fuse_experts), kept until a weight, the grad mode or autocast changes: an attack's passes reuse them."""
+        def make():
+            c, w, b = self.centre, self.router.weight, self.router.bias
+            s = None if c is None else (c.running_var + c.eps).rsqrt()  # (D,)
+            return (w, b) if c is None else (w * s, b - (w * s) @ c.running_mean), fuse_experts(self.experts, amp)
+        if torch.compiler.is_compiling():  # a captured graph holds its own
+            return make()
+        key = [(t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers())] + [torch.is_grad_enabled(),
+                                                                                            amp]
+        if self.cache[0] != key:
+            self.cache = (key, make())
+        return self.cache[1]
+
+    def static(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, fused: Optional[list]):
+        """Eval mode: every expert on every row (all_experts), the chosen ones kept by their gates."""
+        y = all_experts(self.experts, x, fused)  # (N, E, ...)
+        g = gates.new_zeros(len(x), self.num_experts).scatter(1, indices, gates)  # (N, E), zero where not chosen
+        return torch.bmm(g.to(y.dtype)[:, None], y.flatten(2)).view(len(x), *y.shape[2:])  # sum_e g_e y_e
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tokens:
-            rows = x.reshape(-1, x.shape[-1])  # (B, T, D) -> (N, D), N = B*T
-            return self.dispatch(rows, *self.route(rows)).reshape(*x.shape[:2], -1)  # (B, T, D')
-        return self.dispatch(x, *self.route(x.mean(dim=(2, 3))))  # router input (B, C), N = B; out (B, C', H', W')
+        rows = x.reshape(-1, x.shape[-1]) if self.tokens else x  # (B, T, D) -> (N, D), N = B*T; or (B, C, H, W)
+        h = rows if self.tokens else x.mean(dim=(2, 3))  # router input (N, D) or (B, C)
+        if self.training:
+            y = self.sparse(rows, *self.route(h))
+        else:
+            amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+            folded, fused = self.eval_weights(amp)
+            y = self.static(rows, *self.route(h, folded), fused)
+        return y.reshape(*x.shape[:2], -1) if self.tokens else y  # (B, T, D') or (B, C', H', W')
+
+FUSABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU, nn.GELU, nn.SiLU, nn.Identity)
+
+def fuse_experts(experts: nn.ModuleList, amp: Optional[torch.dtype] = None) -> Optional[list]:
+    """Experts that are equal nn.Sequential stacks of Conv2d / Linear (groups 1), BatchNorm2d and activations as the
+    layers of one network E times as wide (as the official AdvMoE code runs its experts): each layer's E weights
+    concatenated (conv/linear weights in the autocast dtype `amp`). None: the experts are of another kind."""
+    kind = lambda e: [(type(m), [p.shape for p in m.parameters()], [getattr(m, a, 0) for a in (
+        "stride", "padding", "dilation", "groups", "eps", "padding_mode")]) for m in e]
+    first = experts[0]
+    if not (isinstance(first, nn.Sequential) and isinstance(first[0], (nn.Conv2d, nn.Linear)) and all(
+            isinstance(m, FUSABLE) and getattr(m, "groups", 1) == 1 and getattr(m, "padding_mode", "zeros") == "zeros"
+            and getattr(m, "track_running_stats", True) for m in first)
+            and all(isinstance(e, nn.Sequential) and kind(e) == kind(first) for e in experts)):
+        return None
+    cat = lambda ms, a: None if getattr(ms[0], a) is None else torch.cat([getattr(m, a) for m in ms])
+    cast = lambda w: w if amp is None else w.to(amp)
+    return [(ms[0], cast(cat(ms, "weight")), cat(ms, "bias")) if isinstance(ms[0], (nn.Conv2d, nn.Linear)) else
+            (ms[0], *(cat(ms, a) for a in ("running_mean", "running_var", "weight", "bias")))
+            if isinstance(ms[0], nn.BatchNorm2d) else (ms[0],) for ms in zip(*experts)]
+
+def all_experts(experts: nn.ModuleList, x: torch.Tensor, fused: Optional[list] = None) -> torch.Tensor:
+    """(N, ...) -> (N, E, ...): every expert on every row, as the wide network `fused` (fuse_experts) if given: the
+    first layer on the shared input, each later conv/linear grouped by expert (groups=E), BatchNorm (eval: an affine
+    map) on the concatenated statistics; else the experts one by one."""
+    if fused is None:
+        return torch.stack([e(x) for e in experts], 1)
+    E, wide = len(experts), False
+    for m, *t in fused:
+        if isinstance(m, nn.Conv2d):
+            x = F.conv2d(x, *t, m.stride, m.padding, m.dilation, E if wide else 1)
+        elif isinstance(m, nn.Linear):  # a grouped linear map is a grouped 1x1 convolution
+            x = F.conv1d(x[..., None], t[0][..., None], t[1], groups=E if wide else 1)[..., 0]
+        elif isinstance(m, nn.BatchNorm2d):
+            x = F.batch_norm(x, *t, False, 0.0, m.eps)
+        else:  # an elementwise activation
+            x = m(x)
+        wide = wide or isinstance(m, (nn.Conv2d, nn.Linear))
+    return x.view(len(x), E, -1, *x.shape[2:])
 
 def is_moe(m: nn.Module) -> bool:
     """An MoE layer: a module with experts and a router (this file's MoE, or yours with the same attributes)."""
@@ -299,15 +361,14 @@ def routing_control(model: nn.Module, controls):
 def soft_routing(model: nn.Module):
     """Context: every MoE layer runs all experts, gated by the full softmax (a differentiable surrogate of hard
     top-k routing)."""
-    return routing_control(model, lambda p, rank: (torch.arange(p.shape[1], device=p.device).expand_as(p), p,
-                                                   list(range(p.shape[1]))))
+    return routing_control(model, lambda p: (torch.arange(p.shape[1], device=p.device).expand_as(p), p))
 
 def forced_routes(model: nn.Module, routes: list[Route]):
     """Context: MoE layer l uses routes[l] (indices and gates) for every row (e.g. the clean routes, for RA-E)."""
     def control(route):
-        def choose(p, rank):
+        def choose(p):
             check(len(route.indices) == len(p), f"forced route has {len(route.indices)} rows, batch has {len(p)}")
-            return route.indices, route.gates, None
+            return route.indices, route.gates
         return choose
     return routing_control(model, [control(r) for r in routes])
 
@@ -318,13 +379,13 @@ def take_routes(routes: list[Route], idx: torch.Tensor, B: int) -> list[Route]:
 
 def forced_rank(model: nn.Module, r: int):
     """Context: every MoE layer sends each row to its r-th ranked expert with gate 1 (r = 1: the runner-up)."""
-    return routing_control(model, lambda p, rank: (rank[:, r:r + 1], p.new_ones(len(p), 1), None))
+    return routing_control(model, lambda p: (rank_experts(p)[:, r:r + 1], p.new_ones(len(p), 1)))
 
 def forced_expert(model: nn.Module, i: int):
     """Context: every MoE layer uses expert i with gate 1, so it computes the network f_i of the papers."""
     for m in moe_layers(model):
         check(0 <= i < m.num_experts, f"expert {i} not allowed; this layer has {m.num_experts} experts")
-    return routing_control(model, lambda p, rank: (rank.new_full((len(p), 1), i), p.new_ones(len(p), 1), [i]))
+    return routing_control(model, lambda p: (torch.full((len(p), 1), i, device=p.device), p.new_ones(len(p), 1)))
 
 def current_routes(model: nn.Module, x: torch.Tensor, fixed_gates: Optional[float] = None) -> list[Route]:
     """The routes the model takes on x (eval mode, no gradient); gates as used, or all `fixed_gates`."""
@@ -505,20 +566,19 @@ def count_params(model: nn.Module) -> dict:
     return {"total": total, "active": total - inactive}
 
 def compile_model(model: nn.Module) -> nn.Module:
-    """torch.compile in place (`--compile`; state_dict keys stay plain). The sparse dispatch reads the expert row
-    counts back to the host, which a compiled graph cannot hold: traced through, it breaks the graph and recompiles
-    for every new set of counts. So each MoE layer's routing and dispatch stay eager, each expert is compiled on its
-    own with a dynamic batch size, and the dense network around the MoE layers is compiled as a whole."""
+    """torch.compile in place (`--compile`; state_dict keys stay plain). An eval-mode pass (every attack iteration,
+    evaluation) has static shapes and no host read: the whole network is one captured graph. The training-mode
+    sparse dispatch reads its row counts to the host, so it stays eager, each expert compiled with a dynamic batch."""
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     # an expert meets train/eval x grad/no-grad x bf16/float32 x batch 1/many: 16 variants, beyond dynamo's default
     # of 8, after which it would silently run eagerly
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 32))
     if not next(model.parameters()).is_cuda:  # inductor's NCHW -> channels_last rewrite of the convolutions
-        torch._inductor.config.layout_optimization = False  # hung a CPU convolution backward (torch 2.15)
+        torch._inductor.config.layout_optimization = False  # hung a CPU convolution backward
     for m in moe_layers(model):
         for expert in m.experts:
             expert.compile(dynamic=True)
-        m.forward = torch.compiler.disable(m.forward)
+        m.sparse = torch.compiler.disable(m.sparse)
     model.compile()
     return model
 
@@ -977,10 +1037,13 @@ class RouterDeviation(nn.Module):
         self.model, self.clean_top1 = model, clean_top1
 
     def forward(self, x):  # (B, 3, H, W) -> (B, 1)
+        layers, total = moe_layers(self.model), torch.zeros(len(x), device=x.device)
+        for m in layers:
+            m.keep_logits = True  # the router logits with their gradient
         self.model(x)
-        total = torch.zeros(len(x), device=x.device)
-        for m, target in zip(moe_layers(self.model), self.clean_top1):
+        for m, target in zip(layers, self.clean_top1):
             total = total + F.cross_entropy(m.router_logits, target, reduction="none").view(len(x), -1).mean(1)
+            m.keep_logits, m.router_logits = False, None
         return total[:, None]
 
 class RoutesOf(nn.Module):
@@ -1860,8 +1923,8 @@ class Runtime:
     channels_last: bool  # NHWC activations on CUDA (tensor cores); a CPU runs NCHW in every precision
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        if self.device.type == "cuda":  # autotune convolutions per shape, except where every step brings new shapes
-            torch.backends.cudnn.benchmark = not moe_layers(model)  # (the sparse dispatch's per-expert batches)
+        if self.device.type == "cuda":  # autotune each convolution shape once: eval passes (attacks) are static; the
+            torch.backends.cudnn.benchmark = True  # sparse training dispatch brings at most batch-size row counts
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.channels_last else model
 
