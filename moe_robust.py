@@ -125,9 +125,7 @@ class Routing(NamedTuple):  # what one MoE layer decided for its last batch (det
     indices: torch.Tensor  # (N, K') experts used per row, best first (K' = K, 1 when forced, E when soft)
     gates: torch.Tensor  # (N, K') their gate weights
 
-    @property
-    def ranking(self) -> torch.Tensor:  # (N, E) every expert by probability, best first
-        return rank_experts(self.probs)
+    ranking = property(lambda self: rank_experts(self.probs))  # (N, E) every expert by probability, best first
 
 def rank_experts(probs: torch.Tensor) -> torch.Tensor:  # (N, E) -> (N, E), ties to the lower index
     return probs.detach().argsort(dim=-1, descending=True, stable=True)
@@ -141,16 +139,13 @@ class AuxLoss(NamedTuple):
     z: torch.Tensor  # ST-MoE router z-loss: mean(logsumexp(r)^2)
 
 class MoE(nn.Module):
-    """Sparse top-k mixture of experts around any expert modules. tokens=False: x is a feature map (B, C, H, W), the
-    router sees its global average pool (per-image routing, as in the CNN-MoE papers); tokens=True: x is (B, T, D),
-    every token routed on its own (V-MoE). Training runs each expert on its own rows (`sparse`): its BatchNorm
-    statistics come from them. In eval mode BatchNorm is an affine map, so `static` runs every expert on every row
-    and keeps the chosen outputs: the same function, with static shapes and nothing read back to the host (what an
-    attack's many passes want). `control` (None in training), an analysis hook, replaces the top-k choice:
-    probs -> (indices, gates); soft_routing and forced_routes/rank/expert set it for a `with` block.
-    Records: each forward replaces `routing` (detached) and `router_logits` (with gradient), and a training forward
-    `aux` (balance and z-losses, with gradient): they describe the last forward only, so take `aux` (moe_aux_loss)
-    before the model's next training forward. `counts` (on the device) adds up training rows until reset."""
+    """Sparse top-k mixture of experts around any expert modules. tokens=False: x is a feature map (B, C, H, W), routed
+    per image on its global average pool (CNN-MoE papers); tokens=True: x is (B, T, D), each token routed (V-MoE).
+    Training runs each expert on its own rows (`sparse`): its BatchNorm statistics come from them. In eval mode
+    BatchNorm is affine: every expert runs on every row and the chosen outputs are kept, the same function with static
+    shapes and no read-back to the host. `control`, an analysis hook, replaces top-k: probs -> (indices, gates).
+    Records of the last forward: `routing` (detached), `router_logits` (when keep_logits) and, from a training forward,
+    `aux` (balance and z-losses, with gradient). `counts` (on the device) adds up training rows until reset."""
 
     def __init__(self, experts: list[nn.Module], dim: int, k: int = 1, tokens: bool = False, noisy: bool = False,
                  router: str = "centred"):
@@ -164,26 +159,29 @@ class MoE(nn.Module):
         if router == "centred":  # zero-mean logits over a batch: no expert starts ahead (Switch's router has no bias)
             nn.init.zeros_(self.router.bias)
         self.noise = nn.Linear(dim, E) if noisy else None  # Shazeer's noisy top-k, training only; starts at zero
-        if noisy:
-            nn.init.zeros_(self.noise.weight), nn.init.zeros_(self.noise.bias)
+        for p in self.noise.parameters() if noisy else ():
+            nn.init.zeros_(p)
         self.control = self.routing = self.router_logits = self.aux = None
-        self.keep_logits, self.cache = False, (None, None)  # router_logits kept on request; eval_weights' cache
+        self.keep_logits = False
         self.register_buffer("counts", torch.zeros(E, dtype=torch.long), persistent=False)
 
     def __getstate__(self):  # a copy (deepcopy, pickle) takes the weights, not the last forward's graph
-        return {**self.__dict__, "aux": None, "router_logits": None, "cache": (None, None)}
+        return {**self.__dict__, "aux": None, "router_logits": None}
 
-    def route(self, h: torch.Tensor, folded: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """h: (N, D) -> indices (N, K'), gates (N, K'); records the routing and, in training, the aux losses.
-        folded: the eval-mode router as one affine map (eval_weights)."""
-        with torch.autocast(h.device.type, enabled=False):  # the router in float32 (Switch 2021, sec. 2.4): under
-            if folded is not None:  # bf16 near-equal logits would tie
-                logits = F.linear(h.float(), *folded)  # (N, E)
-            else:
-                h = self.centred(h.float())
-                logits = self.router(h)
-                if self.noise is not None and self.training:
-                    logits = logits + torch.randn_like(logits) * F.softplus(self.noise(h))
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (N, D) -> router logits (N, E), in float32 (Switch 2021, sec. 2.4: under bf16 near-equal logits tie). A
+        lone training row has no batch variance: the running statistics centre it, as at eval."""
+        with torch.autocast(h.device.type, enabled=False):
+            h, c = h.float(), self.centre
+            lone = self.training and len(h) == 1 and isinstance(c, nn.BatchNorm1d)  # (SyncBatchNorm: every rank's)
+            h = h if c is None else F.batch_norm(h, c.running_mean, c.running_var, eps=c.eps) if lone else c(h)
+            logits = self.router(h)
+            noise = self.noise is not None and self.training
+            return logits + torch.randn_like(logits) * F.softplus(self.noise(h)) if noise else logits
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: (N, D) -> indices (N, K'), gates (N, K'); records the routing and, in training, the aux losses."""
+        logits = self.logits(h)
         probs = logits.softmax(-1)  # (N, E)
         if self.control is not None:
             indices, gates = self.control(probs)
@@ -196,18 +194,8 @@ class MoE(nn.Module):
         self.aux = AuxLoss(E * (frac * probs.mean(0)).sum(), logits.logsumexp(-1).pow(2).mean()) if self.training \
             else None
         self.routing = Routing(logits.detach(), probs.detach(), indices.detach(), gates.detach())
-        self.router_logits = logits if self.keep_logits else None  # with gradient, for attacks on the routing
+        self.router_logits = logits if self.keep_logits else None  # for attacks on the routing itself
         return indices, gates
-
-    def centred(self, h: torch.Tensor) -> torch.Tensor:
-        """h (N, D) standardised per feature (router="centred"). A lone training row has no batch variance: the running
-        statistics route it, as at eval, and stay as they are (a SyncBatchNorm sees every rank's rows: called as is)."""
-        c = self.centre
-        if c is None:
-            return h
-        if self.training and len(h) == 1 and isinstance(c, nn.BatchNorm1d):
-            return F.batch_norm(h, c.running_mean, c.running_var, eps=c.eps)
-        return c(h)
 
     def sparse(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x: (N, ...) -> sum_k gates[n, k] * expert_{indices[n, k]}(x[n]), each expert run once on its own rows
@@ -229,76 +217,80 @@ class MoE(nn.Module):
             start += c
         return out
 
-    def eval_weights(self, amp: Optional[torch.dtype]) -> tuple:
-        """Eval mode: (the centred router as one affine map, W / sigma and b - W mu / sigma; the fused experts,
-        fuse_experts), kept until a weight, the grad mode or autocast changes: an attack's passes reuse them."""
-        def make():
-            c, w, b = self.centre, self.router.weight, self.router.bias
-            s = None if c is None else (c.running_var + c.eps).rsqrt()  # (D,)
-            return (w, b) if c is None else (w * s, b - (w * s) @ c.running_mean), fuse_experts(self.experts, amp)
-        if torch.compiler.is_compiling():  # a captured graph holds its own
-            return make()
-        key = [(t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers())] + [torch.is_grad_enabled(),
-                                                                                            amp]
-        if self.cache[0] != key:
-            self.cache = (key, make())
-        return self.cache[1]
-
-    def static(self, x: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, fused: Optional[list]):
-        """Eval mode: every expert on every row (all_experts), the chosen ones kept by their gates."""
-        y = all_experts(self.experts, x, fused)  # (N, E, ...)
-        g = gates.new_zeros(len(x), self.num_experts).scatter(1, indices, gates)  # (N, E), zero where not chosen
-        return torch.bmm(g.to(y.dtype)[:, None], y.flatten(2)).view(len(x), *y.shape[2:])  # sum_e g_e y_e
+    def all_experts(self, x: torch.Tensor) -> torch.Tensor:  # (N, ...) -> (N, E, ...): every expert on every row
+        return torch.stack([e(x) for e in self.experts], 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]) if self.tokens else x  # (B, T, D) -> (N, D), N = B*T; or (B, C, H, W)
-        h = rows if self.tokens else x.mean(dim=(2, 3))  # router input (N, D) or (B, C)
+        indices, gates = self.route(rows if self.tokens else x.mean(dim=(2, 3)))  # router input (N, D) or (B, C)
         if self.training:
-            y = self.sparse(rows, *self.route(h))
-        else:
-            amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
-            folded, fused = self.eval_weights(amp)
-            y = self.static(rows, *self.route(h, folded), fused)
+            y = self.sparse(rows, indices, gates)
+        else:  # y (N, E, ...) and the gates as (N, E), zero where an expert is not chosen: sum_e g_e y_e
+            y, g = self.all_experts(rows), gates.new_zeros(len(rows), self.num_experts).scatter(1, indices, gates)
+            y = torch.bmm(g.to(y.dtype)[:, None], y.flatten(2)).view(len(rows), *y.shape[2:])
         return y.reshape(*x.shape[:2], -1) if self.tokens else y  # (B, T, D') or (B, C', H', W')
 
 FUSABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU, nn.GELU, nn.SiLU, nn.Identity)
 
-def fuse_experts(experts: nn.ModuleList, amp: Optional[torch.dtype] = None) -> Optional[list]:
-    """Experts that are equal nn.Sequential stacks of Conv2d / Linear (groups 1), BatchNorm2d and activations as the
-    layers of one network E times as wide (as the official AdvMoE code runs its experts): each layer's E weights
-    concatenated (conv/linear weights in the autocast dtype `amp`). None: the experts are of another kind."""
-    kind = lambda e: [(type(m), [p.shape for p in m.parameters()], [getattr(m, a, 0) for a in (
-        "stride", "padding", "dilation", "groups", "eps", "padding_mode")]) for m in e]
-    first = experts[0]
-    if not (isinstance(first, nn.Sequential) and isinstance(first[0], (nn.Conv2d, nn.Linear)) and all(
-            isinstance(m, FUSABLE) and getattr(m, "groups", 1) == 1 and getattr(m, "padding_mode", "zeros") == "zeros"
-            and getattr(m, "track_running_stats", True) for m in first)
-            and all(isinstance(e, nn.Sequential) and kind(e) == kind(first) for e in experts)):
-        return None
-    cat = lambda ms, a: None if getattr(ms[0], a) is None else torch.cat([getattr(m, a) for m in ms])
-    cast = lambda w: w if amp is None else w.to(amp)
-    return [(ms[0], cast(cat(ms, "weight")), cat(ms, "bias")) if isinstance(ms[0], (nn.Conv2d, nn.Linear)) else
-            (ms[0], *(cat(ms, a) for a in ("running_mean", "running_var", "weight", "bias")))
-            if isinstance(ms[0], nn.BatchNorm2d) else (ms[0],) for ms in zip(*experts)]
+class FusedMoE(MoE):
+    """MoE with a faster eval mode, the same function (tested): experts that are equal nn.Sequential stacks of Conv2d
+    / Linear (groups 1), BatchNorm2d and activations run as one network E times as wide, as the official AdvMoE code
+    runs its experts (the first layer on the shared input, each later one grouped by expert, groups=E; BatchNorm on
+    the concatenated statistics), and the centred router as one affine map (W / sigma, b - W mu / sigma). The
+    concatenated weights are kept until a weight, the grad mode or autocast changes: an attack's passes reuse them."""
 
-def all_experts(experts: nn.ModuleList, x: torch.Tensor, fused: Optional[list] = None) -> torch.Tensor:
-    """(N, ...) -> (N, E, ...): every expert on every row, as the wide network `fused` (fuse_experts) if given: the
-    first layer on the shared input, each later conv/linear grouped by expert (groups=E), BatchNorm (eval: an affine
-    map) on the concatenated statistics; else the experts one by one."""
-    if fused is None:
-        return torch.stack([e(x) for e in experts], 1)
-    E, wide = len(experts), False
-    for m, *t in fused:
-        if isinstance(m, nn.Conv2d):
-            x = F.conv2d(x, *t, m.stride, m.padding, m.dilation, E if wide else 1)
-        elif isinstance(m, nn.Linear):  # a grouped linear map is a grouped 1x1 convolution
-            x = F.conv1d(x[..., None], t[0][..., None], t[1], groups=E if wide else 1)[..., 0]
-        elif isinstance(m, nn.BatchNorm2d):
-            x = F.batch_norm(x, *t, False, 0.0, m.eps)
-        else:  # an elementwise activation
-            x = m(x)
-        wide = wide or isinstance(m, (nn.Conv2d, nn.Linear))
-    return x.view(len(x), E, -1, *x.shape[2:])
+    def __getstate__(self):
+        return {**super().__getstate__(), "cache": None}
+
+    def eval_weights(self) -> tuple:
+        """(the router's affine map, each layer's (module, concatenated tensors...), or None if not fusable)."""
+        amp = torch.get_autocast_dtype(self.router.weight.device.type) if torch.is_autocast_enabled(
+            self.router.weight.device.type) else None
+
+        def make():
+            c, w, b, first = self.centre, self.router.weight, self.router.bias, self.experts[0]
+            s = None if c is None else (c.running_var + c.eps).rsqrt()  # (D,)
+            kind = lambda e: [(type(m), [p.shape for p in m.parameters()], [getattr(m, a, 0) for a in (
+                "stride", "padding", "dilation", "groups", "eps", "padding_mode", "track_running_stats")]) for m in e]
+            fusable = isinstance(first, nn.Sequential) and isinstance(first[0], (nn.Conv2d, nn.Linear)) and all(
+                isinstance(m, FUSABLE) and getattr(m, "groups", 1) == 1 and getattr(m, "padding_mode", "zeros") ==
+                "zeros" and getattr(m, "track_running_stats", True) for m in first) and all(
+                isinstance(e, nn.Sequential) and kind(e) == kind(first) for e in self.experts)
+            cat = lambda ms, a: None if getattr(ms[0], a) is None else torch.cat([getattr(m, a) for m in ms])
+            cast = lambda t: t if amp is None else t.to(amp)
+            layers = [(ms[0], cast(cat(ms, "weight")), cat(ms, "bias")) if isinstance(ms[0], (nn.Conv2d, nn.Linear))
+                      else (ms[0], *(cat(ms, a) for a in ("running_mean", "running_var", "weight", "bias")))
+                      if isinstance(ms[0], nn.BatchNorm2d) else (ms[0],) for ms in zip(*self.experts)] if fusable else None
+            return (w, b) if c is None else (w * s, b - (w * s) @ c.running_mean), layers
+        if torch.compiler.is_compiling():  # a captured graph holds its own
+            return make()
+        key = [(t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers())] + [torch.is_grad_enabled(),
+                                                                                            amp]
+        if getattr(self, "cache", None) is None or self.cache[0] != key:
+            self.cache = (key, make())
+        return self.cache[1]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().logits(h)
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.float(), *self.eval_weights()[0])
+
+    def all_experts(self, x: torch.Tensor) -> torch.Tensor:
+        layers, E, wide = self.eval_weights()[1], self.num_experts, False
+        if layers is None:
+            return super().all_experts(x)
+        for m, *t in layers:
+            if isinstance(m, nn.Conv2d):
+                x = F.conv2d(x, *t, m.stride, m.padding, m.dilation, E if wide else 1)
+            elif isinstance(m, nn.Linear):  # a grouped linear map is a grouped 1x1 convolution
+                x = F.conv1d(x[..., None], t[0][..., None], t[1], groups=E if wide else 1)[..., 0]
+            elif isinstance(m, nn.BatchNorm2d):
+                x = F.batch_norm(x, *t, False, 0.0, m.eps)
+            else:  # an elementwise activation
+                x = m(x)
+            wide = wide or isinstance(m, (nn.Conv2d, nn.Linear))
+        return x.view(len(x), E, -1, *x.shape[2:])  # (N, E*C, ...) -> (N, E, C, ...)
 
 def is_moe(m: nn.Module) -> bool:
     """An MoE layer: a module with experts and a router (this file's MoE, or yours with the same attributes)."""
@@ -461,8 +453,8 @@ class BasicBlock(nn.Module):
                  noisy: bool = False, router: str = "centred"):
         super().__init__()
         mid = max(1, round(expert_ratio * planes))
-        self.branch = (MoE([residual_branch(inp, mid, planes, stride) for _ in range(experts)], inp, k, noisy=noisy,
-                           router=router) if experts else residual_branch(inp, planes, planes, stride))
+        self.branch = FusedMoE([residual_branch(inp, mid, planes, stride) for _ in range(experts)], inp, k,
+                               noisy=noisy, router=router) if experts else residual_branch(inp, planes, planes, stride)
         self.shortcut = nn.Identity() if stride == 1 and inp == planes else nn.Sequential(
             nn.Conv2d(inp, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
@@ -523,8 +515,8 @@ class ViTBlock(nn.Module):
                  router: str = "centred"):
         super().__init__()
         self.ln1, self.ln2, self.attn = nn.LayerNorm(dim), nn.LayerNorm(dim), Attention(dim, heads)
-        self.mlp = (MoE([mlp(dim, 4 * dim) for _ in range(experts)], dim, k, tokens=True, noisy=noisy, router=router)
-                    if experts else mlp(dim, 4 * dim))
+        self.mlp = (FusedMoE([mlp(dim, 4 * dim) for _ in range(experts)], dim, k, tokens=True, noisy=noisy,
+                             router=router) if experts else mlp(dim, 4 * dim))
 
     def forward(self, x):
         x = x + self.attn(self.ln1(x))

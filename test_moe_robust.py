@@ -41,39 +41,42 @@ def token_moe(E=4, k=1, D=16, router="linear"):
 @pytest.mark.parametrize("router", ["centred", "linear"])
 @pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("kind", ["image", "token", "unfused"])
-def test_static_eval_path_equals_the_sparse_dispatch(kind, k, router):
-    """Eval mode runs every expert on every row (fused into one wide network where the experts allow) and keeps the
-    chosen ones: the sparse dispatch's function and input gradient, under top-k and every analysis control (soft,
-    forced expert, forced rank, forced routes), per image and per token. Computed twice, the cached fused weights
-    give the same; after a weight changes, the new function."""
+def test_eval_mode_computes_the_sparse_dispatchs_function(kind, k, router):
+    """Eval mode runs every expert on every row and keeps the chosen ones; FusedMoE (the models' layer) runs them as
+    one wide network with the router folded. Both compute the sparse dispatch's function and input gradient (the
+    training path, run here with every BatchNorm in eval mode), under top-k and every analysis control (soft, forced
+    expert, forced rank, forced routes), per image and per token. Twice (the cached weights), and after a weight
+    changes (the cache renewed)."""
     torch.manual_seed(0)
-    layer = conv_moe(k=k, router=router) if kind == "image" else token_moe(k=k, router=router) if kind == "token" \
-        else mr.MoE([nn.Linear(16, 16) for _ in range(4)], 16, k=k, tokens=True, router=router).eval()
+    experts = [mr.residual_branch(8, 8, 8, 1) if kind == "image" else mr.mlp(16, 32) if kind == "token" else
+               nn.Linear(16, 16) for _ in range(4)]
+    fused = mr.FusedMoE(experts, 8 if kind == "image" else 16, k=k, tokens=kind != "image", router=router)
     x = torch.randn(6, 8, 5, 5) if kind == "image" else torch.randn(3, 7, 16)
-    layer.train()(x * 2 + 1)  # BatchNorm running statistics away from their start
-    layer.eval()
-    assert (mr.fuse_experts(layer.experts) is None) == (kind == "unfused")
-    tokens = kind != "image"
-    route = mr.Route(torch.rand(21 if tokens else 6, 4).argsort(1)[:, :k], torch.rand(21 if tokens else 6, k))
+    fused.train()(x * 2 + 1)  # BatchNorm running statistics away from their start
+    plain = mr.MoE(copy.deepcopy(experts), fused.router.in_features, k=k, tokens=fused.tokens, router=router)
+    plain.load_state_dict(fused.state_dict())
+    fused.eval(), plain.eval()
+    assert (fused.eval_weights()[1] is None) == (kind == "unfused")
+    rows_of = lambda v: v.reshape(-1, 16) if fused.tokens else v
+    reference = lambda v: plain.sparse(rows_of(v), *plain.route(rows_of(v) if fused.tokens else v.mean((2, 3))))
+    n = 21 if fused.tokens else 6
+    route = mr.Route(torch.rand(n, 4).argsort(1)[:, :k], torch.rand(n, k))
     for control in (None, mr.soft_routing, lambda m: mr.forced_expert(m, 2), lambda m: mr.forced_rank(m, 1),
                     lambda m: mr.forced_routes(m, [route])):
-        with control(layer) if control else contextlib.nullcontext():
-            for _ in range(2):
-                xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-                y = layer(xa)
-                rows = xb.reshape(-1, 16) if tokens else xb
-                ref = layer.sparse(rows, *layer.route(rows if tokens else xb.mean((2, 3)))).reshape(y.shape)
-                assert torch.allclose(y, ref, atol=1e-5)
-                ga, gb = (torch.autograd.grad(v.square().sum(), w)[0] for v, w in ((y, xa), (ref, xb)))
-                assert torch.allclose(ga, gb, atol=1e-4)
-    assert len(torch.unique(layer.routing.indices)) > 1 or control is not None
-    before = layer(x)
+        for _ in range(2):
+            outs = []
+            for layer, run in ((fused, fused), (plain, plain), (plain, reference)):
+                with control(layer) if control else contextlib.nullcontext():
+                    xa = x.clone().requires_grad_(True)
+                    y = run(xa).reshape(x.shape[:2] + (-1,) if fused.tokens else x.shape)
+                    outs.append((y, torch.autograd.grad(y.square().sum(), xa)[0]))
+            for y, g in outs[:2]:
+                assert torch.allclose(y, outs[2][0], atol=1e-5) and torch.allclose(g, outs[2][1], atol=1e-4)
+    assert len(torch.unique(fused(x) is not None and fused.routing.indices)) > 1
     with torch.no_grad():
-        [next(e.parameters()).mul_(2) for e in layer.experts], layer.router.weight.neg_()
-    after = layer(x)
-    assert not torch.allclose(before, after) and torch.allclose(after, layer.sparse(
-        x.reshape(-1, 16) if tokens else x, *layer.route(x.reshape(-1, 16) if tokens else x.mean((2, 3)))).reshape(
-        after.shape), atol=1e-5)
+        for layer in (fused, plain):
+            [next(e.parameters()).mul_(2) for e in layer.experts], layer.router.weight.neg_()
+    assert torch.allclose(fused(x), plain(x), atol=1e-5) and not torch.allclose(fused(x), outs[0][0].detach())
 
 
 @pytest.mark.parametrize("layout", ["moe", "advmoe"])
@@ -151,7 +154,7 @@ def test_forced_expert_on_whole_model_equals_dense_copy_with_that_expert():
 
 def test_balance_loss_known_values_and_stats():
     E = 4
-    layer = token_moe(E=E)
+    layer = token_moe(E=E).train()  # aux losses come from training forwards
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.bias.copy_(torch.tensor([5.0, 0, 0, 0]))  # everything goes to expert 0
@@ -1648,7 +1651,7 @@ def test_balance_and_z_losses_known_values_and_gradients():
     """Switch's balance loss E * sum_i f_i P_i and ST-MoE's z-loss mean(logsumexp(r)^2), from the module, against
     values and gradients worked out by hand (f_i carries no gradient, P_i does)."""
     E, c = 4, 2.0
-    layer = mr.MoE([mr.mlp(E, 8) for _ in range(E)], E, k=1, tokens=True, router="linear").eval()
+    layer = mr.MoE([mr.mlp(E, 8) for _ in range(E)], E, k=1, tokens=True, router="linear").train()
     with torch.no_grad():  # router logits c * one-hot: every expert tops a quarter of the rows, P_i = 1/E
         layer.router.weight.copy_(c * torch.eye(E))
         layer.router.bias.zero_()
@@ -2511,6 +2514,7 @@ def copy_cost(source: str, roots: list) -> tuple[int, set]:
 
 COPY_PIECES = [  # (the README's name of a piece, its top-level definitions, its line budget)
     ("MoE layer", ["MoE", "moe_layers", "moe_aux_loss"], 120),
+    ("MoE layer with fused eval mode", ["FusedMoE", "moe_layers", "moe_aux_loss"], 200),
     ("PGD", ["pgd"], 50),
     ("APGD-CE + APGD-T", ["apgd", "apgd_targeted"], 140),
     ("Square L-inf", ["square_linf"], 60),
@@ -2530,7 +2534,7 @@ def test_each_piece_copies_within_its_line_budget_and_readme_quotes_the_cost():
         lines, names = copy_cost(source, roots)
         assert lines <= budget, (label, lines, budget, sorted(names))
         assert f"| {label} | {lines} |" in readme, f"README Layout: the row of {label} should say {lines} lines"
-    for label, roots, _ in COPY_PIECES[5:8]:  # the methods copy without the training loop, configuration or the CLI
+    for label, roots, _ in COPY_PIECES[6:9]:  # the methods copy without the training loop, configuration or the CLI
         names = copy_cost(source, roots)[1]
         assert not names & {"Config", "Trainer", "train", "main", "sgd", "LipschitzBound", "MoE"}, (label, names)
     names = copy_cost(source, ["LipschitzBound"])[1]  # a rule per module type, not the project's model classes
