@@ -28,9 +28,9 @@ import math
 import operator
 import os
 import pickle
+import shutil
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:
+    import fcntl  # POSIX: a run folder in use is locked (lock_folder)
+except ImportError:
+    fcntl = None
 
 # ==== 0. Conventions: errors a user can read, precision, eval mode =================================================
 
@@ -102,6 +107,32 @@ def frozen(*models: nn.Module):
     reuses its weight casts across an attack's iterations (it caches those of leaf weights that require grad); the
     attacks take input gradients only (autograd.grad), so no weight gradient is computed or left behind."""
     return eval_mode(*models)
+
+def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Random crop (zero padding `pad`) + horizontal flip of a float batch (B, C, H, W) on its device."""
+    B, C, H, W = x.shape
+    dy, dx = (torch.randint(0, 2 * pad + 1, (B,), device=x.device) for _ in range(2))
+    rows = torch.arange(H, device=x.device)[None] + dy[:, None]  # (B, H)
+    cols = torch.arange(W, device=x.device)[None] + dx[:, None]  # (B, W)
+    b, c = torch.arange(B, device=x.device)[:, None, None, None], torch.arange(C, device=x.device)[None, :, None, None]
+    out = F.pad(x, (pad, pad, pad, pad))[b, c, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
+    return torch.where((torch.rand(B, device=x.device) < 0.5)[:, None, None, None], out.flip(3), out)
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
+            shuffle: bool = False, train_augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Images, uint8 pixels or floats in [0, 1], -> (float images in [0, 1], labels) on `device`, with the global RNG
+    (seeded per epoch). Training keeps the whole uint8 set on the device: a batch is a gather, a cast and the
+    augmentation there."""
+    check(x.dtype == torch.uint8 or (x.is_floating_point() and (len(x) == 0 or 0 <= x.min() <= x.max() <= 1)),
+          f"images must be uint8 pixels or floats in [0, 1]; got {x.dtype}" + (f" from {x.min():.3g} to {x.max():.3g}"
+                                                                              if x.is_floating_point() else ""))
+    order = torch.randperm(len(x), device=x.device) if shuffle else torch.arange(len(x), device=x.device)
+    for i in range(0, len(x), batch_size):
+        idx = order[i:i + batch_size]
+        xb = x[idx].to(device, non_blocking=True).float()
+        xb = xb.div_(255) if x.dtype == torch.uint8 else xb
+        xb = augment(xb, pad=max(1, xb.shape[-1] // 8)) if train_augment else xb
+        yield xb, y[idx].to(device, non_blocking=True)
 
 # ==== 1. The sparse top-k MoE layer ================================================================================
 # Letters used in shape comments: B batch, T tokens per image, N rows routed (N = B per image, N = B*T per token),
@@ -261,7 +292,7 @@ class FusedMoE(MoE):
             layers = [(ms[0], cast(cat(ms, "weight")), cat(ms, "bias")) if isinstance(ms[0], (nn.Conv2d, nn.Linear))
                       else (ms[0], *(cat(ms, a) for a in ("running_mean", "running_var", "weight", "bias")))
                       if isinstance(ms[0], nn.BatchNorm2d) else (ms[0],) for ms in zip(*self.experts)] if fusable else None
-            return (w, b) if c is None else (w * s, b - (w * s) @ c.running_mean), layers
+            return (w, b) if c is None else (w * s, b - (w * s) @ c.running_mean), layers if fusable else None
         if torch.compiler.is_compiling():  # a captured graph holds its own
             return make()
         key = [(t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers())] + [torch.is_grad_enabled(),
@@ -1781,74 +1812,69 @@ def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
 METHODS = ("standard", "at", "trades", "advmoe", "rt-er", "dual", "jtdmoe")
 DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder", "random")
 ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
-RUNS = {"t": "training", "d": "--method dual", "e": "--eval", "l": "--lipschitz", "b": "--benchmark", "m": "the demo",
-        "r": "--resume"}
 
-def opt(default, help: str, choices=None, ge=None, gt=None, le=None, lt=None, group=None, reads="t"):
-    """A Config field: default, help, allowed values (choices, bounds), the --help group it opens, and the runs that
-    read it (letters of RUNS): a flag given to a run that does not read it is refused."""
-    return field(default=default, metadata=dict(help=help, choices=choices, bounds=(ge, gt, le, lt), group=group,
-                                                reads=reads))
+def opt(default, help: str, choices=None, ge=None, gt=None, le=None, lt=None, group=None):
+    """A Config field: its default, --help text, allowed values (choices, bounds) and the --help group it opens."""
+    return field(default=default, metadata=dict(help=help, choices=choices, bounds=(ge, gt, le, lt), group=group))
 
 @dataclass
 class Config:
     """Everything a run needs; each field is one --flag (underscores become dashes). Checkpoints store it."""
-    method: str = opt("at", "training method", METHODS, group="what to run", reads="td")
-    dataset: str = opt("synthetic", "data set (random: noise in CIFAR-10's shape)", DATASETS, group="data", reads="td")
-    data_dir: str = opt("data", "where data sets live (CIFAR is downloaded here)", reads="tdel")
-    image_size: Optional[int] = opt(None, "image side of tinyimagenet (64), imagefolder, synthetic (32)", reads="td")
+    method: str = opt("at", "training method", METHODS, group="what to train")
+    dataset: str = opt("synthetic", "data set (random: noise in CIFAR-10's shape)", DATASETS, group="data")
+    data_dir: str = opt("data", "where data sets live (CIFAR is downloaded here)")
+    image_size: Optional[int] = opt(None, "image side of tinyimagenet (64), imagefolder, synthetic (32)")
     train_limit: Optional[int] = opt(None, "use only the first N training examples", ge=1)
-    test_limit: Optional[int] = opt(None, "use only the first N test examples", ge=1, reads="tde")
+    test_limit: Optional[int] = opt(None, "use only the first N test examples", ge=1)
     val_size: Optional[int] = opt(None, "held-out validation examples (default 10%%, at most 1000)", ge=1)
     augment: bool = opt(True, "no random crop + flip")
     arch: str = opt("moe-resnet18", "architecture; resnet18 has no MoE block", ARCHS, group="model")
-    width: float = opt(1.0, "multiplier of every channel width (0.125 for CPU)", gt=0, le=8, reads="tb")
+    width: float = opt(1.0, "multiplier of every channel width (0.125 for CPU)", gt=0, le=8)
     experts: int = opt(4, "experts E per MoE layer (Robust Experts: 4; AdvMoE: 2)", ge=1, le=64)
     top_k: int = opt(1, "experts K per image/token (CNN-MoE papers: 1; V-MoE: 2)", ge=1)
-    moe_blocks: str = opt("layer4.1", "ResNet blocks made MoE: all, or e.g. layer3.1,layer4.1", reads="tb")
+    moe_blocks: str = opt("layer4.1", "ResNet blocks made MoE: all, or e.g. layer3.1,layer4.1")
     expert_ratio: float = opt(1.0, "expert inner width / block width (AdvMoE: 0.5)", gt=0, le=4)
     noisy_gating: bool = opt(False, "Shazeer's noisy top-k routing while training")
     router: str = opt("centred", "centred: the router's input standardised; linear: the papers' W h + b", ROUTERS)
     epochs: int = opt(10, "passes over the training split", ge=1, group="optimisation")
-    batch_size: int = opt(128, "images per step (the global batch under torchrun)", ge=1, le=65536, reads="tb")
+    batch_size: int = opt(128, "images per step (the global batch under torchrun)", ge=1, le=65536)
     lr: float = opt(0.1, "SGD learning rate, cosine decay to 0 (Madry/Rice recipe, shortened)", ge=0)
     momentum: float = opt(0.9, "SGD (Nesterov) momentum", ge=0, lt=1)
     weight_decay: float = opt(5e-4, "SGD weight decay", ge=0)
     balance_coef: float = opt(1e-2, "Switch balance loss weight", ge=0)
     z_coef: float = opt(1e-3, "router z-loss weight (ST-MoE)", ge=0)
     beta: float = opt(6.0, "KL weight: TRADES (and advmoe's), RT-ER's runner-up and JTDMoE's expert terms", ge=0)
-    seed: int = opt(0, "initial weights, data order, attacks' random starts", ge=0, le=2 ** 31 - 1, reads="tdel")
-    eps: Optional[float] = opt(None, "radius in pixel units: L-inf (default: 8/255), L2 (give one: 0.5)", ge=0,
-                               group="attack", reads="tdel")
-    alpha: Optional[float] = opt(None, "PGD step size, e.g. 2/255 (default eps/4)", gt=0, reads="tde")
-    norm: str = opt("linf", "threat model", NORMS, reads="tdel")
+    seed: int = opt(0, "initial weights, data order, attacks' random starts", ge=0, le=2 ** 31 - 1)
     train_steps: int = opt(10, "PGD steps while training (Madry: 10)", ge=1)
     val_steps: int = opt(10, "PGD steps on the validation split each epoch", ge=1)
-    eval_steps: int = opt(20, "PGD steps of the test evaluation", ge=1, reads="tde")
-    eval_restarts: int = opt(1, "PGD restarts of the test evaluation", ge=1, reads="tde")
-    eval_suite: str = opt("full", "pgd; autoattack: APGD-CE, APGD-T, FAB-T, Square; full: PGD, those, soft-router "
-                                  "PGD and the MoE analyses (section 5)", EVAL_SUITES, reads="tde")
-    apgd_steps: int = opt(100, "APGD-CE, APGD-T and FAB-T iterations (AutoAttack: 100)", ge=1, reads="tde")
-    apgd_targets: Optional[int] = opt(None, "APGD-T/FAB-T target classes (default 9, or classes-1)", ge=1, reads="tde")
-    square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1, reads="tde")
     router_lr: Optional[float] = opt(None, "router learning rate (default --lr)", ge=0, group="advmoe")
     router_schedule: str = opt("cosine", "router lr schedule", ("cosine", "constant"))
     robust_loss: str = opt("at", "robust loss of both steps: PGD-AT or TRADES", ("at", "trades"))
-    dual_a: float = opt(0.5, "smoothing parameter a of f_D = (1-a) f_S + a f_R", ge=0, le=1, group="dual and jtdmoe",
-                        reads="td")
-    dual_mix: str = opt("logits", "mix logits (the paper) or each member's unit-std logits", DUAL_MIXES, reads="td")
-    dual_sweep: str = opt("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "values of a to evaluate", reads="d")
-    standard_ckpt: Optional[str] = opt(None, "f_S from this checkpoint (else trained)", reads="d")
-    robust_ckpt: Optional[str] = opt(None, "f_R from this checkpoint (else trained)", reads="d")
-    robust_method: str = opt("rt-er", "how f_R is trained without --robust-ckpt", METHODS[1:5], reads="d")
+    dual_a: float = opt(0.5, "smoothing parameter a of f_D = (1-a) f_S + a f_R", ge=0, le=1, group="dual and jtdmoe")
+    dual_mix: str = opt("logits", "mix logits (the paper) or each member's unit-std logits", DUAL_MIXES)
+    dual_sweep: str = opt("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "--method dual: values of a to evaluate")
+    standard_ckpt: Optional[str] = opt(None, "--method dual: f_S from this checkpoint (else trained)")
+    robust_ckpt: Optional[str] = opt(None, "--method dual: f_R from this checkpoint (else trained)")
+    robust_method: str = opt("rt-er", "--method dual: how f_R is trained without --robust-ckpt", METHODS[1:5])
     expert_attack: str = opt("pgd", "rt-er/jtdmoe expert paths: label PGD (the paper) or TRADES' KL attack",
                              ("pgd", "kl"))
-    device: str = opt("auto", "auto: cuda when available", ("auto", "cpu", "cuda"), group="run", reads="tdelbmr")
-    precision: str = opt("auto", "training's; auto: bf16 on CUDA, float32 on CPU (reports: float32)", PRECISIONS,
-                         reads="tb")
-    compile: bool = opt(False, "torch.compile the dense parts and each expert (compile_model)", reads="tb")
+    eps: Optional[float] = opt(None, "radius in pixel units: L-inf (default: 8/255), L2 (give one: 0.5)", ge=0,
+                               group="attack (training, the test report, --eval, --lipschitz)")
+    alpha: Optional[float] = opt(None, "PGD step size, e.g. 2/255 (default eps/4)", gt=0)
+    norm: str = opt("linf", "threat model", NORMS)
+    eval_suite: str = opt("full", "pgd; autoattack: APGD-CE, APGD-T, FAB-T, Square; full: PGD, those, soft-router "
+                                  "PGD and the MoE analyses (section 5)", EVAL_SUITES,
+                          group="test report (training, --method dual, --eval)")
+    eval_steps: int = opt(20, "PGD steps of the test evaluation", ge=1)
+    eval_restarts: int = opt(1, "PGD restarts of the test evaluation", ge=1)
+    apgd_steps: int = opt(100, "APGD-CE, APGD-T and FAB-T iterations (AutoAttack: 100)", ge=1)
+    apgd_targets: Optional[int] = opt(None, "APGD-T/FAB-T target classes (default 9, or classes-1)", ge=1)
+    square_queries: int = opt(5000, "Square attack queries per example (AutoAttack: 5000)", ge=1)
+    device: str = opt("auto", "auto: cuda when available", ("auto", "cpu", "cuda"), group="run")
+    precision: str = opt("auto", "training's; auto: bf16 on CUDA, float32 on CPU (reports: float32)", PRECISIONS)
+    compile: bool = opt(False, "torch.compile the model (compile_model)")
     sync_bn: bool = opt(False, "torchrun on CUDA: torch's SyncBatchNorm outside the experts")
-    out: str = opt("runs/default", "output folder (default runs/<dataset>-<arch>-<method>)", reads="tdelbmr")
+    out: str = opt("runs/default", "output folder (default runs/<dataset>-<arch>-<method>)")
 
     def __post_init__(self):
         if self.eps is None and self.norm == "linf":  # the L-inf default; an L2 radius has no default
@@ -1867,8 +1893,8 @@ class Config:
         """Every setting against its type and allowed values (inf and nan pass no bound), then those that depend on
         each other. -> self"""
         for f in dataclasses.fields(self):
-            v, m, flag, kind = getattr(self, f.name), f.metadata, "--" + f.name.replace("_", "-"), f.type.strip("]")
-            kind = kind.removeprefix("Optional[")
+            v, m, flag = getattr(self, f.name), f.metadata, "--" + f.name.replace("_", "-")
+            kind = f.type.strip("]").removeprefix("Optional[")
             if v is None:
                 check(f.type.startswith("Optional"), f"{flag} needs a value ({kind})")
                 continue
@@ -1901,10 +1927,6 @@ def method_config(cfg: Config) -> MethodConfig:
 def eval_config(cfg: Config) -> EvalConfig:
     return EvalConfig(cfg.eval_suite, cfg.eps, cfg.alpha, cfg.norm, cfg.eval_steps, cfg.eval_restarts, cfg.apgd_steps,
                       cfg.apgd_targets, cfg.square_queries)
-
-def record_config(cfg: Config, runs: str) -> dict:
-    """The settings a record states: those that the runs `runs` (letters of RUNS) read."""
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if set(runs) & set(f.metadata["reads"])}
 
 # ==== 8. Setup: the device chosen in one place, torchrun, files ===================================================
 @dataclass
@@ -1946,12 +1968,14 @@ def world() -> tuple[int, int]:
 def is_main() -> bool:
     return world()[0] == 0
 
+def log(msg: str) -> None:
+    print(msg, flush=True) if is_main() else None  # under torchrun rank 0 speaks for all
+
 def start_distributed(device: str) -> None:
     """Under torchrun: join the process group, NCCL on GPUs (one each) or gloo on CPUs."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0"))) if cuda else None
         dist.init_process_group("nccl" if cuda else "gloo")
 
 def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -1963,8 +1987,7 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return r.to(t.device)
 
 def barrier() -> None:
-    if world()[1] > 1:
-        dist.barrier()
+    dist.barrier() if world()[1] > 1 else None
 
 def shard_rows(n: int) -> tuple[int, int]:
     rank, size = world()
@@ -2012,13 +2035,10 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     finally:
         tmp.unlink(missing_ok=True)
 
-def strict_json(obj):  # JSON has no NaN or Infinity: None instead
-    if isinstance(obj, (dict, list, tuple)):
-        return {k: strict_json(v) for k, v in obj.items()} if isinstance(obj, dict) else [strict_json(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
-
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda p: Path(p).write_text(json.dumps(strict_json(obj), indent=1, allow_nan=False)))
+def write_json(path: Path, obj) -> None:  # JSON has no NaN or Infinity: null instead
+    clean = lambda o: {k: clean(v) for k, v in o.items()} if isinstance(o, dict) else [clean(v) for v in o] if \
+        isinstance(o, (list, tuple)) else None if isinstance(o, float) and not math.isfinite(o) else o
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(clean(obj), indent=1, allow_nan=False)))
 
 def read_json(path: Path) -> dict:
     try:
@@ -2043,8 +2063,8 @@ def check_targets(folder: str, files: tuple = (), flag: str = "--out") -> Path:
 LOCKS: dict = {}  # folder -> this process's open lock file on it
 
 def lock_folder(folder: Path, flag: str = "--out") -> None:
-    """Create `folder` and hold it (an advisory lock on folder/.lock, gone with the process): a second run into a
-    folder in use is refused, so it neither clobbers files nor loses a record. holds_folders releases it."""
+    """Create `folder` and hold it by an advisory lock on folder/.lock (POSIX; gone with the process): a second run
+    into a folder in use is refused, so it neither clobbers files nor loses a record. holds_folders releases it."""
     if not is_main() or (key := str(Path(folder).resolve())) in LOCKS:
         return
     try:
@@ -2053,10 +2073,7 @@ def lock_folder(folder: Path, flag: str = "--out") -> None:
     except OSError as e:
         raise UserError(f"{flag} {folder} is not a writable folder ({e.strerror or type(e).__name__})") from None
     try:
-        import fcntl  # POSIX; elsewhere no lock is taken
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:
-        pass
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl else None
     except OSError:
         f.seek(0)
         holder, _ = f.read().strip() or "?", f.close()
@@ -2078,16 +2095,16 @@ def holds_folders(fn: Callable) -> Callable:
     return run
 
 def add_record(path: Path, entry: Optional[dict] = None) -> int:
-    """Append `entry` to the record file (eval.json, lipschitz.json: {"records": [...]}; records only grow), its
-    folder held by this run; without an entry, check the file only. -> the number of records"""
+    """Append `entry` to the record file (eval.json, lipschitz.json: {"records": [...]}; records only grow); without
+    an entry, check the file only. -> the number of records"""
     entries = read_json(path).get("records") if Path(path).exists() else []
     check(isinstance(entries, list), f"{path} is not a record file (no 'records' list); move it away")
-    if entry is not None:
-        write_json(path, {"records": entries + [entry]})
+    write_json(path, {"records": entries + [entry]}) if entry is not None else None
     return len(entries) + (entry is not None)
-# ==== 9. Data: uint8 tensors in memory, float [0, 1] batches on the device =========================================
-# Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,). Batches are cast to float in
-# [0, 1] on the device and augmented there (random crop with zero padding + horizontal flip, the CIFAR recipe).
+
+# ==== 9. Data: uint8 tensors in memory ==============================================================================
+# Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,); `batches` (section 0) casts
+# them to float [0, 1] on the device and augments them there.
 @dataclass
 class Dataset:
     train_x: torch.Tensor  # (N, 3, H, W) uint8
@@ -2146,19 +2163,16 @@ class CifarUnpickler(pickle.Unpickler):
 
 def load_cifar(name: str, data_dir: str) -> Dataset:
     """CIFAR-10/100 from the python-pickle layout under `data_dir`, downloaded there through torchvision when missing
-    (offline, the error says where to put the archive). Read here, so that only the layout matters."""
+    (offline, the error says where to put the archive)."""
     root, classes = Path(data_dir), 10 if name == "cifar10" else 100
     folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     if not folder.is_dir():
         made = next(a for a in (root, *root.parents) if a.exists())  # a failed download leaves no folder behind
         try:
-            import torchvision  # only needed for the download
-            (torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100)(
-                str(root), train=True, download=True)
+            from torchvision import datasets  # only needed for the download
+            (datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100)(str(root), train=True, download=True)
         except Exception as e:  # offline, or no write access
-            if made != root:
-                import shutil
-                shutil.rmtree(made / root.relative_to(made).parts[0], ignore_errors=True)
+            shutil.rmtree(made / root.relative_to(made).parts[0], ignore_errors=True) if made != root else None
             raise UserError(f"{name} not found in {root}/ and the download failed ({type(e).__name__}); put "
                             f"{name.replace('cifar', 'cifar-')}-python.tar.gz from https://www.cs.toronto.edu/~kriz/ "
                             f"extracted into {root}/") from None
@@ -2200,8 +2214,9 @@ def read_folder(root: Path, size: int, what: str, classes: Optional[list] = None
         raise UserError(f"{what}: {root}/: {str(e).splitlines()[0][:200]}") from None
     classes = classes or ds.classes
     check(ds.samples and set(ds.classes) <= set(classes), f"{what}: no images under {root}/, or a class not in train/")
-    return read_images([p for p, _ in ds.samples], size, what), torch.tensor([classes.index(ds.classes[t]) for _, t in
-                                                                               ds.samples]), classes
+    check(len(classes) >= 2, f"{what}: {root}/ has {len(classes)} class folders; need at least 2")
+    y = torch.tensor([classes.index(ds.classes[t]) for _, t in ds.samples])
+    return read_images([p for p, _ in ds.samples], size, what), y, classes
 
 def load_tinyimagenet(data_dir: str, size: int = 64) -> Dataset:
     """TinyImageNet-200 as unzipped: train/<wnid>/images/*.JPEG, and val/images/*.JPEG named with their class in
@@ -2211,7 +2226,6 @@ def load_tinyimagenet(data_dir: str, size: int = 64) -> Dataset:
     check(root and ann.is_file(), f"tinyimagenet not found in {data_dir}/: expected train/<wnid>/images/ and "
           "val/val_annotations.txt (unzip http://cs231n.stanford.edu/tiny-imagenet-200.zip there)")
     tx, ty, wnids = read_folder(root / "train", size, "tinyimagenet", allow_empty=True)
-    check(len(wnids) >= 2, f"tinyimagenet: {root / 'train'}/ has {len(wnids)} class folders; need at least 2")
     val = [line.split()[:2] for line in ann.read_text().splitlines() if len(line.split()) >= 2]
     check(val and all(w in wnids for _, w in val), f"tinyimagenet: {ann} is empty or names a class train/ lacks")
     vx = read_images([root / "val" / "images" / f for f, _ in val], size, "tinyimagenet")
@@ -2224,7 +2238,6 @@ def load_imagefolder(data_dir: str, size: int = 32) -> Dataset:
     check((root / "train").is_dir() and test_dir is not None,
           f"imagefolder: {data_dir}/ must hold train/ and test/ (or val/) with one sub-folder per class")
     tx, ty, classes = read_folder(root / "train", size, "imagefolder")
-    check(len(classes) >= 2, f"imagefolder: {root / 'train'}/ has {len(classes)} class folders; need at least 2")
     return Dataset(tx, ty, *read_folder(test_dir, size, "imagefolder", classes, allow_empty=True)[:2], len(classes),
                    "imagefolder")
 
@@ -2263,37 +2276,6 @@ def check_dataset(d: Dataset) -> Dataset:
         check(len(bad) == 0, f"{what}: {split} label {int(bad[0]) if len(bad) else 0} outside 0..{d.num_classes - 1}")
     return d
 
-def split_validation(x: torch.Tensor, y: torch.Tensor, n_val: int, seed: int):
-    """Hold out `n_val` training examples (a fixed random subset) for model selection: the test set never chooses a
-    checkpoint (robust overfitting, Rice et al. 2020)."""
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    return x[perm[n_val:]], y[perm[n_val:]], x[perm[:n_val]], y[perm[:n_val]]
-
-def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Random crop (zero padding `pad`) + horizontal flip of a float batch (B, C, H, W) on its device."""
-    B, C, H, W = x.shape
-    dy, dx = (torch.randint(0, 2 * pad + 1, (B,), device=x.device) for _ in range(2))
-    rows = torch.arange(H, device=x.device)[None] + dy[:, None]  # (B, H)
-    cols = torch.arange(W, device=x.device)[None] + dx[:, None]  # (B, W)
-    b, c = torch.arange(B, device=x.device)[:, None, None, None], torch.arange(C, device=x.device)[None, :, None, None]
-    out = F.pad(x, (pad, pad, pad, pad))[b, c, rows[:, None, :, None], cols[:, None, None, :]]  # (B, C, H, W)
-    return torch.where((torch.rand(B, device=x.device) < 0.5)[:, None, None, None], out.flip(3), out)
-
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device,
-            shuffle: bool = False, train_augment: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Images, uint8 pixels or floats in [0, 1], -> (float images in [0, 1], labels) on `device`, with the global RNG
-    (seeded per epoch). Training keeps the whole uint8 set on the device: a batch is a gather, a cast and the
-    augmentation there."""
-    check(x.dtype == torch.uint8 or (x.is_floating_point() and (len(x) == 0 or 0 <= x.min() <= x.max() <= 1)),
-          f"images must be uint8 pixels or floats in [0, 1]; got {x.dtype}" + (f" from {x.min():.3g} to {x.max():.3g}"
-                                                                              if x.is_floating_point() else ""))
-    order = torch.randperm(len(x), device=x.device) if shuffle else torch.arange(len(x), device=x.device)
-    for i in range(0, len(x), batch_size):
-        idx = order[i:i + batch_size]
-        xb = x[idx].to(device, non_blocking=True).float()
-        xb = xb.div_(255) if x.dtype == torch.uint8 else xb
-        xb = augment(xb, pad=max(1, xb.shape[-1] // 8)) if train_augment else xb
-        yield xb, y[idx].to(device, non_blocking=True)
 # ==== 10. The training loop: checkpoints, validation, resume, the dual model =======================================
 CHECKPOINT_VERSION = 1
 RUN_FILES = ("last.pt", "best.pt", "metrics.json")  # a folder holding any of these holds a run
@@ -2355,14 +2337,35 @@ def build_run_model(cfg: Config, num_classes: int, image_size: int) -> nn.Module
     return DualModel(build_model(mc), build_model(mc), cfg.dual_a, cfg.dual_mix) if cfg.method == "jtdmoe" \
         else build_model(mc)
 
+def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module, Config, dict]:
+    """The evaluated model of a checkpoint (best.pt or last.pt), in eval mode: (model, config, state)."""
+    state = load_checkpoint(path)
+    cfg = config_from_dict(state["config"])
+    model = build_run_model(cfg, state["num_classes"], state["image_size"])
+    try:
+        model.load_state_dict(state["model"] if "model" in state else state["method"]["model"])
+    except Exception as e:
+        raise UserError(f"checkpoint {path!r} does not fit its own config ({type(e).__name__})") from None
+    return (runtime or make_runtime("auto")).prepare(model).eval(), cfg, state
+
 def data_record(cfg: Config, data: Dataset, **sizes) -> dict:
     """Which data a record's numbers come from."""
-    disk = data.name not in ("synthetic", "random")
-    return {"dataset": data.name, "data_dir": cfg.data_dir if disk else None, **sizes}
+    return {"dataset": data.name, "data_dir": None if data.name in ("synthetic", "random") else cfg.data_dir, **sizes}
 
-def log(msg: str) -> None:
-    if is_main():  # under torchrun rank 0 speaks for all
-        print(msg, flush=True)
+def run_data(cfg: Config, data: Optional[Dataset] = None) -> Dataset:
+    """The run's data, loaded (rank 0 first: a download happens once) or checked, and the settings that depend on it
+    checked."""
+    barrier() if not is_main() else None
+    data = check_dataset(data) if data is not None else load_dataset(
+        cfg.dataset, cfg.data_dir, cfg.image_size, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
+    barrier() if is_main() else None
+    check(cfg.apgd_targets is None or cfg.eval_suite == "pgd" or 4 <= data.num_classes > cfg.apgd_targets,
+          f"--apgd-targets {cfg.apgd_targets} not allowed: {data.name} has {data.num_classes} classes; APGD-T needs "
+          "4 or more, with at most classes - 1 targets")
+    diameter = math.sqrt(3) * data.image_size  # the L2 distance between a black and a white image
+    check(cfg.norm != "l2" or cfg.eps <= diameter, f"--eps {cfg.eps:g} not allowed under l2: no two images are "
+                                                   f"further apart than {diameter:.1f}")
+    return data
 
 class Trainer:
     """A method's model, optimisers and cosine schedules; `step` trains on one batch with the method's step (section
@@ -2420,13 +2423,13 @@ def diverged(cfg: Config, epoch: int, where: str, what: str) -> UserError:
 def largest_weight(model: nn.Module) -> float:
     return torch.stack([p.detach().abs().max().float() for p in model.parameters()]).max().item()
 
-def check_intact(model: nn.Module, vx: torch.Tensor, vy: torch.Tensor, cfg: Config, device: torch.device, epoch: int,
-                 start_loss: float, start_weight: float) -> None:
+def check_intact(model: nn.Module, clean_loss: float, cfg: Config, epoch: int, start_loss: float,
+                 start_weight: float) -> None:
     """After an epoch, on every rank: a model whose weights or clean validation loss are non-finite or EXPLODED times
     the run's start (its first step loss, its largest initial weight; at least 1) is destroyed, however normal its
     last step loss looked (one huge step), and stops the run as divergence does, before anything of it is saved."""
-    w, loss = largest_weight(model), evaluate(model, vx, vy, None, device)["clean_loss"]
-    for name, v, start in (("largest weight", w, start_weight), ("clean validation loss", loss, start_loss)):
+    for name, v, start in (("largest weight", largest_weight(model), start_weight),
+                           ("clean validation loss", clean_loss, start_loss)):
         if not math.isfinite(v) or v > EXPLODED * max(start, 1.0):
             raise diverged(cfg, epoch, "after its last step", f"the {name} is {v:.3g} (the run started at {start:.3g})")
 
@@ -2436,17 +2439,16 @@ def train_epoch(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, cfg: Config,
     are summed on the device and read once; progress every 30 s. A non-finite loss, or one EXPLODED times the run's
     first (start_loss; None: this is the run's first epoch) stops the run before anything of this epoch is saved."""
     t0, shown, sums, n, first, steps = time.time(), time.time(), {}, 0, None, math.ceil(len(x) / cfg.batch_size)
-    bad = torch.tensor(1 << 40, device=device)  # the first step with a non-finite or exploded loss, and that loss
-    bad_loss = torch.tensor(0.0, device=device)
+    bad, bad_loss = torch.tensor(1 << 40, device=device), torch.tensor(0.0, device=device)  # first bad step, its loss
     for i, (xb, yb) in enumerate(batches(x, y, cfg.batch_size, device, shuffle=True, train_augment=cfg.augment)):
         a, b = shard_rows(len(xb))
         logs = trainer.step(xb[a:b], yb[a:b])
         if start_loss is None and i == 0:
             first = all_reduce(logs["loss"].float() * (b - a)) / len(xb)
         limit = EXPLODED * (first.clamp(min=1.0) if start_loss is None else max(start_loss, 1.0))
-        wrong = ~torch.isfinite(torch.stack([v.float() for v in logs.values()])).all() | (logs["loss"] > limit)
-        bad_loss = torch.where(wrong & (bad == 1 << 40), logs["loss"].float(), bad_loss)
-        bad = torch.where(wrong & (bad == 1 << 40), i + 1, bad)
+        wrong = (~torch.isfinite(torch.stack([v.float() for v in logs.values()])).all() | (logs["loss"] > limit)) & (
+            bad == 1 << 40)
+        bad, bad_loss = torch.where(wrong, i + 1, bad), torch.where(wrong, logs["loss"].float(), bad_loss)
         for k, v in logs.items():  # summed on the device: no host sync per step
             sums[k] = sums.get(k, 0.0) + v.double() * (b - a)
         n += len(xb)
@@ -2457,7 +2459,7 @@ def train_epoch(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, cfg: Config,
         if time.time() - shown > 30 and i + 1 < steps:
             shown, rate = time.time(), n / (time.time() - t0)
             log(f"  epoch {epoch + 1} step {i + 1}/{steps} | {rate:.1f} img/s | epoch ends in "
-                f"{(len(x) - n) / rate / 60:.1f} min")
+                f"{(len(x) - n) / rate / 60:.1f} min, the run in {(len(x) * (cfg.epochs - epoch) - n) / rate / 60:.1f}")
     sums, bad = dict(zip(sums, all_reduce(torch.stack(list(sums.values()))))), int(all_reduce(bad, dist.ReduceOp.MIN))
     start_loss = first.item() if start_loss is None else start_loss
     if bad < 1 << 40:  # the first bad step of any rank
@@ -2466,21 +2468,6 @@ def train_epoch(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, cfg: Config,
                        f"{start_loss:.3g})" if math.isfinite(loss) else "a value is not finite")
     return {**{f"train_{k}": v.item() / n for k, v in sums.items()}, "images": n, "seconds": time.time() - t0,
             "start_loss": start_loss}
-
-def run_data(cfg: Config, data: Optional[Dataset] = None) -> Dataset:
-    """The run's data, loaded (rank 0 first: a download happens once) or checked, and the settings that depend on it
-    checked."""
-    barrier() if not is_main() else None
-    data = check_dataset(data) if data is not None else load_dataset(
-        cfg.dataset, cfg.data_dir, cfg.image_size, train_limit=cfg.train_limit, test_limit=cfg.test_limit)
-    barrier() if is_main() else None
-    check(cfg.apgd_targets is None or cfg.eval_suite == "pgd" or 4 <= data.num_classes > cfg.apgd_targets,
-          f"--apgd-targets {cfg.apgd_targets} not allowed: {data.name} has {data.num_classes} classes; APGD-T needs "
-          "4 or more, with at most classes - 1 targets")
-    diameter = math.sqrt(3) * data.image_size  # the L2 distance between a black and a white image
-    check(cfg.norm != "l2" or cfg.eps <= diameter, f"--eps {cfg.eps:g} not allowed under l2: no two images are "
-                                                   f"further apart than {diameter:.1f}")
-    return data
 
 def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> Optional[dict]:
     """What --out holds agrees with resume/overwrite; for resume, its last.pt (checked). Reads, never writes."""
@@ -2534,7 +2521,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     n_val = cfg.val_size or min(1000, max(1, len(data.train_x) // 10))
     check(n_val < len(data.train_x), f"--val-size {n_val} leaves no training data of {len(data.train_x)} examples "
                                      f"(--train-limit {cfg.train_limit}); need at least one more")
-    tx, ty, vx, vy = (t.to(rt.device) for t in split_validation(data.train_x, data.train_y, n_val, cfg.seed))
+    perm = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(cfg.seed))  # a fixed held-out
+    tx, ty, vx, vy = (t.to(rt.device) for t in (data.train_x[perm[n_val:]], data.train_y[perm[n_val:]],  # subset
+                                                  data.train_x[perm[:n_val]], data.train_y[perm[:n_val]]))  # selects
     last = len(tx) % cfg.batch_size
     check(cfg.batch_size >= ranks and (last == 0 or last >= ranks), f"a batch of {last or cfg.batch_size} examples "
           f"cannot be shared by {ranks} processes; change --batch-size or --train-limit")
@@ -2553,10 +2542,9 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         history, best, start, start_loss = state["history"], state["best"], state["epoch"] + 1, state.get("start_loss")
         start_weight = state.get("start_weight") or largest_weight(model)
     start_writing(out, overwrite, RUN_FILES + RECORD_FILES)  # every input is checked: from here on the run writes
-    if cfg.compile:
-        compile_model(model)
+    compile_model(model) if cfg.compile else None
     selection, params = "val_clean_acc" if cfg.method == "standard" else "val_robust_acc", count_params(model)
-    metrics = {**previous, "config": record_config(cfg, "t"), "selection": selection, "params": params,
+    metrics = {**previous, "config": dataclasses.asdict(cfg), "selection": selection, "params": params,
                "data": data_record(cfg, data, train=len(tx), val=n_val, test=len(data.test_x)),
                "model": dataclasses.asdict(model_config(cfg, *shape)), "history": history, "best_epoch": best["epoch"]}
     log(f"{cfg.method} | {cfg.arch} on {cfg.dataset} ({len(tx)} train / {n_val} val / {len(data.test_x)} test) | "
@@ -2572,12 +2560,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
         n, seconds, start_loss = row.pop("images"), row.pop("seconds"), row.pop("start_loss")
         for m in moe_layers(model):  # rows routed on every rank
             m.counts = all_reduce(m.counts)
-        check_intact(model, vx, vy, cfg, rt.device, epoch, start_loss, start_weight)
         routing, collapsed = routing_health(model, expert_counts(model), f"the rows of epoch {epoch + 1}")
-        left = (time.time() - t_run) / (epoch + 1 - start) * (cfg.epochs - epoch - 1) / 60
-        if not is_main():  # rank 0 validates (in float32, like every report), saves and logs
+        attack = None if not is_main() else AttackConfig(cfg.eps, cfg.alpha, cfg.val_steps, 1, cfg.norm)
+        val = evaluate(model, vx, vy, attack, rt.device)  # rank 0 validates (in float32, like every report)
+        check_intact(model, val["clean_loss"], cfg, epoch, start_loss, start_weight)
+        if not is_main():  # rank 0 saves and logs
             continue
-        val = evaluate(model, vx, vy, AttackConfig(cfg.eps, cfg.alpha, cfg.val_steps, 1, cfg.norm), rt.device)
         row = {"epoch": epoch + 1, **row, "val_clean_acc": val["clean_acc"], "val_robust_acc": val["robust_acc"],
                "lr": trainer.opts[0].param_groups[0]["lr"], "time_s": round(time.time() - t0, 2),
                "images_per_s": round(n / seconds, 1), "routing": routing}
@@ -2593,7 +2581,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
             f"{row['val_clean_acc']:.3f} robust {row['val_robust_acc']:.3f} | {row['time_s']:.1f}s {n / seconds:.0f} "
             "img/s" + (f" | routing: max share {worst['max_share']:.2f} ({worst['layer']}), min entropy "
                        f"{min(r['entropy'] for r in routing):.2f}" if worst else "")
-            + (f" | run ends in {left:.1f} min" if left else "") + "".join(f"\nWARNING: {w}" for w in collapsed))
+            + f" | run ends in {(time.time() - t_run) / (epoch + 1 - start) * (cfg.epochs - epoch - 1) / 60:.1f} min"
+            + "".join(f"\nWARNING: {w}" for w in collapsed))
     barrier()  # rank 0 has written best.pt
     best_state = load_checkpoint(str(out / "best.pt"))  # the final test: the best validation epoch
     model.load_state_dict(best_state["model"])
@@ -2614,17 +2603,6 @@ def test_report(model: nn.Module, data: Dataset, cfg: Config, device: torch.devi
         return functools.reduce(add_up, parts, {})
     return evaluate_full(model, data.test_x[a:b], data.test_y[a:b], eval_config(cfg), device, analysis=analysis,
                          combine=gather if ranks > 1 else None, progress=log)
-
-def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module, Config, dict]:
-    """The evaluated model of a checkpoint (best.pt or last.pt), in eval mode: (model, config, state)."""
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
-    model = build_run_model(cfg, state["num_classes"], state["image_size"])
-    try:
-        model.load_state_dict(state["model"] if "model" in state else state["method"]["model"])
-    except Exception as e:
-        raise UserError(f"checkpoint {path!r} does not fit its own config ({type(e).__name__})") from None
-    return (runtime or make_runtime("auto")).prepare(model).eval(), cfg, state
 
 @holds_folders
 def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
@@ -2662,10 +2640,10 @@ def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: O
         path = how if isinstance(how, str) else str(Path(how[0].out) / "best.pt")
         model, saved, state = load_model(path, rt)
         members[role] = (model, {"checkpoint": path, "trained_here": not isinstance(how, str), "epoch": state["epoch"]
-                                 + 1, "config": record_config(saved, "t")})
+                                 + 1, "config": dataclasses.asdict(saved)})
     seed_everything(cfg.seed)  # the attacks' random starts
     f_d = lambda a: DualModel(members["standard"][0], members["robust"][0], a, cfg.dual_mix)
-    metrics = {"config": record_config(cfg, "d"), "data": data_record(cfg, data, test=len(data.test_x)),
+    metrics = {"config": dataclasses.asdict(cfg), "data": data_record(cfg, data, test=len(data.test_x)),
                "members": {r: m[1] for r, m in members.items()}, "dual_sweep": []}
     log(f"\n== dual model sweep over a (f_D = (1 - a) f_S + a f_R) -> {out / 'metrics.json'} ==")
     for a in cfg.sweep_values():
@@ -2685,30 +2663,30 @@ BENCH_MODELS = {"resnet18": dict(arch="resnet18"), "moe-resnet18": dict(arch="mo
 @holds_folders
 def benchmark(cfg: Config, out: str = "runs/benchmark", iters: Optional[int] = None) -> dict:
     """--benchmark: images/s of a standard and a PGD-10 AT step of each BENCH_MODELS network at --width,
-    --batch-size, --precision and --compile on this device, through the real loop (batches, Trainer.step) on random
-    CIFAR-10-shaped data; printed and written to OUT/benchmark.json."""
+    --batch-size, --precision and --compile on this device, through Trainer.step on random CIFAR-10-shaped batches;
+    printed and written to OUT/benchmark.json."""
     dest, rt = check_targets(out, ("benchmark.json",)) / "benchmark.json", make_runtime(cfg.device, cfg.precision)
     lock_folder(dest.parent)
     cuda = rt.device.type == "cuda"
-    iters, warmup = iters or (20 if cuda else 2), 10 if cuda else 1
+    iters, warmup = iters or (100 if cuda else 2), 100 if cuda else 1
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     res = {"device": torch.cuda.get_device_name(rt.device) if cuda else f"CPU, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "precision": str(rt.amp_dtype or torch.float32), "compile": cfg.compile,
-           "width": cfg.width, "batch_size": cfg.batch_size}
+           "width": cfg.width, "batch_size": cfg.batch_size, "warmup_steps": warmup, "timed_steps": iters}
     log("benchmark: " + " | ".join(f"{k} {v}" for k, v in res.items()) + f" -> {dest}")
-    B, g = cfg.batch_size, torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (B * (iters + warmup), 3, 32, 32), dtype=torch.uint8, generator=g).to(rt.device)
-    y, ips = torch.randint(0, 10, (len(x),), generator=g).to(rt.device), {}
+    B, g, ips = cfg.batch_size, torch.Generator().manual_seed(0), {}
+    x = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, generator=g).to(rt.device)
+    y = torch.randint(0, 10, (B,), generator=g).to(rt.device)
     for name, method in [(n, m) for n in BENCH_MODELS for m in ("standard", "at")]:
         c = dataclasses.replace(cfg, method=method, train_steps=10, **BENCH_MODELS[name])
         seed_everything(0)
         model = rt.prepare(build_model(model_config(c, 10, 32)))
         step = Trainer(compile_model(model) if cfg.compile else model, c, 10 ** 6).step
-        for i, (xb, yb) in enumerate(batches(x, y, B, rt.device, shuffle=True, train_augment=True)):
+        for i in range(warmup + iters):
             if i == warmup:
                 sync()
                 t = time.perf_counter()
-            step(xb, yb)
+            step(*next(batches(x, y, B, rt.device, shuffle=True, train_augment=True)))
         sync()
         ips.setdefault(name, {})[method] = r = round(B * iters / (time.perf_counter() - t), 1)
         log(f"{name:13s} {method:8s} {r:9.1f} img/s  ({B / r * 1e3:.1f} ms/step)")
@@ -2726,9 +2704,9 @@ def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
                   eval_suite="pgd", device=device)
     runs = {m: Config(method=m, out=f"{out}/{m}", **common).validate() for m in ("standard", "at")}
     for cfg in runs.values():  # the demo replaces an earlier demo, never another run
-        found = [read_json(Path(cfg.out) / "metrics.json")] if (Path(cfg.out) / "metrics.json").exists() else []
-        check(all(f.get("config", {}).get(k) == v for f in found for k, v in record_config(cfg, "t").items()
-                  if k not in ("out", "device")), f"{cfg.out} holds a run that is not the demo's; give another --out")
+        found = read_json(Path(cfg.out) / "metrics.json") if (Path(cfg.out) / "metrics.json").exists() else {}
+        check(all(found.get("config", {}).get(k, v) == v for k, v in common.items() if k != "device"),
+              f"{cfg.out} holds a run that is not the demo's; give another --out")
         check_run_folder(cfg, False, True)
     results = {}
     for method, cfg in runs.items():
@@ -2738,6 +2716,38 @@ def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
     for method, r in results.items():
         log(f"{method:10s} {r['clean_acc']:6.3f} {r['robust_acc']:7.3f}")
     return results
+
+@holds_folders
+def evaluate_checkpoint(path: str, cfg: Config, out: Optional[str], data_dir: Optional[str] = None,
+                        lipschitz_n: int = 0) -> dict:
+    """--eval: the test report of a checkpoint under the attacks given, added to OUT/eval.json; --lipschitz
+    (lipschitz_n > 0): lipschitz_report on its first n test examples, added to OUT/lipschitz.json. OUT: the
+    checkpoint's folder by default; earlier records there are kept."""
+    rt, flag = make_runtime(cfg.device), "--out" if out else "the checkpoint's folder"
+    model, saved, state = load_model(path, rt)
+    data = load_dataset(saved.dataset, data_dir or saved.data_dir, saved.image_size,
+                        test_limit=lipschitz_n or cfg.test_limit)
+    run_data(dataclasses.replace(cfg, eval_suite="pgd") if lipschitz_n else cfg, data)
+    check_fits(state, saved, data, f"checkpoint {path}")
+    dest = check_targets(out or str(Path(path).parent), RECORD_FILES, flag) / RECORD_FILES[lipschitz_n > 0]
+    add_record(dest)  # a broken record file stops us before the work
+    lock_folder(dest.parent, flag)  # every input is checked: the folder is ours until the record is written
+    seed_everything(cfg.seed)  # attacks' random starts and power iterations repeat run to run
+    rec = {"checkpoint": path, "checkpoint_epoch": state["epoch"] + 1, "model_config": dataclasses.asdict(saved),
+           "data": data_record(dataclasses.replace(saved, data_dir=data_dir or saved.data_dir), data,
+                               test=len(data.test_x)),
+           "settings": {k: getattr(cfg, k) for k in ("eps", "norm", "seed") + ((
+               "alpha", "eval_suite", "eval_steps", "eval_restarts", "apgd_steps", "apgd_targets", "square_queries")
+               if not lipschitz_n else ())} | ({"lipschitz_n": lipschitz_n} if lipschitz_n else {})}
+    if lipschitz_n:
+        rec.update(lipschitz_report(model, data.test_x.to(rt.device).float() / 255, data.test_y.to(rt.device),
+                                    cfg.eps, cfg.norm))
+        text = f"{path}: " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if isinstance(v, float) and k != "eps")
+    else:
+        rec["test"] = test_report(model, data, cfg, rt.device)
+        text = format_report(rec["test"], path)
+    log(text + f"\n-> {dest} (record {add_record(dest, rec)})")
+    return rec
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, no usage dump
@@ -2762,23 +2772,21 @@ def _eps(s: str) -> float:
     return v
 
 def build_parser() -> argparse.ArgumentParser:
-    """One --flag per Config field (help, type, default and choices from it), grouped as the fields are, plus the
-    flags that choose what to run."""
+    """One --flag per Config field (help, type, default and choices from it), in its groups, and the other runs."""
     p = _Parser(prog="moe_robust.py", allow_abbrev=False, formatter_class=_Help,
                 description="Robust sparse Mixture-of-Experts training. With no arguments: a two-minute CPU demo.")
     g, types = None, {"int": int, "float": float, "str": str}
     for f in dataclasses.fields(Config):
         m, flag = f.metadata, "--" + f.name.replace("_", "-")
         g = p.add_argument_group(m["group"]) if m["group"] else g
-        h = m["help"] + " [read by " + ", ".join(RUNS[r] for r in m["reads"] if r in "tdelb") + "]"
         if f.type == "bool":  # a switch: --flag turns it on, --no-flag turns a default True off
-            g.add_argument(f"--no-{flag[2:]}" if f.default else flag, dest=f.name, help=h,
+            g.add_argument(f"--no-{flag[2:]}" if f.default else flag, dest=f.name, help=m["help"],
                            action="store_false" if f.default else "store_true")
         else:
             kind = _eps if f.name in ("eps", "alpha") else types[f.type.strip("]").removeprefix("Optional[")]
             g.add_argument(flag, type=kind, default=None if f.name == "out" else f.default, choices=m["choices"],
-                           help=h)
-    g = p.add_argument_group("other runs")
+                           help=m["help"])
+    g = p.add_argument_group("other runs (each reads the settings of its checkpoint, the attack and the test report)")
     g.add_argument("--eval", metavar="CKPT", help="evaluate this checkpoint on the test set; adds to OUT/eval.json")
     g.add_argument("--lipschitz", metavar="CKPT", help="Lipschitz estimates, bounds, certified accuracy of a CKPT")
     g.add_argument("--lipschitz-n", type=int, default=64, metavar="N", help="test examples --lipschitz uses")
@@ -2788,61 +2796,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a run")
     return p
 
-def refuse_unread(argv: list[str], run: str) -> None:
-    """Every flag given is read by this run (a letter of RUNS), or the run is refused before anything happens; a dual
-    run reads the training flags for the members it trains. The flags given: a second parse without defaults."""
-    parser = build_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    reads = {f.name: f.metadata["reads"] for f in dataclasses.fields(Config)}
-    reads.update(lipschitz_n="l", overwrite="tdr", resume="tdr")
-    for name in sorted(set(vars(parser.parse_args(argv))) - {"eval", "lipschitz", "benchmark", "demo"}):
-        flag = "--" + ("no-augment" if name == "augment" else name.replace("_", "-"))
-        check(run in reads[name] or (run == "d" and "t" in reads[name]), f"--resume continues the saved run with its "
-              f"own settings; drop {flag} (only --out and --device may change)" if run == "r" else
-              f"{flag} is not read by {RUNS[run]}; leave it out")
-
-@holds_folders
-def evaluate_checkpoint(path: str, cfg: Config, out: Optional[str], data_dir: Optional[str] = None,
-                        lipschitz_n: int = 0) -> dict:
-    """--eval: the test report of a checkpoint under the attacks given, added to OUT/eval.json; --lipschitz
-    (lipschitz_n > 0): lipschitz_report on its first n test examples, added to OUT/lipschitz.json. OUT: the
-    checkpoint's folder by default; earlier records there are kept."""
-    rt, flag = make_runtime(cfg.device, cfg.precision), "--out" if out else "the checkpoint's folder"
-    model, saved, state = load_model(path, rt)
-    data = load_dataset(saved.dataset, data_dir or saved.data_dir, saved.image_size,
-                        test_limit=lipschitz_n or cfg.test_limit)
-    check_fits(state, saved, data, f"checkpoint {path}")
-    run_data(dataclasses.replace(cfg, eval_suite="pgd") if lipschitz_n else cfg, data)
-    dest = check_targets(out or str(Path(path).parent), RECORD_FILES, flag) / RECORD_FILES[lipschitz_n > 0]
-    add_record(dest)  # a broken record file stops us before the work
-    lock_folder(dest.parent, flag)  # every input is checked: the folder is ours until the record is written
-    seed_everything(cfg.seed)  # attacks' random starts and power iterations repeat run to run
-    rec = {"checkpoint": path, "checkpoint_epoch": state["epoch"] + 1, "model_config": record_config(saved, "t"),
-           "data": data_record(dataclasses.replace(saved, data_dir=data_dir or saved.data_dir), data,
-                               test=len(data.test_x)),
-           "settings": record_config(cfg, "l" if lipschitz_n else "e")}
-    if lipschitz_n:
-        rec.update(lipschitz_report(model, data.test_x.to(rt.device).float() / 255, data.test_y.to(rt.device),
-                                    cfg.eps, cfg.norm))
-        text = f"{path}: " + " | ".join(f"{k} {v:.4g}" for k, v in rec.items() if isinstance(v, float) and k != "eps")
-    else:
-        rec["test"] = test_report(model, data, cfg, rt.device)
-        text = format_report(rec["test"], path)
-    log(text + f"\n-> {dest} (record {add_record(dest, rec)})")
-    return rec
-
-def _interrupt(signum, frame):  # SIGTERM (how schedulers stop jobs) goes the way of Ctrl-C
-    raise KeyboardInterrupt(signum)
-
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a bad flag already reported in one line
         return int(e.code or 0)
-    old_term = signal.signal(signal.SIGTERM, _interrupt) if threading.current_thread() is threading.main_thread() \
-        else None
     cfg, runs = None, [m for m in ("eval", "lipschitz", "benchmark", "demo") if getattr(args, m)]
     try:
         start_distributed(args.device)  # under torchrun: join the other processes
@@ -2856,19 +2815,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         check(args.lipschitz_n >= 1, f"--lipschitz-n {args.lipschitz_n} must be >= 1")
         for ckpt in (args.eval, args.lipschitz, cfg.standard_ckpt, cfg.robust_ckpt):  # inputs before outputs
             load_checkpoint(ckpt) if ckpt is not None else None
-        run = {"eval": "e", "lipschitz": "l", "benchmark": "b", "demo": "m"}[runs[0]] if runs else \
-            "m" if not argv else "d" if cfg.method == "dual" else "r" if args.resume else "t"
-        refuse_unread(argv, run)
-        check(world()[1] == 1 or run not in "mb", "the demo and --benchmark run in one process; start without torchrun")
+        run = runs[0] if runs else "demo" if not argv else "train"
+        given = sorted({a.split("=")[0] for a in argv if a[:2] == "--"} - {"--out", "--device", "--resume", "--demo",
+                                                                            "--overwrite"})
+        what = "--resume continues the saved run with its own settings" if args.resume else "the demo has its own"
+        check(not given or not (args.resume and cfg.method != "dual" or run == "demo"), f"{what}; drop {' '.join(given)} "
+              "(--out and --device may change)")
+        check(run == "lipschitz" or "--lipschitz-n" not in given, "--lipschitz-n is read by --lipschitz only")
+        check(run not in ("eval", "lipschitz") or "--precision" not in given, "--precision sets training's autocast; "
+              "--eval and --lipschitz report in float32 whatever it is: leave it out")
+        check(world()[1] == 1 or run in ("train", "eval", "lipschitz"), "the demo and --benchmark run in one process; "
+              "start without torchrun")
         if cfg.norm == "linf" and cfg.eps > 32 / 255:
             log(f"note: --eps {cfg.eps * 255:g}/255 is far beyond the usual L-inf radii (2/255 to 16/255)")
-        if run == "m":
+        if run == "demo":
             run_demo(args.out or "runs/demo", args.device)
-        elif run == "b":
+        elif run == "benchmark":
             benchmark(cfg, args.out or "runs/benchmark")
-        elif run in "el":
+        elif run in ("eval", "lipschitz"):
             evaluate_checkpoint(args.eval or args.lipschitz, cfg, args.out, args.data_dir if "--data-dir" in argv
-                                else None, args.lipschitz_n if run == "l" else 0)
+                                else None, args.lipschitz_n if run == "lipschitz" else 0)
         else:
             (run_dual if cfg.method == "dual" else train)(cfg, resume=args.resume, overwrite=args.overwrite)
         barrier()  # torchrun: every rank done before any tears the process group down
@@ -2876,12 +2842,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stderr.write(f"error: {e}\n") if is_main() else None
         return 2
     except (MemoryError, RuntimeError) as e:  # CUDA's OutOfMemoryError and the CPU allocator's are RuntimeErrors
-        if not isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) and not ("alloc" in str(e) and
-                                                                                 "memory" in str(e)):
+        if not isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError)) and "alloc" not in str(e):
             raise
-        rank = f"process {world()[0]}: " if world()[1] > 1 else ""
-        sys.stderr.write(f"error: {rank}out of memory ({type(e).__name__}); lower --batch-size, --width, --experts or "
-                         "the image size\n")
+        sys.stderr.write(f"error: out of memory ({type(e).__name__}); lower --batch-size, --width, --experts or the "
+                         "image size\n")
         return 2
     except KeyboardInterrupt as e:
         sig = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
@@ -2892,11 +2856,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stderr.write(f"{signal.Signals(sig).name}: interrupted; {note}\n") if is_main() else None
         return 128 + int(sig)
     finally:
-        signal.signal(signal.SIGTERM, old_term) if old_term is not None else None
         dist.destroy_process_group() if dist.is_available() and dist.is_initialized() else None
     return 0
 
+def _interrupt(signum, frame):  # SIGTERM (how schedulers stop jobs) goes the way of Ctrl-C
+    raise KeyboardInterrupt(signum)
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: leave without the interpreter's teardown, in which a
         sys.stdout.flush(), sys.stderr.flush()  # finished rank can abort (a torch.distributed thread still joinable)
