@@ -2700,7 +2700,7 @@ def benchmark(cfg: Config, out: str = "runs/benchmark", iters: Optional[int] = N
 
 def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
     """Standard training vs PGD-AT of a small MoE-ResNet18 on `synthetic`, about two minutes on 2 CPU cores."""
-    common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=4, batch_size=64,
+    common = dict(dataset="synthetic", arch="moe-resnet18", width=0.125, experts=4, top_k=1, epochs=6, batch_size=64,
                   lr=0.05, train_limit=2400, test_limit=500, train_steps=5, val_steps=5, eval_steps=10,
                   eval_suite="pgd", device=device)
     runs = {m: Config(method=m, out=f"{out}/{m}", **common).validate() for m in ("standard", "at")}
