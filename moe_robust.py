@@ -289,11 +289,11 @@ class FusedMoE(MoE):
                 isinstance(e, nn.Sequential) and kind(e) == kind(first) for e in self.experts)
             cat = lambda ms, a: None if getattr(ms[0], a) is None else torch.cat([getattr(m, a) for m in ms])
             cast = lambda t: t if amp is None else t.to(amp)
-            layers = fusable and [
+            layers = None if not fusable else [
                 (ms[0], cast(cat(ms, "weight")), cat(ms, "bias")) if isinstance(ms[0], (nn.Conv2d, nn.Linear)) else
                 (ms[0], *(cat(ms, a) for a in ("running_mean", "running_var", "weight", "bias")))
                 if isinstance(ms[0], nn.BatchNorm2d) else (ms[0],) for ms in zip(*self.experts)]
-            return (w, b) if c is None else (w * s, b - (w * s) @ c.running_mean), layers if fusable else None
+            return (w, b) if c is None else (w * s, b - (w * s) @ c.running_mean), layers
         if torch.compiler.is_compiling():  # a captured graph holds its own
             return make()
         key = [(t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers())] + [torch.is_grad_enabled(),
