@@ -42,11 +42,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    import fcntl  # POSIX: a run folder in use is locked (lock_folder)
-except ImportError:
-    fcntl = None
-
 # ==== 0. Conventions: errors a user can read, precision, eval mode =================================================
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -423,10 +418,8 @@ def current_routes(model: nn.Module, x: torch.Tensor, fixed_gates: Optional[floa
 NORM_STATS = {  # per-channel mean/std of the Normalize layer inside each model
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # for imagefolder
     "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-    "random": ((0.5, 0.5, 0.5), (0.2887, 0.2887, 0.2887)),  # uniform [0, 1]: std 1/sqrt(12)
 }
 
 BLOCK_NAMES = tuple(f"layer{i}.{j}" for i in range(1, 5) for j in range(2))  # ResNet-18's BasicBlocks
@@ -1811,7 +1804,7 @@ def lipschitz_report(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: fl
 
 # ==== 7. Configuration: one flat dataclass, each field a --flag ====================================================
 METHODS = ("standard", "at", "trades", "advmoe", "rt-er", "dual", "jtdmoe")
-DATASETS = ("synthetic", "cifar10", "cifar100", "tinyimagenet", "imagefolder", "random")
+DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
 ARCHS = ("resnet18", "moe-resnet18", "moe-vit")
 
 def opt(default, help: str, choices=None, ge=None, gt=None, le=None, lt=None, group=None):
@@ -1822,9 +1815,9 @@ def opt(default, help: str, choices=None, ge=None, gt=None, le=None, lt=None, gr
 class Config:
     """Everything a run needs; each field is one --flag (underscores become dashes). Checkpoints store it."""
     method: str = opt("at", "training method", METHODS, group="what to train")
-    dataset: str = opt("synthetic", "data set (random: noise in CIFAR-10's shape)", DATASETS, group="data")
+    dataset: str = opt("synthetic", "data set (imagefolder: --data-dir holds train/ and test/)", DATASETS, group="data")
     data_dir: str = opt("data", "where data sets live (CIFAR is downloaded here)")
-    image_size: Optional[int] = opt(None, "image side of tinyimagenet (64), imagefolder, synthetic (32)")
+    image_size: Optional[int] = opt(None, "image side of imagefolder and synthetic (default 32)")
     train_limit: Optional[int] = opt(None, "use only the first N training examples", ge=1)
     test_limit: Optional[int] = opt(None, "use only the first N test examples", ge=1)
     val_size: Optional[int] = opt(None, "held-out validation examples (default 10%%, at most 1000)", ge=1)
@@ -1854,9 +1847,8 @@ class Config:
     dual_a: float = opt(0.5, "smoothing parameter a of f_D = (1-a) f_S + a f_R", ge=0, le=1, group="dual and jtdmoe")
     dual_mix: str = opt("logits", "mix logits (the paper) or each member's unit-std logits", DUAL_MIXES)
     dual_sweep: str = opt("0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", "--method dual: values of a to evaluate")
-    standard_ckpt: Optional[str] = opt(None, "--method dual: f_S from this checkpoint (else trained)")
-    robust_ckpt: Optional[str] = opt(None, "--method dual: f_R from this checkpoint (else trained)")
-    robust_method: str = opt("rt-er", "--method dual: how f_R is trained without --robust-ckpt", METHODS[1:5])
+    standard_ckpt: Optional[str] = opt(None, "--method dual: f_S, a checkpoint (e.g. of --method standard)")
+    robust_ckpt: Optional[str] = opt(None, "--method dual: f_R, a checkpoint (e.g. of --method rt-er)")
     expert_attack: str = opt("pgd", "rt-er/jtdmoe expert paths: label PGD (the paper) or TRADES' KL attack",
                              ("pgd", "kl"))
     eps: Optional[float] = opt(None, "radius in pixel units: L-inf (default: 8/255), L2 (give one: 0.5)", ge=0,
@@ -1913,11 +1905,10 @@ class Config:
                                                                      "multiple of 8 from 16 to 256")
         check(self.top_k <= self.experts, f"--top-k {self.top_k} not allowed with --experts {self.experts}; need k<=E")
         self.sweep_values()
-        robust = self.robust_method if self.method == "dual" else self.method
-        check(robust not in ("advmoe", "rt-er", "jtdmoe") or self.arch != "resnet18",
+        check(self.method not in ("advmoe", "rt-er", "jtdmoe") or self.arch != "resnet18",
               f"--method {self.method} needs an MoE (--arch moe-resnet18 or moe-vit), not resnet18")
-        check(robust != "rt-er" or self.experts >= 2, f"--method rt-er needs a runner-up: --experts {self.experts} "
-                                                      "must be >= 2")
+        check(self.method != "rt-er" or self.experts >= 2,
+              f"--method rt-er needs a runner-up: --experts {self.experts} must be >= 2")
         check(bool(moe_block_set(self.moe_blocks)) or self.arch != "moe-resnet18",
               f"--moe-blocks {self.moe_blocks!r} makes no MoE layer; name blocks (layer4.1) or use --arch resnet18")
         return self
@@ -2041,67 +2032,26 @@ def write_json(path: Path, obj) -> None:  # JSON has no NaN or Infinity: null in
         isinstance(o, (list, tuple)) else None if isinstance(o, float) and not math.isfinite(o) else o
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(clean(obj), indent=1, allow_nan=False)))
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, records: bool = False) -> dict:
+    """A JSON object from `path` ({} or, for a record file, {"records": []} when there is no file)."""
+    if not Path(path).exists():
+        return {"records": []} if records else {}
     try:
         obj = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({type(e).__name__}); move it away or use another --out") from None
-    check(isinstance(obj, dict), f"{path} does not hold a JSON object; move it away or choose another --out")
+    check(isinstance(obj, dict) and (not records or isinstance(obj.get("records"), list)),
+          f"{path} does not hold a JSON object{' with a records list' if records else ''}; move it away")
     return obj
 
-def check_targets(folder: str, files: tuple = (), flag: str = "--out") -> Path:
-    """Prove, without writing, that `folder` is or can be made a writable folder where no file a run will write is
-    blocked by a folder of that name."""
+def check_out(folder: str, flag: str = "--out") -> Path:
+    """Prove, without writing, that `folder` is or can be made a writable folder."""
     p = Path(folder)
     check(not p.is_file(), f"{flag} {folder} is a file; give a folder")
     base = next(a for a in (p, *p.parents) if a.exists())
     check(base.is_dir() and os.access(base, os.W_OK | os.X_OK),
           f"{flag} {folder} is not a writable folder ({base} is {'read-only' if base.is_dir() else 'not a folder'})")
-    for f in files:
-        check(not (p / f).is_dir(), f"{flag} {folder}: {p / f} is a folder where a file must go; move it away")
     return p
-
-LOCKS: dict = {}  # folder -> this process's open lock file on it
-
-def lock_folder(folder: Path, flag: str = "--out") -> None:
-    """Create `folder` and hold it by an advisory lock on folder/.lock (POSIX; gone with the process): a second run
-    into a folder in use is refused, so it neither clobbers files nor loses a record. holds_folders releases it."""
-    if not is_main() or (key := str(Path(folder).resolve())) in LOCKS:
-        return
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        f = open(Path(folder) / ".lock", "a+")
-    except OSError as e:
-        raise UserError(f"{flag} {folder} is not a writable folder ({e.strerror or type(e).__name__})") from None
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB) if fcntl else None
-    except OSError:
-        f.seek(0)
-        holder, _ = f.read().strip() or "?", f.close()
-        raise UserError(f"{flag} {folder} is in use by another run (process {holder}); wait for it to end or choose "
-                        "another folder") from None
-    f.seek(0), f.truncate(), f.write(str(os.getpid())), f.flush()
-    LOCKS[key] = f
-
-def holds_folders(fn: Callable) -> Callable:
-    """Decorator: the folders `fn` locks are released when it returns or raises."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        before = set(LOCKS)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            for k in set(LOCKS) - before:
-                LOCKS.pop(k).close()
-    return run
-
-def add_record(path: Path, entry: Optional[dict] = None) -> int:
-    """Append `entry` to the record file (eval.json, lipschitz.json: {"records": [...]}; records only grow); without
-    an entry, check the file only. -> the number of records"""
-    entries = read_json(path).get("records") if Path(path).exists() else []
-    check(isinstance(entries, list), f"{path} is not a record file (no 'records' list); move it away")
-    write_json(path, {"records": entries + [entry]}) if entry is not None else None
-    return len(entries) + (entry is not None)
 
 # ==== 9. Data: uint8 tensors in memory ==============================================================================
 # Every loader returns a `Dataset` of uint8 images (N, 3, H, W) and int64 labels (N,); `batches` (section 0) casts
@@ -2144,13 +2094,6 @@ def make_synthetic(n_train: int = 6000, n_test: int = 1000, seed: int = 0, size:
         return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
     tx, ty = draw(n_train, torch.Generator().manual_seed(seed * 2 + 1))
     return Dataset(tx, ty, *draw(n_test, torch.Generator().manual_seed(seed * 2 + 2)), num_classes, "synthetic")
-
-def make_random(n_train: int = 50000, n_test: int = 10000, seed: int = 0, size: int = 32) -> Dataset:
-    """Uniform noise with random labels in CIFAR-10's shape: for timing a full-size epoch offline."""
-    g = torch.Generator().manual_seed(seed)
-    draw = lambda n: (torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
-                      torch.randint(0, 10, (n,), generator=g))
-    return Dataset(*draw(n_train), *draw(n_test), 10, "random")
 
 class CifarUnpickler(pickle.Unpickler):
     """Reads what CIFAR's batches hold (dicts, lists, strings, bytes, numpy arrays) and nothing else: a pickle may
@@ -2197,68 +2140,41 @@ def load_cifar(name: str, data_dir: str) -> Dataset:
     (tx, ty), (vx, vy) = [map(torch.cat, zip(*map(read, files))) for files in parts]
     return Dataset(tx, ty, vx, vy, classes, name)
 
-def read_images(paths: list, size: int, what: str) -> torch.Tensor:
-    """Images as RGB, the shorter side resized to `size`, centre-cropped (torchvision): (N, 3, size, size) uint8."""
+def read_folder(root: Path, size: int, classes: Optional[list] = None):
+    """The images of root/<class>/ (torchvision's ImageFolder) as RGB, the shorter side resized to `size` and
+    centre-cropped, labelled by the names in `classes` (default: root's own). -> (x (N, 3, size, size) uint8, y,
+    classes)"""
     from torchvision import datasets, transforms as T  # image folders only
     load = T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor()])
     try:
-        return torch.stack([load(datasets.folder.pil_loader(p)) for p in paths])
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"{what}: cannot read an image ({str(e).splitlines()[0][:200]})") from None
-
-def read_folder(root: Path, size: int, what: str, classes: Optional[list] = None, allow_empty: bool = False):
-    """The images of root/<class>/ (any depth: torchvision's ImageFolder), labelled by the names in `classes`
-    (default: root's own). -> (x, y, classes)"""
-    from torchvision import datasets
-    try:
-        ds = datasets.ImageFolder(str(root), allow_empty=allow_empty)
-    except (OSError, ValueError) as e:  # no class folder, a class without images
-        raise UserError(f"{what}: {root}/: {str(e).splitlines()[0][:200]}") from None
-    classes = classes or ds.classes
-    check(ds.samples and set(ds.classes) <= set(classes), f"{what}: no images under {root}/, or a class not in train/")
-    check(len(classes) >= 2, f"{what}: {root}/ has {len(classes)} class folders; need at least 2")
-    y = torch.tensor([classes.index(ds.classes[t]) for _, t in ds.samples])
-    return read_images([p for p, _ in ds.samples], size, what), y, classes
-
-def load_tinyimagenet(data_dir: str, size: int = 64) -> Dataset:
-    """TinyImageNet-200 as unzipped: train/<wnid>/images/*.JPEG, and val/images/*.JPEG named with their class in
-    val/val_annotations.txt (the test set)."""
-    root = next((r for r in (Path(data_dir), Path(data_dir) / "tiny-imagenet-200") if (r / "train").is_dir()), None)
-    ann = root / "val" / "val_annotations.txt" if root else None
-    check(root and ann.is_file(), f"tinyimagenet not found in {data_dir}/: expected train/<wnid>/images/ and "
-          "val/val_annotations.txt (unzip http://cs231n.stanford.edu/tiny-imagenet-200.zip there)")
-    tx, ty, wnids = read_folder(root / "train", size, "tinyimagenet", allow_empty=True)
-    val = [line.split()[:2] for line in ann.read_text().splitlines() if len(line.split()) >= 2]
-    check(val and all(w in wnids for _, w in val), f"tinyimagenet: {ann} is empty or names a class train/ lacks")
-    vx = read_images([root / "val" / "images" / f for f, _ in val], size, "tinyimagenet")
-    return Dataset(tx, ty, vx, torch.tensor([wnids.index(w) for _, w in val]), len(wnids), "tinyimagenet")
-
-def load_imagefolder(data_dir: str, size: int = 32) -> Dataset:
-    """Any `data_dir` with train/ and test/ (or val/) holding one sub-folder per class."""
-    root = Path(data_dir)
-    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
-    check((root / "train").is_dir() and test_dir is not None,
-          f"imagefolder: {data_dir}/ must hold train/ and test/ (or val/) with one sub-folder per class")
-    tx, ty, classes = read_folder(root / "train", size, "imagefolder")
-    return Dataset(tx, ty, *read_folder(test_dir, size, "imagefolder", classes, allow_empty=True)[:2], len(classes),
-                   "imagefolder")
+        ds = datasets.ImageFolder(str(root), allow_empty=classes is not None)
+        classes = classes or ds.classes
+        check(ds.samples and set(ds.classes) <= set(classes) and len(classes) >= 2, f"imagefolder: {root}/ needs "
+              "images in at least 2 class folders, each a class of train/")
+        x = torch.stack([load(datasets.folder.pil_loader(p)) for p, _ in ds.samples])
+    except (OSError, ValueError, RuntimeError) as e:  # no class folder, an unreadable image
+        raise UserError(f"imagefolder: {root}/: {str(e).splitlines()[0][:200]}") from None
+    return x, torch.tensor([classes.index(ds.classes[t]) for _, t in ds.samples]), classes
 
 def load_dataset(name: str, data_dir: str = "data", image_size: Optional[int] = None, seed: int = 0,
                  train_limit: Optional[int] = None, test_limit: Optional[int] = None) -> Dataset:
-    """Load by name (generated data: drawn with `seed`); `train_limit`/`test_limit` keep only the first N examples."""
+    """Load by name: synthetic (drawn with `seed`), cifar10, cifar100, or imagefolder (any `data_dir` with train/
+    and test/ (or val/) holding one sub-folder per class); `train_limit`/`test_limit` keep the first N examples."""
     check(name in DATASETS, f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    if name in ("synthetic", "random"):  # generated in memory: keep the request to what fits
+    root = Path(data_dir)
+    if name == "synthetic":  # generated in memory: keep the request to what fits
         for flag, v in (("--train-limit", train_limit), ("--test-limit", test_limit)):
-            check(v is None or v <= 100_000, f"{flag} {v} too large for generated data ({name}); allowed: 1..100000")
-        make, n = (make_synthetic, (6000, 1000)) if name == "synthetic" else (make_random, (50000, 10000))
-        data = make(train_limit or n[0], test_limit or n[1], seed=seed, size=image_size or 32)
+            check(v is None or v <= 100_000, f"{flag} {v} too large for synthetic data; allowed: 1..100000")
+        data = make_synthetic(train_limit or 6000, test_limit or 1000, seed=seed, size=image_size or 32)
+    elif name.startswith("cifar"):
+        check(image_size in (None, 32), f"{name} images are 32x32; --image-size {image_size} not allowed")
+        data = load_cifar(name, data_dir)
     else:
-        cifar = name in ("cifar10", "cifar100")
-        check(cifar or Path(data_dir).is_dir(), f"--data-dir {data_dir!r} does not exist or is not a directory "
-                                                f"(needed for {name})")
-        check(not cifar or image_size in (None, 32), f"{name} images are 32x32; --image-size {image_size} not allowed")
-        data = (load_cifar(name, data_dir) if cifar else load_tinyimagenet(data_dir, image_size or 64)
-                if name == "tinyimagenet" else load_imagefolder(data_dir, image_size or 32))
+        test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+        check((root / "train").is_dir() and test_dir is not None,
+              f"imagefolder: --data-dir {data_dir}/ must hold train/ and test/ (or val/) with a sub-folder per class")
+        tx, ty, classes = read_folder(root / "train", image_size or 32)
+        data = Dataset(tx, ty, *read_folder(test_dir, image_size or 32, classes)[:2], len(classes), name)
     data.train_x, data.train_y = data.train_x[:train_limit], data.train_y[:train_limit]  # [:None] keeps all
     data.test_x, data.test_y = data.test_x[:test_limit], data.test_y[:test_limit]
     return check_dataset(data)
@@ -2281,37 +2197,30 @@ def check_dataset(d: Dataset) -> Dataset:
 # ==== 10. The training loop: checkpoints, validation, resume, the dual model =======================================
 CHECKPOINT_VERSION = 1
 RUN_FILES = ("last.pt", "best.pt", "metrics.json")  # a folder holding any of these holds a run
-RECORD_FILES = ("eval.json", "lipschitz.json")  # what --eval and --lipschitz add to a run's folder
 EXPLODED = 100.0  # a loss or weight this many times the run's first (at least 1) stops training like a non-finite one
 
 def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda p: torch.save(state, p))
 
 def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by this file, every part checked: a one-line error for anything else."""
-    p, bad = Path(path), lambda why: UserError(f"checkpoint {path!r} {why}")
-    check(not p.is_dir(), f"checkpoint {path!r} is a folder; give a checkpoint file such as {p / 'best.pt'}")
-    check(p.is_file(), f"checkpoint {path!r} does not exist")
+    """A checkpoint written by this file, its parts checked: a one-line error for anything else."""
+    p, finite = Path(path), False
+    check(p.is_file(), f"checkpoint {path!r} is {'a folder' if p.is_dir() else 'not there'}; give a checkpoint file "
+                       "such as runs/demo/at/best.pt")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise bad(f"is corrupt or not a moe-robust checkpoint ({type(e).__name__})") from None
-    if not (isinstance(state, dict) and state.get("version") == CHECKPOINT_VERSION and "config" in state):
-        raise bad(f"is not a moe-robust checkpoint (version {CHECKPOINT_VERSION})")
-    missing = [k for k in ("num_classes", "image_size", "epoch") if k not in state]
-    if missing or not isinstance(state["config"], dict):
-        raise bad(f"is incomplete (no {', '.join(missing) or 'config dict'}); not written by moe_robust.py")
-    try:
+        weights = state["model"] if "model" in state else state["method"]["model"]
+        finite = all(t.isfinite().all() for t in weights.values() if t.is_floating_point())
+        problem = None if state["version"] == CHECKPOINT_VERSION and all(
+            type(state[k]) is int and state[k] >= 0 for k in ("num_classes", "image_size", "epoch")) else "a bad part"
         config_from_dict(state["config"]).validate()
     except UserError as e:
-        raise bad(f"holds an invalid config ({e})") from None
-    for k in ("num_classes", "image_size", "epoch"):
-        check(type(state[k]) is int and state[k] >= 0, f"checkpoint {path!r} has a bad {k} {state[k]!r}")
-    weights = state.get("model", state["method"].get("model") if isinstance(state.get("method"), dict) else None)
-    if not isinstance(weights, dict):
-        raise bad("is incomplete (no model weights)")
-    nan = [k for k, t in weights.items() if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
-    check(not nan, f"checkpoint {path!r} has non-finite weights ({nan[:1]}): the run that wrote it diverged")
+        problem = f"an invalid config: {e}"
+    except Exception as e:  # not a checkpoint at all, or a part missing or of the wrong kind
+        problem = f"{type(e).__name__} {str(e)[:80]}"
+    check(problem is None, f"checkpoint {path!r} is corrupt or not a moe-robust checkpoint (version "
+                           f"{CHECKPOINT_VERSION}): {problem}")
+    check(finite, f"checkpoint {path!r} has non-finite weights: the run that wrote it diverged")
     return state
 
 def check_fits(state: dict, saved: Config, data: Dataset, what: str) -> None:
@@ -2350,9 +2259,9 @@ def load_model(path: str, runtime: Optional[Runtime] = None) -> tuple[nn.Module,
         raise UserError(f"checkpoint {path!r} does not fit its own config ({type(e).__name__})") from None
     return (runtime or make_runtime("auto")).prepare(model).eval(), cfg, state
 
-def data_record(cfg: Config, data: Dataset, **sizes) -> dict:
+def data_record(data: Dataset, data_dir: str, **sizes) -> dict:
     """Which data a record's numbers come from."""
-    return {"dataset": data.name, "data_dir": None if data.name in ("synthetic", "random") else cfg.data_dir, **sizes}
+    return {"dataset": data.name, "data_dir": None if data.name == "synthetic" else data_dir, **sizes}
 
 def run_data(cfg: Config, data: Optional[Dataset] = None) -> Dataset:
     """The run's data, loaded (rank 0 first: a download happens once) or checked, and the settings that depend on it
@@ -2473,47 +2382,43 @@ def train_epoch(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, cfg: Config,
 
 def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> Optional[dict]:
     """What --out holds agrees with resume/overwrite; for resume, its last.pt (checked). Reads, never writes."""
-    out, last = Path(cfg.out), Path(cfg.out) / "last.pt"
+    out, last = check_out(cfg.out), Path(cfg.out) / "last.pt"
     check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
-    check_targets(cfg.out, RUN_FILES + RECORD_FILES)
     if not resume:
         found = [f for f in RUN_FILES if (out / f).exists()]
         check(overwrite or not found, f"--out {cfg.out} already holds a run ({', '.join(found)}); pass --resume to "
                                       "continue it, --overwrite to start afresh, or choose another --out")
         return None
     check(last.is_file(), f"nothing to resume: {last} does not exist (an interrupted first epoch saves nothing)")
-    state, number = load_checkpoint(str(last)), (int, float)
+    state = load_checkpoint(str(last))
     hist, best = state.get("history"), state.get("best")
-    check("method" in state and isinstance(hist, list) and len(hist) == state["epoch"] + 1
-          and all(isinstance(r, dict) and r.get("epoch") == i + 1 for i, r in enumerate(hist))
-          and isinstance(best, dict) and type(best.get("epoch")) is int and isinstance(best.get("score"), number)
-          and all(v is None or isinstance(v, number) for v in (state.get("start_loss"), state.get("start_weight"))),
-          f"{last} is not a training checkpoint with an intact history (epochs, best epoch, start); cannot resume it")
+    check("method" in state and isinstance(hist, list) and isinstance(best, dict) and [
+        r.get("epoch") for r in hist if isinstance(r, dict)] == list(range(1, state["epoch"] + 2)) and
+          type(best.get("epoch")) is int and isinstance(best.get("score"), (int, float)),
+          f"{last} is not a training checkpoint with an intact history (epochs, best epoch); cannot resume it")
     return state
 
 def start_writing(out: Path, overwrite: bool, files: tuple) -> None:
-    """The first write of a run, after every check: hold --out, clear dead temporary files and, with --overwrite,
-    remove the earlier run's files."""
-    barrier()  # under torchrun every rank has checked its inputs; then rank 0 alone writes
+    """The first write of a run, after every check (on every rank): make --out, clear dead temporary files and, with
+    --overwrite, remove the earlier run's files."""
+    barrier()
     if is_main():
-        lock_folder(out)
+        out.mkdir(parents=True, exist_ok=True)
         for p in [*out.glob(".*.tmp*"), *[out / f for f in files if overwrite and (out / f).exists()]]:
             p.unlink()
 
-@holds_folders
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
     """Train with cfg.method, validate each epoch, keep the best checkpoint (validation robust accuracy; clean for
     standard), test it. In cfg.out: last.pt (everything, every epoch), best.pt, metrics.json (settings, data,
     history, the test report). resume=True continues from last.pt and repeats, in one process, what the
     uninterrupted run would have done. Nothing is written before every input is checked."""
     check(cfg.method != "dual", "method 'dual' trains nothing itself: call run_dual")
-    out, previous, state = Path(cfg.out), {}, check_run_folder(cfg, resume, overwrite)
+    out, state = Path(cfg.out), check_run_folder(cfg, resume, overwrite)
+    files, previous = RUN_FILES + ("eval.json", "lipschitz.json"), read_json(out / "metrics.json") if state else {}
     if state is not None:
         cfg = dataclasses.replace(config_from_dict(state["config"]), out=cfg.out, device=cfg.device)
-        previous = read_json(out / "metrics.json") if (out / "metrics.json").exists() else {}
         if state["epoch"] + 1 >= cfg.epochs and "test" in previous:
-            for p in out.glob(".*.tmp*"):  # what a killed write left
-                p.unlink()
+            start_writing(out, False, files)  # clears what a killed write left
             log(f"{out} is finished and tested (epoch {state['epoch'] + 1}/{cfg.epochs}); nothing to do")
             return previous
     rt, ranks = make_runtime(cfg.validate().device, cfg.precision), world()[1]
@@ -2543,12 +2448,12 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
             raise UserError(f"{out / 'last.pt'} does not fit its own config or data ({type(e).__name__})") from None
         history, best, start, start_loss = state["history"], state["best"], state["epoch"] + 1, state.get("start_loss")
         start_weight = state.get("start_weight") or largest_weight(model)
-    start_writing(out, overwrite, RUN_FILES + RECORD_FILES)  # every input is checked: from here on the run writes
+    start_writing(out, overwrite, files)  # every input is checked: from here on the run writes
     compile_model(model) if cfg.compile else None
     selection, params = "val_clean_acc" if cfg.method == "standard" else "val_robust_acc", count_params(model)
     metrics = {**previous, "config": dataclasses.asdict(cfg), "selection": selection, "params": params,
-               "data": data_record(cfg, data, train=len(tx), val=n_val, test=len(data.test_x)),
-               "model": dataclasses.asdict(model_config(cfg, *shape)), "history": history, "best_epoch": best["epoch"]}
+               "data": data_record(data, cfg.data_dir, train=len(tx), val=n_val, test=len(data.test_x)),
+               "model": dataclasses.asdict(model_config(cfg, *shape))}
     log(f"{cfg.method} | {cfg.arch} on {cfg.dataset} ({len(tx)} train / {n_val} val / {len(data.test_x)} test) | "
         f"{params['total'] / 1e6:.2f}M params ({params['active'] / 1e6:.2f}M active) | {rt.device} | writes {out}"
         + (f" | resumed at epoch {start + 1}" if state is not None else ""))
@@ -2577,7 +2482,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
             save_checkpoint(out / "best.pt", {**saved, "epoch": epoch, "model": model.state_dict()})
         save_checkpoint(out / "last.pt", {**saved, "epoch": epoch, "method": trainer.state_dict(), "history": history,
                                           "best": best, "start_loss": start_loss, "start_weight": start_weight})
-        write_json(out / "metrics.json", {**metrics, "best_epoch": best["epoch"]})
+        write_json(out / "metrics.json", {**metrics, "history": history, "best_epoch": best["epoch"]})
         worst = max(routing, key=lambda r: r["max_share"], default=None)  # every layer's figures: metrics.json
         log(f"epoch {epoch + 1:3d}/{cfg.epochs} | loss {row['train_loss']:.3f} acc {row['train_acc']:.3f} | val clean "
             f"{row['val_clean_acc']:.3f} robust {row['val_robust_acc']:.3f} | {row['time_s']:.1f}s {n / seconds:.0f} "
@@ -2588,8 +2493,8 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     barrier()  # rank 0 has written best.pt
     best_state = load_checkpoint(str(out / "best.pt"))  # the final test: the best validation epoch
     model.load_state_dict(best_state["model"])
-    metrics.update(best_epoch=best_state["epoch"] + 1, test={**test_report(model, data, cfg, rt.device),
-                                                             "epoch": best_state["epoch"] + 1})
+    metrics.update(history=history, best_epoch=best_state["epoch"] + 1,
+                   test={**test_report(model, data, cfg, rt.device), "epoch": best_state["epoch"] + 1})
     write_json(out / "metrics.json", metrics)
     log(format_report(metrics["test"], f"test (best val epoch {metrics['best_epoch']})") + f"\n-> {out}")
     return metrics
@@ -2606,48 +2511,30 @@ def test_report(model: nn.Module, data: Dataset, cfg: Config, device: torch.devi
     return evaluate_full(model, data.test_x[a:b], data.test_y[a:b], eval_config(cfg), device, analysis=analysis,
                          combine=gather if ranks > 1 else None, progress=log)
 
-@holds_folders
-def run_dual(cfg: Config, resume: bool = False, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
-    """--method dual: f_S and f_R from --standard-ckpt / --robust-ckpt, or trained here into OUT/standard (standard
-    training) and OUT/robust (--robust-method); then f_D = (1 - a) f_S + a f_R is evaluated for every a of
-    --dual-sweep (SA, RA) and fully at a = --dual-a. Members, folders and data are checked before anything is
-    trained or written; metrics.json names each member's checkpoint and saved config."""
-    out = Path(cfg.validate().out)
-    check_targets(cfg.out, ("metrics.json",) + RECORD_FILES)
+def run_dual(cfg: Config, overwrite: bool = False, data: Optional[Dataset] = None) -> dict:
+    """--method dual: f_D = (1 - a) f_S + a f_R of the checkpoints --standard-ckpt and --robust-ckpt (each trained
+    first, e.g. with --method standard and --method rt-er), evaluated for every a of --dual-sweep (SA, RA) and fully
+    at a = --dual-a. metrics.json names each member's checkpoint and saved config."""
+    out = check_out(cfg.validate().out)
+    check(cfg.standard_ckpt and cfg.robust_ckpt, "--method dual combines two trained models: give --standard-ckpt "
+                                                 "and --robust-ckpt (train them with --method standard and rt-er)")
     check(not (out / "last.pt").exists(), f"--out {cfg.out} holds a training run, not a dual run; choose another")
-    check(not (out / "metrics.json").exists() or overwrite or resume,
-          f"--out {cfg.out} already holds a dual run; pass --overwrite to redo it, --resume to finish it")
-    rt, data, plan, sizes = make_runtime(cfg.device, cfg.precision), run_data(cfg, data), {}, set()
-    for role, ckpt in (("standard", cfg.standard_ckpt), ("robust", cfg.robust_ckpt)):
-        if ckpt is not None:
-            state = load_checkpoint(ckpt)
-            saved = config_from_dict(state["config"])
-            check_fits(state, saved, data, f"--{role}-ckpt {ckpt}")
-        else:
-            saved = dataclasses.replace(cfg, method="standard" if role == "standard" else cfg.robust_method,
-                                        out=str(out / role)).validate()
-            again = resume and Path(saved.out, "last.pt").exists()
-            kept, mine = check_run_folder(saved, again, overwrite), dataclasses.asdict(saved)
-            check(not kept or all(kept["config"].get(k) == v for k, v in mine.items() if k not in ("out", "device")),
-                  f"f_{role[0].upper()} in {saved.out} was trained with other settings; give the flags it was run with")
-        plan[role], sizes = ckpt or (saved, again), sizes | ({saved.experts} if saved.arch != "resnet18" else set())
+    check(not (out / "metrics.json").exists() or overwrite,
+          f"--out {cfg.out} already holds a dual run; pass --overwrite to redo it, or choose another --out")
+    rt, data, members, sizes = make_runtime(cfg.device), run_data(cfg, data), {}, set()
+    for role, path in (("standard", cfg.standard_ckpt), ("robust", cfg.robust_ckpt)):
+        model, saved, state = load_model(path, rt)
+        check_fits(state, saved, data, f"--{role}-ckpt {path}")
+        sizes |= {saved.experts} if saved.arch != "resnet18" else set()
+        members[role] = (model, {"checkpoint": path, "epoch": state["epoch"] + 1, "config": dataclasses.asdict(saved)})
     check(len(sizes) <= 1 or cfg.eval_suite != "full", f"f_S and f_R have MoE layers of {sorted(sizes)} experts: the "
           "full suite's per-expert figures force expert i in every layer; use one --experts or --eval-suite autoattack")
-    start_writing(out, overwrite, ("metrics.json",) + RECORD_FILES)
-    members = {}
-    for role, how in plan.items():
-        if not isinstance(how, str):
-            log(f"\n== dual model: training f_{role[0].upper()} ({how[0].method}) into {how[0].out} ==")
-            train(how[0], resume=how[1], overwrite=overwrite, data=data)
-        path = how if isinstance(how, str) else str(Path(how[0].out) / "best.pt")
-        model, saved, state = load_model(path, rt)
-        members[role] = (model, {"checkpoint": path, "trained_here": not isinstance(how, str), "epoch": state["epoch"]
-                                 + 1, "config": dataclasses.asdict(saved)})
+    start_writing(out, overwrite, ("metrics.json", "eval.json", "lipschitz.json"))
     seed_everything(cfg.seed)  # the attacks' random starts
     f_d = lambda a: DualModel(members["standard"][0], members["robust"][0], a, cfg.dual_mix)
-    metrics = {"config": dataclasses.asdict(cfg), "data": data_record(cfg, data, test=len(data.test_x)),
+    metrics = {"config": dataclasses.asdict(cfg), "data": data_record(data, cfg.data_dir, test=len(data.test_x)),
                "members": {r: m[1] for r, m in members.items()}, "dual_sweep": []}
-    log(f"\n== dual model sweep over a (f_D = (1 - a) f_S + a f_R) -> {out / 'metrics.json'} ==")
+    log(f"dual model sweep over a (f_D = (1 - a) f_S + a f_R) -> {out / 'metrics.json'}")
     for a in cfg.sweep_values():
         r = test_report(f_d(a), data, cfg, rt.device, analysis=False)
         metrics["dual_sweep"].append({"a": a, **{k: r[k] for k in ("clean_acc", "robust_acc", "robust_after")}})
@@ -2662,23 +2549,19 @@ BENCH_MODELS = {"resnet18": dict(arch="resnet18"), "moe-resnet18": dict(arch="mo
                 "moe-vit": dict(arch="moe-vit", experts=4, top_k=1),
                 "advmoe-layout": dict(arch="moe-resnet18", moe_blocks="all", experts=2, expert_ratio=0.5, top_k=1)}
 
-@holds_folders
 def benchmark(cfg: Config, out: str = "runs/benchmark", iters: Optional[int] = None) -> dict:
-    """--benchmark: images/s of a standard and a PGD-10 AT step of each BENCH_MODELS network at --width,
-    --batch-size, --precision and --compile on this device, through Trainer.step on random CIFAR-10-shaped batches;
-    printed and written to OUT/benchmark.json."""
-    dest, rt = check_targets(out, ("benchmark.json",)) / "benchmark.json", make_runtime(cfg.device, cfg.precision)
-    lock_folder(dest.parent)
-    cuda = rt.device.type == "cuda"
-    iters, warmup = iters or (100 if cuda else 2), 100 if cuda else 1
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    """--benchmark: images/s of a standard and a PGD-10 AT step (Trainer.step) of each BENCH_MODELS network at
+    --width, --batch-size, --precision and --compile on this device, on one random CIFAR-10-shaped batch; printed and
+    written to OUT/benchmark.json."""
+    dest, rt = check_out(out) / "benchmark.json", make_runtime(cfg.device, cfg.precision)
+    cuda, B, g = rt.device.type == "cuda", cfg.batch_size, torch.Generator().manual_seed(0)
+    iters, warmup, sync = iters or (100 if cuda else 2), 100 if cuda else 1, torch.cuda.synchronize if cuda else None
     res = {"device": torch.cuda.get_device_name(rt.device) if cuda else f"CPU, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "precision": str(rt.amp_dtype or torch.float32), "compile": cfg.compile,
-           "width": cfg.width, "batch_size": cfg.batch_size, "warmup_steps": warmup, "timed_steps": iters}
+           "width": cfg.width, "batch_size": B, "warmup_steps": warmup, "timed_steps": iters}
     log("benchmark: " + " | ".join(f"{k} {v}" for k, v in res.items()) + f" -> {dest}")
-    B, g, ips = cfg.batch_size, torch.Generator().manual_seed(0), {}
-    x = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, generator=g).to(rt.device)
-    y = torch.randint(0, 10, (B,), generator=g).to(rt.device)
+    x, y = torch.rand(B, 3, 32, 32, generator=g).to(rt.device), torch.randint(0, 10, (B,), generator=g).to(rt.device)
+    ips = res["train_images_per_s"] = {}
     for name, method in [(n, m) for n in BENCH_MODELS for m in ("standard", "at")]:
         c = dataclasses.replace(cfg, method=method, train_steps=10, **BENCH_MODELS[name])
         seed_everything(0)
@@ -2686,16 +2569,16 @@ def benchmark(cfg: Config, out: str = "runs/benchmark", iters: Optional[int] = N
         step = Trainer(compile_model(model) if cfg.compile else model, c, 10 ** 6).step
         for i in range(warmup + iters):
             if i == warmup:
-                sync()
+                sync() if sync else None
                 t = time.perf_counter()
-            step(*next(batches(x, y, B, rt.device, shuffle=True, train_augment=True)))
-        sync()
-        ips.setdefault(name, {})[method] = r = round(B * iters / (time.perf_counter() - t), 1)
+            step(augment(x), y)
+        sync() if sync else None
+        r = ips.setdefault(name, {})[method] = round(B * iters / (time.perf_counter() - t), 1)
         log(f"{name:13s} {method:8s} {r:9.1f} img/s  ({B / r * 1e3:.1f} ms/step)")
-    res.update(train_images_per_s=ips, over_dense={n: {m: round(v[m] / ips["resnet18"][m], 3) for m in v}
-                                                    for n, v in ips.items()})
+    res["over_dense"] = {n: {m: round(v[m] / ips["resnet18"][m], 3) for m in v} for n, v in ips.items()}
     log("throughput / dense ResNet-18: " + "; ".join(f"{n} {v['standard']:.2f} standard, {v['at']:.2f} PGD-10 AT"
                                                      for n, v in res["over_dense"].items() if n != "resnet18"))
+    dest.parent.mkdir(parents=True, exist_ok=True)
     write_json(dest, res)
     return res
 
@@ -2708,8 +2591,8 @@ def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
     runs = {m: Config(method=m, out=f"{out}/{m}", epochs=e, **common).validate() for m, e in (("standard", 12),
                                                                                                ("at", 6))}
     for cfg in runs.values():  # the demo replaces an earlier demo, never another run
-        found = read_json(Path(cfg.out) / "metrics.json") if (Path(cfg.out) / "metrics.json").exists() else {}
-        check(all(found.get("config", {}).get(k, v) == v for k, v in common.items() if k != "device"),
+        found = read_json(Path(cfg.out) / "metrics.json").get("config", {})
+        check(all(found.get(k, v) == v for k, v in common.items() if k != "device"),
               f"{cfg.out} holds a run that is not the demo's; give another --out")
         check_run_folder(cfg, False, True)
     results = {}
@@ -2721,28 +2604,25 @@ def run_demo(out: str = "runs/demo", device: str = "auto") -> dict:
         log(f"{method:10s} {r['clean_acc']:6.3f} {r['robust_acc']:7.3f}")
     return results
 
-@holds_folders
 def evaluate_checkpoint(path: str, cfg: Config, out: Optional[str], data_dir: Optional[str] = None,
                         lipschitz_n: int = 0) -> dict:
     """--eval: the test report of a checkpoint under the attacks given, added to OUT/eval.json; --lipschitz
     (lipschitz_n > 0): lipschitz_report on its first n test examples, added to OUT/lipschitz.json. OUT: the
-    checkpoint's folder by default; earlier records there are kept."""
+    checkpoint's folder by default. Records only grow: earlier ones are kept."""
     rt, flag = make_runtime(cfg.device), "--out" if out else "the checkpoint's folder"
     model, saved, state = load_model(path, rt)
-    data = load_dataset(saved.dataset, data_dir or saved.data_dir, saved.image_size,
-                        test_limit=lipschitz_n or cfg.test_limit)
+    data_dir = data_dir or saved.data_dir
+    data = load_dataset(saved.dataset, data_dir, saved.image_size, test_limit=lipschitz_n or cfg.test_limit)
     run_data(dataclasses.replace(cfg, eval_suite="pgd") if lipschitz_n else cfg, data)
     check_fits(state, saved, data, f"checkpoint {path}")
-    dest = check_targets(out or str(Path(path).parent), RECORD_FILES, flag) / RECORD_FILES[lipschitz_n > 0]
-    add_record(dest)  # a broken record file stops us before the work
-    lock_folder(dest.parent, flag)  # every input is checked: the folder is ours until the record is written
+    dest = check_out(out or str(Path(path).parent), flag) / ("lipschitz.json" if lipschitz_n else "eval.json")
+    records = read_json(dest, records=True)["records"]  # a broken record file stops us before the work
     seed_everything(cfg.seed)  # attacks' random starts and power iterations repeat run to run
+    settings = ("eps", "norm", "seed") + (() if lipschitz_n else ("alpha", "eval_suite", "eval_steps", "eval_restarts",
+                                                                  "apgd_steps", "apgd_targets", "square_queries"))
     rec = {"checkpoint": path, "checkpoint_epoch": state["epoch"] + 1, "model_config": dataclasses.asdict(saved),
-           "data": data_record(dataclasses.replace(saved, data_dir=data_dir or saved.data_dir), data,
-                               test=len(data.test_x)),
-           "settings": {k: getattr(cfg, k) for k in ("eps", "norm", "seed") + ((
-               "alpha", "eval_suite", "eval_steps", "eval_restarts", "apgd_steps", "apgd_targets", "square_queries")
-               if not lipschitz_n else ())} | ({"lipschitz_n": lipschitz_n} if lipschitz_n else {})}
+           "data": data_record(data, data_dir, test=len(data.test_x)),
+           "settings": {k: getattr(cfg, k) for k in settings} | ({"lipschitz_n": lipschitz_n} if lipschitz_n else {})}
     if lipschitz_n:
         rec.update(lipschitz_report(model, data.test_x.to(rt.device).float() / 255, data.test_y.to(rt.device),
                                     cfg.eps, cfg.norm))
@@ -2750,7 +2630,9 @@ def evaluate_checkpoint(path: str, cfg: Config, out: Optional[str], data_dir: Op
     else:
         rec["test"] = test_report(model, data, cfg, rt.device)
         text = format_report(rec["test"], path)
-    log(text + f"\n-> {dest} (record {add_record(dest, rec)})")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_json(dest, {"records": records + [rec]})
+    log(text + f"\n-> {dest} (record {len(records) + 1})")
     return rec
 
 class _Parser(argparse.ArgumentParser):
@@ -2775,11 +2657,17 @@ def _eps(s: str) -> float:
         raise argparse.ArgumentTypeError(f"{s!r} is not a finite number")
     return v
 
+def _path(s: str) -> str:
+    if not s.strip():
+        raise argparse.ArgumentTypeError(f"{s!r} is empty; give a path")
+    return s
+
 def build_parser() -> argparse.ArgumentParser:
     """One --flag per Config field (help, type, default and choices from it), in its groups, and the other runs."""
     p = _Parser(prog="moe_robust.py", allow_abbrev=False, formatter_class=_Help,
                 description="Robust sparse Mixture-of-Experts training. With no arguments: a three-minute CPU demo.")
     g, types = None, {"int": int, "float": float, "str": str}
+    special = dict(eps=_eps, alpha=_eps, out=_path, data_dir=_path, standard_ckpt=_path, robust_ckpt=_path)
     for f in dataclasses.fields(Config):
         m, flag = f.metadata, "--" + f.name.replace("_", "-")
         g = p.add_argument_group(m["group"]) if m["group"] else g
@@ -2787,12 +2675,13 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument(f"--no-{flag[2:]}" if f.default else flag, dest=f.name, help=m["help"],
                            action="store_false" if f.default else "store_true")
         else:
-            kind = _eps if f.name in ("eps", "alpha") else types[f.type.strip("]").removeprefix("Optional[")]
+            kind = special.get(f.name) or types[f.type.strip("]").removeprefix("Optional[")]
             g.add_argument(flag, type=kind, default=None if f.name == "out" else f.default, choices=m["choices"],
                            help=m["help"])
     g = p.add_argument_group("other runs (each reads the settings of its checkpoint, the attack and the test report)")
-    g.add_argument("--eval", metavar="CKPT", help="evaluate this checkpoint on the test set; adds to OUT/eval.json")
-    g.add_argument("--lipschitz", metavar="CKPT", help="Lipschitz estimates, bounds, certified accuracy of a CKPT")
+    g.add_argument("--eval", metavar="CKPT", type=_path, help="test report of a checkpoint; adds to OUT/eval.json")
+    g.add_argument("--lipschitz", metavar="CKPT", type=_path, help="Lipschitz estimates, bounds, certified accuracy "
+                                                                   "of a CKPT; adds to OUT/lipschitz.json")
     g.add_argument("--lipschitz-n", type=int, default=64, metavar="N", help="test examples --lipschitz uses")
     g.add_argument("--benchmark", action="store_true", help="training images/s of each BENCH_MODELS network")
     g.add_argument("--demo", action="store_true", help="run the demo (what no arguments does)")
@@ -2806,32 +2695,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a bad flag already reported in one line
         return int(e.code or 0)
-    cfg, runs = None, [m for m in ("eval", "lipschitz", "benchmark", "demo") if getattr(args, m)]
+    runs = [m for m in ("eval", "lipschitz", "benchmark", "demo") if getattr(args, m)]
+    run, cfg = runs[0] if runs else "demo" if not argv else "train", None
+    given = sorted({a.split("=")[0] for a in argv if a[:2] == "--"} - {"--out", "--device", "--resume", "--demo",
+                                                                        "--overwrite"})
     try:
         start_distributed(args.device)  # under torchrun: join the other processes
         check(len(runs) <= 1, f"{' and '.join('--' + m for m in runs)} cannot be combined; give one")
-        for flag in ("out", "data_dir", "eval", "lipschitz", "standard_ckpt", "robust_ckpt"):
-            v = getattr(args, flag)
-            check(v is None or v.strip() != "", f"--{flag.replace('_', '-')} {v!r} is empty; give a path")
         cfg = config_from_dict(vars(args))
         cfg.out = args.out or f"runs/{cfg.dataset}-{cfg.arch}-{cfg.method}"
         cfg.validate()
-        check(args.lipschitz_n >= 1, f"--lipschitz-n {args.lipschitz_n} must be >= 1")
+        check(args.lipschitz_n >= 1 and (run == "lipschitz" or "--lipschitz-n" not in given),
+              f"--lipschitz-n {args.lipschitz_n}: give a number >= 1, with --lipschitz only")
         for ckpt in (args.eval, args.lipschitz, cfg.standard_ckpt, cfg.robust_ckpt):  # inputs before outputs
             load_checkpoint(ckpt) if ckpt is not None else None
-        run = runs[0] if runs else "demo" if not argv else "train"
-        given = sorted({a.split("=")[0] for a in argv if a[:2] == "--"} - {"--out", "--device", "--resume", "--demo",
-                                                                            "--overwrite"})
         what = "--resume continues the saved run with its own settings" if args.resume else "the demo has its own"
-        check(not given or not (args.resume and cfg.method != "dual" or run == "demo"),
-              f"{what}; drop {' '.join(given)} (--out and --device may change)")
-        check(run == "lipschitz" or "--lipschitz-n" not in given, "--lipschitz-n is read by --lipschitz only")
+        check(not given or not (args.resume or run == "demo"), f"{what}; drop {' '.join(given)} (--out and --device "
+                                                               "may change)")
         check(run not in ("eval", "lipschitz") or "--precision" not in given, "--precision sets training's autocast; "
               "--eval and --lipschitz report in float32 whatever it is: leave it out")
         check(world()[1] == 1 or run in ("train", "eval", "lipschitz"), "the demo and --benchmark run in one process; "
               "start without torchrun")
-        if cfg.norm == "linf" and cfg.eps > 32 / 255:
-            log(f"note: --eps {cfg.eps * 255:g}/255 is far beyond the usual L-inf radii (2/255 to 16/255)")
         if run == "demo":
             run_demo(args.out or "runs/demo", args.device)
         elif run == "benchmark":
@@ -2840,7 +2724,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             evaluate_checkpoint(args.eval or args.lipschitz, cfg, args.out, args.data_dir if "--data-dir" in argv
                                 else None, args.lipschitz_n if run == "lipschitz" else 0)
         else:
-            (run_dual if cfg.method == "dual" else train)(cfg, resume=args.resume, overwrite=args.overwrite)
+            run_dual(cfg, args.overwrite) if cfg.method == "dual" else train(cfg, args.resume, args.overwrite)
         barrier()  # torchrun: every rank done before any tears the process group down
     except UserError as e:  # every rank meets the same checks: rank 0 reports
         sys.stderr.write(f"error: {e}\n") if is_main() else None
@@ -2853,10 +2737,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except KeyboardInterrupt as e:
         sig = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
-        saved = cfg and not runs and any((Path(cfg.out) / r / "last.pt").is_file() for r in ("", "standard", "robust"))
         note = "nothing was written" if runs or not cfg else f"every finished epoch is saved in {cfg.out}: continue " \
-            f"with --resume --out {cfg.out}" if saved else f"before the first epoch finished; nothing to resume in " \
-            f"{cfg.out}"
+            f"with --resume --out {cfg.out}" if (Path(cfg.out) / "last.pt").is_file() else \
+            f"before the first epoch finished; nothing to resume in {cfg.out}"
         sys.stderr.write(f"{signal.Signals(sig).name}: interrupted; {note}\n") if is_main() else None
         return 128 + int(sig)
     finally:
