@@ -2044,13 +2044,16 @@ def read_json(path: Path, records: bool = False) -> dict:
           f"{path} does not hold a JSON object{' with a records list' if records else ''}; move it away")
     return obj
 
-def check_out(folder: str, flag: str = "--out") -> Path:
-    """Prove, without writing, that `folder` is or can be made a writable folder."""
+def check_out(folder: str, flag: str = "--out", files: tuple = ()) -> Path:
+    """Prove, without writing, that `folder` is or can be made a writable folder where no file a run will write
+    (`files`) is blocked by a folder of that name."""
     p = Path(folder)
     check(not p.is_file(), f"{flag} {folder} is a file; give a folder")
     base = next(a for a in (p, *p.parents) if a.exists())
     check(base.is_dir() and os.access(base, os.W_OK | os.X_OK),
           f"{flag} {folder} is not a writable folder ({base} is {'read-only' if base.is_dir() else 'not a folder'})")
+    for f in files:
+        check(not (p / f).is_dir(), f"{flag} {folder}: {p / f} is a folder where a file must go; move it away")
     return p
 
 # ==== 9. Data: uint8 tensors in memory ==============================================================================
@@ -2197,6 +2200,7 @@ def check_dataset(d: Dataset) -> Dataset:
 # ==== 10. The training loop: checkpoints, validation, resume, the dual model =======================================
 CHECKPOINT_VERSION = 1
 RUN_FILES = ("last.pt", "best.pt", "metrics.json")  # a folder holding any of these holds a run
+RECORD_FILES = ("eval.json", "lipschitz.json")  # what --eval and --lipschitz add to a folder
 EXPLODED = 100.0  # a loss or weight this many times the run's first (at least 1) stops training like a non-finite one
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -2382,7 +2386,7 @@ def train_epoch(trainer: Trainer, x: torch.Tensor, y: torch.Tensor, cfg: Config,
 
 def check_run_folder(cfg: Config, resume: bool, overwrite: bool) -> Optional[dict]:
     """What --out holds agrees with resume/overwrite; for resume, its last.pt (checked). Reads, never writes."""
-    out, last = check_out(cfg.out), Path(cfg.out) / "last.pt"
+    out, last = check_out(cfg.out, files=RUN_FILES + RECORD_FILES), Path(cfg.out) / "last.pt"
     check(not (resume and overwrite), "--resume and --overwrite contradict each other; give one")
     if not resume:
         found = [f for f in RUN_FILES if (out / f).exists()]
@@ -2414,7 +2418,7 @@ def train(cfg: Config, resume: bool = False, overwrite: bool = False, data: Opti
     uninterrupted run would have done. Nothing is written before every input is checked."""
     check(cfg.method != "dual", "method 'dual' trains nothing itself: call run_dual")
     out, state = Path(cfg.out), check_run_folder(cfg, resume, overwrite)
-    files, previous = RUN_FILES + ("eval.json", "lipschitz.json"), read_json(out / "metrics.json") if state else {}
+    files, previous = RUN_FILES + RECORD_FILES, read_json(out / "metrics.json") if state else {}
     if state is not None:
         cfg = dataclasses.replace(config_from_dict(state["config"]), out=cfg.out, device=cfg.device)
         if state["epoch"] + 1 >= cfg.epochs and "test" in previous:
@@ -2515,7 +2519,7 @@ def run_dual(cfg: Config, overwrite: bool = False, data: Optional[Dataset] = Non
     """--method dual: f_D = (1 - a) f_S + a f_R of the checkpoints --standard-ckpt and --robust-ckpt (each trained
     first, e.g. with --method standard and --method rt-er), evaluated for every a of --dual-sweep (SA, RA) and fully
     at a = --dual-a. metrics.json names each member's checkpoint and saved config."""
-    out = check_out(cfg.validate().out)
+    out = check_out(cfg.validate().out, files=("metrics.json",) + RECORD_FILES)
     check(cfg.standard_ckpt and cfg.robust_ckpt, "--method dual combines two trained models: give --standard-ckpt "
                                                  "and --robust-ckpt (train them with --method standard and rt-er)")
     check(not (out / "last.pt").exists(), f"--out {cfg.out} holds a training run, not a dual run; choose another")
@@ -2529,7 +2533,7 @@ def run_dual(cfg: Config, overwrite: bool = False, data: Optional[Dataset] = Non
         members[role] = (model, {"checkpoint": path, "epoch": state["epoch"] + 1, "config": dataclasses.asdict(saved)})
     check(len(sizes) <= 1 or cfg.eval_suite != "full", f"f_S and f_R have MoE layers of {sorted(sizes)} experts: the "
           "full suite's per-expert figures force expert i in every layer; use one --experts or --eval-suite autoattack")
-    start_writing(out, overwrite, ("metrics.json", "eval.json", "lipschitz.json"))
+    start_writing(out, overwrite, ("metrics.json",) + RECORD_FILES)
     seed_everything(cfg.seed)  # the attacks' random starts
     f_d = lambda a: DualModel(members["standard"][0], members["robust"][0], a, cfg.dual_mix)
     metrics = {"config": dataclasses.asdict(cfg), "data": data_record(data, cfg.data_dir, test=len(data.test_x)),
@@ -2551,16 +2555,18 @@ BENCH_MODELS = {"resnet18": dict(arch="resnet18"), "moe-resnet18": dict(arch="mo
 
 def benchmark(cfg: Config, out: str = "runs/benchmark", iters: Optional[int] = None) -> dict:
     """--benchmark: images/s of a standard and a PGD-10 AT step (Trainer.step) of each BENCH_MODELS network at
-    --width, --batch-size, --precision and --compile on this device, on one random CIFAR-10-shaped batch; printed and
-    written to OUT/benchmark.json."""
-    dest, rt = check_out(out) / "benchmark.json", make_runtime(cfg.device, cfg.precision)
+    --width, --batch-size, --precision and --compile on this device, on a random CIFAR-10-shaped batch drawn as
+    training draws one (batches: gather, cast, augmentation); printed and written to OUT/benchmark.json."""
+    dest, rt = check_out(out, files=("benchmark.json",)) / "benchmark.json", make_runtime(cfg.device, cfg.precision)
     cuda, B, g = rt.device.type == "cuda", cfg.batch_size, torch.Generator().manual_seed(0)
-    iters, warmup, sync = iters or (100 if cuda else 2), 100 if cuda else 1, torch.cuda.synchronize if cuda else None
+    iters, warmup = iters or (100 if cuda else 2), 100 if cuda else 1
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     res = {"device": torch.cuda.get_device_name(rt.device) if cuda else f"CPU, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "precision": str(rt.amp_dtype or torch.float32), "compile": cfg.compile,
            "width": cfg.width, "batch_size": B, "warmup_steps": warmup, "timed_steps": iters}
     log("benchmark: " + " | ".join(f"{k} {v}" for k, v in res.items()) + f" -> {dest}")
-    x, y = torch.rand(B, 3, 32, 32, generator=g).to(rt.device), torch.randint(0, 10, (B,), generator=g).to(rt.device)
+    x = torch.randint(0, 256, (B, 3, 32, 32), dtype=torch.uint8, generator=g).to(rt.device)  # as training holds data
+    y = torch.randint(0, 10, (B,), generator=g).to(rt.device)
     ips = res["train_images_per_s"] = {}
     for name, method in [(n, m) for n in BENCH_MODELS for m in ("standard", "at")]:
         c = dataclasses.replace(cfg, method=method, train_steps=10, **BENCH_MODELS[name])
@@ -2569,10 +2575,10 @@ def benchmark(cfg: Config, out: str = "runs/benchmark", iters: Optional[int] = N
         step = Trainer(compile_model(model) if cfg.compile else model, c, 10 ** 6).step
         for i in range(warmup + iters):
             if i == warmup:
-                sync() if sync else None
+                sync()
                 t = time.perf_counter()
-            step(augment(x), y)
-        sync() if sync else None
+            step(*next(batches(x, y, B, rt.device, shuffle=True, train_augment=True)))  # the training loop's batch
+        sync()
         r = ips.setdefault(name, {})[method] = round(B * iters / (time.perf_counter() - t), 1)
         log(f"{name:13s} {method:8s} {r:9.1f} img/s  ({B / r * 1e3:.1f} ms/step)")
     res["over_dense"] = {n: {m: round(v[m] / ips["resnet18"][m], 3) for m in v} for n, v in ips.items()}
@@ -2615,7 +2621,7 @@ def evaluate_checkpoint(path: str, cfg: Config, out: Optional[str], data_dir: Op
     data = load_dataset(saved.dataset, data_dir, saved.image_size, test_limit=lipschitz_n or cfg.test_limit)
     run_data(dataclasses.replace(cfg, eval_suite="pgd") if lipschitz_n else cfg, data)
     check_fits(state, saved, data, f"checkpoint {path}")
-    dest = check_out(out or str(Path(path).parent), flag) / ("lipschitz.json" if lipschitz_n else "eval.json")
+    dest = check_out(out or str(Path(path).parent), flag, RECORD_FILES) / RECORD_FILES[lipschitz_n > 0]
     records = read_json(dest, records=True)["records"]  # a broken record file stops us before the work
     seed_everything(cfg.seed)  # attacks' random starts and power iterations repeat run to run
     settings = ("eps", "norm", "seed") + (() if lipschitz_n else ("alpha", "eval_suite", "eval_steps", "eval_restarts",

@@ -163,6 +163,13 @@ BAD_INPUTS = [
     (["--method", "dual", "--standard-ckpt", "/no/such.pt", "--test-limit", "8"], "/no/such.pt"),
     # a finished run is not replaced; a corrupt checkpoint is named and left as it is
     (TS + ["--method", "standard", "--out", "{run}"], "already holds a run"),
+    # every file a run will write is checked before any work, a folder in its place included
+    (T + ["--overwrite", "--out", "{metricsdir}"], "is a folder"),
+    (["--benchmark", "--out", "{recdir}"], "is a folder"),
+    (["--eval", "{run}/best.pt", "--eval-suite", "pgd", "--out", "{recdir}"], "is a folder"),
+    (["--lipschitz", "{run}/best.pt", "--out", "{recdir}"], "is a folder"),
+    (["--method", "dual", "--standard-ckpt", "{run}/best.pt", "--robust-ckpt", "{run}/best.pt", "--out", "{recdir}"],
+     "is a folder"),
     (["--resume", "--out", "{corrupt}"], "corrupt"), (["--eval", "{corrupt}/last.pt"], "corrupt"),
     (["--method", "dual", "--standard-ckpt", "", "--robust-ckpt", "{run}/best.pt"], "--standard-ckpt: '' is empty"),
 ]
@@ -214,6 +221,13 @@ def hostile_world(trained, tmp_path_factory):
     variant("folder10", lambda s: s["config"].update(dataset="imagefolder", data_dir=str(w["twoclass"])))
     variant("cifarckpt", lambda s: s["config"].update(dataset="cifar10"))
     variant("e4ckpt", lambda s: s["config"].update(experts=4))
+    shutil.copytree(trained[3], root / "metricsdir")
+    (root / "metricsdir" / "metrics.json").unlink()
+    (root / "metricsdir" / "metrics.json").mkdir()
+    w["metricsdir"] = root / "metricsdir"
+    for f in ("benchmark.json", "eval.json", "lipschitz.json", "metrics.json"):
+        (root / "recdir" / f).mkdir(parents=True)
+    w["recdir"] = root / "recdir"
     last = torch.load(w["run"] / "last.pt", weights_only=True)
     for name, change in (("edited", lambda s: s.update(history="x")),
                          ("edited2", lambda s: s.update(best={"epoch": "one"}))):
